@@ -1,0 +1,80 @@
+"""Encoding and decoding of the Kafka payloads (AITaskEvent, AIResultEvent) and their record headers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TypeVar
+
+from google.protobuf import message as pb_message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aimesh.errors import UndecodableRecord
+from aimesh.v1 import result_pb2, task_pb2
+
+SCHEMA_VERSION = 1
+CONTENT_TYPE_HEADER = "content-type"
+TASK_CONTENT_TYPE = b"application/x-protobuf; messageType=aimesh.v1.AITaskEvent"
+RESULT_CONTENT_TYPE = b"application/x-protobuf; messageType=aimesh.v1.AIResultEvent"
+
+M = TypeVar("M", bound=pb_message.Message)
+
+TERMINAL_STATUSES = frozenset(
+    {
+        result_pb2.TASK_STATUS_SUCCEEDED,
+        result_pb2.TASK_STATUS_FAILED,
+        result_pb2.TASK_STATUS_EXPIRED,
+        result_pb2.TASK_STATUS_CANCELLED,
+    }
+)
+
+
+def is_terminal(status: int) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+def now_timestamp() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def timestamp_s(ts: Timestamp) -> float:
+    """Seconds since the epoch of a Timestamp (0.0 when unset)."""
+    return ts.seconds + ts.nanos / 1e9
+
+
+def timestamp_from_s(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(dt.datetime.fromtimestamp(seconds, tz=dt.UTC))
+    return ts
+
+
+def decode_task(value: bytes | None) -> task_pb2.AITaskEvent:
+    """Parse a tasks-topic record value; raise UndecodableRecord if it is not a task this version reads."""
+    event = _parse(task_pb2.AITaskEvent, value)
+    if event.schema_version != SCHEMA_VERSION:
+        raise UndecodableRecord(f"unknown task schema version {event.schema_version}")
+    if not event.task_id:
+        raise UndecodableRecord("task record has no task_id")
+    return event
+
+
+def decode_result(value: bytes | None) -> result_pb2.AIResultEvent:
+    """Parse a results-topic record value; raise UndecodableRecord if it is not a result this version reads."""
+    event = _parse(result_pb2.AIResultEvent, value)
+    if event.schema_version != SCHEMA_VERSION:
+        raise UndecodableRecord(f"unknown result schema version {event.schema_version}")
+    if not event.task_id:
+        raise UndecodableRecord("result record has no task_id")
+    return event
+
+
+def _parse(cls: type[M], value: bytes | None) -> M:
+    if not value:
+        raise UndecodableRecord("empty record value")
+    event = cls()
+    try:
+        event.ParseFromString(value)
+    except pb_message.DecodeError as e:
+        raise UndecodableRecord(f"not a {cls.DESCRIPTOR.full_name}: {e}") from e
+    return event

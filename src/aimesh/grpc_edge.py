@@ -1,0 +1,100 @@
+"""The gRPC edge shared by ingest and notifier: a grpc.aio server with health, reflection and a graceful
+stop, and the mapping of domain errors to rich gRPC statuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from aimesh.errors import InvalidTask
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "aimesh.dev"
+
+
+class GrpcServer:
+    """A grpc.aio server bound to one address, with the standard health service and server reflection.
+
+    ``add_services`` registers servicers before ``start``; ``stop`` turns health to NOT_SERVING, lets
+    in-flight calls finish within the grace period and is safe to call twice.
+    """
+
+    def __init__(self, address: str, service_names: Iterable[str], *, max_message_bytes: int = 4 << 20) -> None:
+        self._address = address
+        self._service_names = list(service_names)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ]
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+        self._stopped = False
+
+    def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
+        register(servicer, self.server)
+
+    async def start(self) -> None:
+        names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self._address}")
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("gRPC server listening on %s (port %d)", self._address, self.port)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        for name in self._service_names:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, error: InvalidTask) -> NoReturn:
+    """INVALID_ARGUMENT with a google.rpc.BadRequest listing each field violation."""
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
+            for field, why in error.violations
+        ]
+    )
+    await abort_with(context, code_pb2.INVALID_ARGUMENT, str(error), [bad_request])
+
+
+async def abort_with(
+    context: grpc.aio.ServicerContext, code: int, message: str, details: Iterable[object] = ()
+) -> NoReturn:
+    """Abort the call with a google.rpc.Status carrying ``details`` in the grpc-status-details-bin trailer."""
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)  # type: ignore[arg-type]
+        packed.append(any_detail)
+    status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)

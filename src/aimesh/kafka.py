@@ -1,0 +1,163 @@
+"""Thin asyncio adapters over confluent-kafka: everything in aimesh talks to Kafka through here.
+
+librdkafka's calls block and its delivery callbacks only run inside ``poll()``/``flush()``, so each
+adapter owns one thread that polls; the event loop only ever awaits futures the thread resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from aimesh.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def producer_config(bootstrap: str, *, client_id: str, delivery_timeout_s: float) -> dict[str, Any]:
+    """Settings for a producer whose delivery report means "durable".
+
+    ``enable.idempotence`` implies ``acks=all`` and ordered, duplicate-free retries; a record that is not
+    acknowledged within ``delivery_timeout_s`` fails its delivery report instead of waiting forever.
+    """
+    return {
+        "bootstrap.servers": bootstrap,
+        "client.id": client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 2,
+        "compression.type": "lz4",
+        "message.timeout.ms": max(1, int(delivery_timeout_s * 1000)),
+        "socket.connection.setup.timeout.ms": max(1000, int(delivery_timeout_s * 1000)),
+    }
+
+
+class AsyncProducer:
+    """An idempotent producer whose ``produce`` coroutine returns once the broker acknowledged the record.
+
+    Use as ``async with AsyncProducer(config) as producer``. ``stop`` flushes what is queued and is safe to
+    call twice.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+        self._producer: Producer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    async def __aenter__(self) -> AsyncProducer:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        if self._producer is not None:
+            return
+        self._producer = Producer(self._config, logger=log)
+        self._thread = threading.Thread(target=self._poll_loop, name="kafka-producer-poll", daemon=True)
+        self._thread.start()
+
+    def _poll_loop(self) -> None:
+        assert self._producer is not None
+        while not self._stopping.is_set():
+            self._producer.poll(0.05)
+
+    async def produce(self, topic: str, *, key: str, value: bytes, headers: Headers | None = None) -> Message:
+        """Publish one record and wait for its delivery report.
+
+        Raises ``BrokerUnavailable`` when the broker did not acknowledge it (the record is then not
+        durable, though it may still have been written).
+        """
+        return await self.produce_nowait(topic, key=key, value=value, headers=headers)
+
+    def produce_nowait(
+        self, topic: str, *, key: str, value: bytes, headers: Headers | None = None
+    ) -> asyncio.Future[Message]:
+        """Queue one record; the returned future resolves with its delivery report."""
+        if self._producer is None:
+            raise RuntimeError("producer is not started")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Message] = loop.create_future()
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            # Runs on the poll thread: hand the outcome to the loop that is waiting for it.
+            loop.call_soon_threadsafe(_settle, future, err, msg)
+
+        try:
+            self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
+        except BufferError as e:
+            raise BrokerUnavailable("the producer queue is full: the broker is not keeping up") from e
+        except KafkaException as e:
+            raise BrokerUnavailable(f"cannot queue the record: {e.args[0]}") from e
+        return future
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Flush queued records (up to ``timeout_s``), then stop the poll thread. Idempotent."""
+        if self._producer is None or self._stopping.is_set():
+            return
+        producer = self._producer
+        remaining = await asyncio.to_thread(producer.flush, timeout_s)
+        if remaining:
+            log.warning("producer stopped with %d records not delivered", remaining)
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+
+def _settle(future: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
+    if future.done():
+        return
+    if err is not None:
+        future.set_exception(BrokerUnavailable(f"delivery failed: {err.str()}", kafka_error=err))
+    else:
+        future.set_result(msg)
+
+
+def consumer_config(
+    bootstrap: str, *, group_id: str, client_id: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Settings for a consumer that commits only what it says is done.
+
+    Auto-commit and the automatic offset store are off: offsets are committed explicitly after a task's
+    result is durable. Cooperative-sticky assignment moves only the partitions that must move.
+    """
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "client.id": client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 1_000,
+        "max.poll.interval.ms": 300_000,
+    }
+    config.update(extra or {})
+    return config
+
+
+def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
+    """The value of the first header called ``name``, or None."""
+    for key, value in headers or ():
+        if key == name:
+            return value
+    return None
+
+
+def error_reason(err: KafkaError) -> str:
+    """A short description of a librdkafka error for logs and metrics."""
+    return f"{err.name()}: {err.str()}"
+
+
+OnMessages = Callable[[list[Message]], None]

@@ -1,0 +1,42 @@
+"""Retry policy as a config object; the retrying itself is tenacity's."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_delay,
+    stop_never,
+    wait_exponential_jitter,
+)
+
+from aimesh.errors import AimeshError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: ``initial_s`` doubling (``multiplier``) up to ``max_s`` per wait,
+    giving up after ``budget_s`` in all (None: never)."""
+
+    initial_s: float = 0.1
+    multiplier: float = 2.0
+    max_s: float = 5.0
+    budget_s: float | None = 60.0
+
+    def retrying(self, *, budget_s: float | None = None) -> AsyncRetrying:
+        """An AsyncRetrying that retries errors whose ``retryable`` is true; ``budget_s`` can tighten the
+        policy's budget (a task's deadline, say)."""
+        budgets = [b for b in (self.budget_s, budget_s) if b is not None]
+        return AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, AimeshError) and e.retryable),
+            wait=wait_exponential_jitter(initial=self.initial_s, exp_base=self.multiplier, max=self.max_s),
+            stop=stop_after_delay(min(budgets)) if budgets else stop_never,
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
