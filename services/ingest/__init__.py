@@ -1,0 +1,1 @@
+"""aimesh ingest service."""

@@ -1,0 +1,64 @@
+"""Run the ingest service: ``python -m aimesh.ingest`` or ``aimesh-ingest``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from aimesh import runtime, tracing
+from aimesh.grpc_edge import GrpcServer
+from aimesh.kafka import AsyncProducer, producer_config
+from aimesh.settings import IngestSettings
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc
+
+from .idempotency import IdempotencyKeys
+from .service import IngestServicer
+from .validation import Limits
+
+log = logging.getLogger("aimesh.ingest")
+
+
+async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
+    config = producer_config(
+        settings.kafka_bootstrap,
+        client_id=f"aimesh-ingest-{socket.gethostname()}-{os.getpid()}",
+        delivery_timeout_s=settings.publish_timeout_s,
+    )
+    async with AsyncProducer(config) as producer:
+        servicer = IngestServicer(
+            producer,
+            tasks_topic=settings.tasks_topic,
+            limits=Limits(models=settings.model_names, max_text_bytes=settings.max_text_bytes),
+            max_batch_tasks=settings.max_batch_tasks,
+            publish_timeout_s=settings.publish_timeout_s,
+            idempotency=IdempotencyKeys(settings.idempotency_ttl_s),
+        )
+        # Leave room for a full batch of maximum-size texts plus framing.
+        max_message = max(4 << 20, settings.max_text_bytes * 2 + (1 << 20))
+        server = GrpcServer(
+            settings.ingest_address,
+            [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
+            max_message_bytes=max_message,
+        )
+        server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
+        await server.start()
+        await stop.wait()
+        log.info("stopping: draining in-flight calls for up to %.1fs", settings.shutdown_grace_s)
+        await server.stop(settings.shutdown_grace_s)
+
+
+def main() -> None:
+    settings = IngestSettings()
+    runtime.configure_logging("ingest", settings.log_level)
+    tracing.configure("aimesh-ingest")
+
+    async def run() -> None:
+        await serve(settings, runtime.stop_event_on_signals())
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""aimesh notifier service."""

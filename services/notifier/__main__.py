@@ -1,0 +1,99 @@
+"""Run the notifier: ``python -m aimesh.notifier`` or ``aimesh-notifier``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from aimesh import runtime, tracing
+from aimesh.grpc_edge import GrpcServer
+from aimesh.kafka import consumer_config
+from aimesh.settings import NotifierSettings
+from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
+
+from .feed import Event, Feed
+from .service import NotifierServicer
+from .store import TaskStore
+
+log = logging.getLogger("aimesh.notifier")
+
+
+async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
+    store = TaskStore(settings.retention_s)
+
+    def deliver(batch: list[Event]) -> None:
+        for event in batch:
+            if isinstance(event, result_pb2.AIResultEvent):
+                store.apply_result(event)
+            else:
+                store.apply_task(event)
+
+    group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
+    feed = Feed(
+        consumer_config(settings.kafka_bootstrap, group_id=group, client_id=group),
+        tasks_topic=settings.tasks_topic,
+        results_topic=settings.results_topic,
+        history_s=settings.retention_s,
+        deliver=deliver,
+        loop=asyncio.get_running_loop(),
+    )
+    server = GrpcServer(
+        settings.notifier_address, [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name]
+    )
+    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, NotifierServicer(store, ready=feed.caught_up))
+    feed.start()
+    await server.start()
+    # NOT_SERVING until the history is read: GetTask would otherwise deny tasks it has not reached yet.
+    await server.set_serving(False)
+    sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
+    try:
+        await _wait_first(feed.caught_up.wait(), stop.wait())
+        if feed.failed is not None:
+            raise RuntimeError("the notifier's Kafka feed failed") from feed.failed
+        if not stop.is_set():
+            await server.set_serving(True)
+            log.info("notifier ready: %d tasks known", len(store))
+            await stop.wait()
+    finally:
+        log.info("stopping: closing streams within %.1fs", settings.shutdown_grace_s)
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await server.stop(settings.shutdown_grace_s)
+        await feed.stop()
+
+
+async def _wait_first(*aws: object) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[arg-type]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _sweep(store: TaskStore, retention_s: float) -> None:
+    interval = min(60.0, max(1.0, retention_s / 10))
+    while True:
+        await asyncio.sleep(interval)
+        dropped = store.expire()
+        if dropped:
+            log.debug("forgot %d tasks past retention", dropped)
+
+
+def main() -> None:
+    settings = NotifierSettings()
+    runtime.configure_logging("notifier", settings.log_level)
+    tracing.configure("aimesh-notifier")
+
+    async def run() -> None:
+        await serve(settings, runtime.stop_event_on_signals())
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

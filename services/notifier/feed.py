@@ -1,0 +1,144 @@
+"""Reads the tasks and results topics into the TaskStore.
+
+The notifier keeps no state of its own: at start it reads every partition of both topics from
+``retention_s`` ago (``offsets_for_times``), so a restarted notifier rebuilds what late subscribers need.
+It uses no consumer-group offsets; every notifier replica reads everything. One thread does all the
+Kafka calls; decoded events reach the event loop in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
+
+from aimesh import events
+from aimesh.errors import UndecodableRecord
+from aimesh.v1 import result_pb2, task_pb2
+
+log = logging.getLogger(__name__)
+
+Event = task_pb2.AITaskEvent | result_pb2.AIResultEvent
+
+CATCH_UP_LIMIT_S = 60.0
+
+
+class Feed:
+    """Streams decoded events of ``topics`` to ``deliver`` on ``loop``; ``caught_up`` is set once the
+    history present at start was read (or after CATCH_UP_LIMIT_S, so an open transaction cannot hold
+    the notifier unready)."""
+
+    def __init__(
+        self,
+        consumer_config: dict[str, Any],
+        *,
+        tasks_topic: str,
+        results_topic: str,
+        history_s: float,
+        deliver: Callable[[list[Event]], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._config = consumer_config
+        self._tasks_topic = tasks_topic
+        self._results_topic = results_topic
+        self._history_s = history_s
+        self._deliver = deliver
+        self._loop = loop
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.caught_up = asyncio.Event()
+        self.failed: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_guarded, name="notifier-feed", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # reported to the loop: a dead feed must not look alive
+            log.exception("notifier feed failed")
+            self.failed = e
+            self._loop.call_soon_threadsafe(self.caught_up.set)
+
+    def _run(self) -> None:
+        consumer = Consumer(self._config, logger=log)
+        try:
+            partitions = self._start_positions(consumer)
+            consumer.assign(partitions)
+            targets = self._targets(consumer, partitions)
+            started = time.monotonic()
+            log.info("reading %d partitions from %.0fs of history", len(partitions), self._history_s)
+            while not self._stopping.is_set():
+                batch = consumer.consume(500, 0.1)
+                decoded = [e for e in map(self._decode, batch) if e is not None]
+                if decoded:
+                    self._loop.call_soon_threadsafe(self._deliver, decoded)
+                if targets is not None and (
+                    self._reached(consumer, targets) or time.monotonic() - started > CATCH_UP_LIMIT_S
+                ):
+                    targets = None
+                    log.info("history read in %.2fs", time.monotonic() - started)
+                    self._loop.call_soon_threadsafe(self.caught_up.set)
+        finally:
+            consumer.close()
+
+    def _start_positions(self, consumer: Consumer) -> list[TopicPartition]:
+        since_ms = int((time.time() - self._history_s) * 1000)
+        wanted: list[TopicPartition] = []
+        for topic in (self._tasks_topic, self._results_topic):
+            while not self._stopping.is_set():
+                metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+                if metadata is not None and metadata.error is None and metadata.partitions:
+                    wanted.extend(TopicPartition(topic, p, since_ms) for p in metadata.partitions)
+                    break
+                log.warning("topic %s is not available yet; waiting", topic)
+                time.sleep(1.0)
+        found = consumer.offsets_for_times(wanted, timeout=30) if wanted else []
+        # No record at or after the time: start at the end (nothing of interest is older).
+        return [TopicPartition(p.topic, p.partition, p.offset if p.offset >= 0 else OFFSET_END) for p in found]
+
+    @staticmethod
+    def _targets(consumer: Consumer, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        targets: dict[tuple[str, int], int] = {}
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
+            start = p.offset if p.offset >= 0 else high
+            if start < high:
+                targets[(p.topic, p.partition)] = high
+        return targets
+
+    @staticmethod
+    def _reached(consumer: Consumer, targets: dict[tuple[str, int], int]) -> bool:
+        try:
+            positions = consumer.position([TopicPartition(t, p) for t, p in targets])
+        except KafkaException as e:
+            log.debug("position unavailable: %s", e)
+            return False
+        return all(p.offset >= targets[(p.topic, p.partition)] for p in positions)
+
+    def _decode(self, message: Message) -> Event | None:
+        if message.error():
+            log.warning("feed consumer error: %s", message.error())
+            return None
+        try:
+            if message.topic() == self._tasks_topic:
+                return events.decode_task(message.value())
+            return events.decode_result(message.value())
+        except UndecodableRecord as e:
+            log.warning(
+                "skipping undecodable record %s[%d]@%d: %s",
+                message.topic(), message.partition(), message.offset(), e,
+            )
+            return None

@@ -1,0 +1,73 @@
+"""The NotifierService servicer: task state and result streams by task id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.rpc import code_pb2
+
+from aimesh import events
+from aimesh.errors import InvalidTask
+from aimesh.grpc_edge import abort_invalid, abort_with, error_info
+from aimesh.v1 import notifier_pb2, notifier_pb2_grpc
+
+from .store import TaskStore
+
+log = logging.getLogger(__name__)
+
+
+class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
+    """``ready`` is set once the notifier has read the task history it needs to answer GetTask truthfully."""
+
+    def __init__(self, store: TaskStore, *, ready: asyncio.Event) -> None:
+        self._store = store
+        self._ready = ready
+
+    async def GetTask(
+        self, request: notifier_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> notifier_pb2.GetTaskResponse:
+        await _check_task_id(context, request.task_id)
+        if not self._ready.is_set():
+            await _abort_starting(context)
+        state = self._store.get(request.task_id)
+        if state is None:
+            await abort_with(
+                context,
+                code_pb2.NOT_FOUND,
+                f"task {request.task_id} is not known (never submitted, past retention, or not yet read)",
+                [error_info("TASK_NOT_FOUND", task_id=request.task_id)],
+            )
+        return notifier_pb2.GetTaskResponse(state=state)
+
+    async def WatchTask(
+        self, request: notifier_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[notifier_pb2.WatchTaskResponse]:
+        await _check_task_id(context, request.task_id)
+        queue = self._store.watch(request.task_id)
+        try:
+            while True:
+                state = await queue.get()
+                yield notifier_pb2.WatchTaskResponse(state=state)
+                if events.is_terminal(state.status):
+                    return
+        finally:
+            # Runs on normal end and on client cancellation (CancelledError): nothing stays held.
+            self._store.unwatch(request.task_id, queue)
+
+
+async def _check_task_id(context: grpc.aio.ServicerContext, task_id: str) -> None:
+    try:
+        uuid.UUID(task_id)
+    except ValueError:
+        await abort_invalid(context, InvalidTask([("task_id", "must be a task id (a UUID) from SubmitTask")]))
+
+
+async def _abort_starting(context: grpc.aio.ServicerContext) -> None:
+    await abort_with(
+        context, code_pb2.UNAVAILABLE, "the notifier is still reading task history; retry shortly",
+        [error_info("NOTIFIER_STARTING")],
+    )

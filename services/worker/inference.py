@@ -1,0 +1,142 @@
+"""The worker's one adapter over Triton: every model takes a TEXT input and returns named tensors, and
+every transport error becomes an InferenceFailed that says whether a retry could help."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from aimesh.errors import AimeshError
+from aimesh.v1 import result_pb2
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "TEXT"
+
+_RETRYABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE.name: result_pb2.ERROR_CODE_UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED.name: result_pb2.ERROR_CODE_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED.name: result_pb2.ERROR_CODE_DEADLINE_EXCEEDED,
+}
+_PERMANENT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT.name: result_pb2.ERROR_CODE_INVALID_INPUT,
+    grpc.StatusCode.NOT_FOUND.name: result_pb2.ERROR_CODE_MODEL_NOT_FOUND,
+    grpc.StatusCode.UNIMPLEMENTED.name: result_pb2.ERROR_CODE_MODEL_NOT_FOUND,
+}
+
+
+class InferenceFailed(AimeshError):
+    """A Triton call that did not produce outputs."""
+
+    def __init__(self, code: int, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+    def to_proto(self) -> result_pb2.TaskError:
+        return result_pb2.TaskError(code=self.code, message=str(self), retryable=self.retryable)
+
+
+@dataclass(frozen=True)
+class Inference:
+    output: result_pb2.TaskOutput
+    model_version: str
+
+
+def _classify(e: InferenceServerException) -> InferenceFailed:
+    status = (e.status() or "").removeprefix("StatusCode.")
+    message = e.message() or str(e)
+    if status in _RETRYABLE_CODES:
+        return InferenceFailed(_RETRYABLE_CODES[status], message, retryable=True)
+    # Triton answers an unknown or unloaded model with a plain error status; its message is the only signal.
+    if "unknown model" in message or "is not found" in message:
+        return InferenceFailed(result_pb2.ERROR_CODE_MODEL_NOT_FOUND, message, retryable=False)
+    if status in _PERMANENT_CODES:
+        return InferenceFailed(_PERMANENT_CODES[status], message, retryable=False)
+    return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
+
+
+def to_output_tensor(name: str, datatype: str, array: np.ndarray) -> result_pb2.OutputTensor:
+    """One task's slice of a Triton output (batch dimension already removed) as an OutputTensor."""
+    tensor = result_pb2.OutputTensor(name=name, datatype=datatype, shape=list(array.shape))
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        tensor.string_data.extend(
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat.tolist()
+        )
+    elif datatype.startswith("FP") or datatype == "BF16":
+        tensor.float_data.extend(flat.astype(np.float32).tolist())
+    else:
+        tensor.int_data.extend(flat.astype(np.int64).tolist())
+    return tensor
+
+
+class TritonInference:
+    """Async client of one Triton server. Use as ``async with TritonInference(url) as triton``."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._client: triton_aio.InferenceServerClient | None = None
+
+    async def __aenter__(self) -> TritonInference:
+        self._client = triton_aio.InferenceServerClient(self._url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def is_ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await self._require().is_server_ready(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def infer_text(
+        self,
+        model_name: str,
+        text: str,
+        *,
+        model_version: str = "",
+        parameters: dict[str, str] | None = None,
+        timeout_s: float,
+    ) -> Inference:
+        """Run one text through a model; raise InferenceFailed on any error."""
+        data = np.array([[text.encode("utf-8")]], dtype=np.object_)
+        tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        try:
+            result = await self._require().infer(
+                model_name,
+                [tensor],
+                model_version=model_version,
+                parameters=dict(parameters or {}),
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as e:
+            raise _classify(e) from e
+        response = result.get_response()
+        output = result_pb2.TaskOutput()
+        for meta in response.outputs:
+            array = result.as_numpy(meta.name)
+            if array is None:
+                raise InferenceFailed(
+                    result_pb2.ERROR_CODE_MODEL_ERROR, f"output {meta.name} has no data", retryable=False
+                )
+            output.tensors.append(to_output_tensor(meta.name, meta.datatype, array[0]))
+        return Inference(output=output, model_version=response.model_version)
+
+    def _require(self) -> triton_aio.InferenceServerClient:
+        if self._client is None:
+            raise RuntimeError("TritonInference is not open")
+        return self._client

@@ -1,0 +1,308 @@
+"""The worker: a consumer-group member that runs tasks through Triton and publishes their results.
+
+At-least-once: a task's offset is committed only after its terminal result's delivery report, so a
+crash re-runs unfinished tasks (a task may then be answered twice; the notifier keeps the first terminal
+result). Many tasks run at once; the consumer keeps being polled while inference runs, and partitions
+are paused while ``max_in_flight`` tasks are running, so a slow model never trips ``max.poll.interval.ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from aimesh import events, tracing
+from aimesh.errors import BrokerUnavailable, UndecodableRecord
+from aimesh.kafka import AsyncProducer
+from aimesh.retry import RetryPolicy
+from aimesh.v1 import result_pb2, task_pb2
+
+from .inference import InferenceFailed, TritonInference
+from .offsets import OffsetTracker, TopicPartitionKey
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+COMMIT_INTERVAL_S = 0.2
+POLL_TIMEOUT_S = 0.1
+MAX_FETCH_BATCH = 500
+
+
+class Worker:
+    """Consumes ``tasks_topic``, infers on Triton, produces to ``results_topic``.
+
+    ``run(stop)`` returns after a graceful drain: fetching stops, in-flight tasks get ``grace_s`` to
+    finish, completed offsets are committed and the consumer leaves its group.
+    """
+
+    def __init__(
+        self,
+        *,
+        consumer_config: dict[str, Any],
+        producer: AsyncProducer,
+        triton: TritonInference,
+        tasks_topic: str,
+        results_topic: str,
+        worker_id: str,
+        max_in_flight: int,
+        inference_timeout_s: float,
+        triton_retry: RetryPolicy,
+        grace_s: float,
+    ) -> None:
+        self._consumer_config = consumer_config
+        self._producer = producer
+        self._triton = triton
+        self._tasks_topic = tasks_topic
+        self._results_topic = results_topic
+        self._worker_id = worker_id
+        self._max_in_flight = max_in_flight
+        self._inference_timeout_s = inference_timeout_s
+        self._triton_retry = triton_retry
+        self._publish_retry = RetryPolicy(initial_s=0.2, max_s=5.0, budget_s=None)
+        self._grace_s = grace_s
+        self._group = consumer_config["group.id"]
+        self._offsets = OffsetTracker()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Every consumer call runs on this one thread: librdkafka's blocking calls stay off the event loop,
+        # and the rebalance callbacks (which run inside consume) never race a commit.
+        self._kafka_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-consumer")
+        self._consumer: Consumer | None = None
+        self._paused = False
+        self.processed = 0
+
+    async def _kafka(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._kafka_thread, fn, *args)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._consumer = Consumer(self._consumer_config, logger=log)
+        await self._kafka(
+            lambda: self._consumer.subscribe(  # type: ignore[union-attr]
+                [self._tasks_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
+        )
+        log.info("worker %s consuming %s as group %s", self._worker_id, self._tasks_topic, self._group)
+        last_commit = 0.0
+        try:
+            while not stop.is_set():
+                await self._fetch_once()
+                if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
+                    await self._kafka(self._commit)
+                    last_commit = time.monotonic()
+        finally:
+            await self._drain()
+
+    async def _fetch_once(self) -> None:
+        assert self._consumer is not None
+        capacity = self._max_in_flight - len(self._tasks)
+        if capacity <= 0:
+            if not self._paused:
+                await self._kafka(self._set_paused, True)
+            # Keep calling consume while paused: it serves rebalances and max.poll.interval.ms.
+            messages = await self._kafka(self._consumer.consume, 1, 0)
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=POLL_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            if self._paused:
+                await self._kafka(self._set_paused, False)
+            messages = await self._kafka(self._consumer.consume, min(capacity, MAX_FETCH_BATCH), POLL_TIMEOUT_S)
+        for message in messages:
+            self._start(message)
+
+    def _start(self, message: Message) -> None:
+        if message.error():
+            log.warning("consumer error: %s", message.error())
+            return
+        key: TopicPartitionKey = (message.topic(), message.partition())
+        offset = message.offset()
+        if not self._offsets.started(key, offset):
+            return  # fetched just before its partition was revoked: the new owner runs it
+        task = asyncio.create_task(self._process(message), name=f"task@{key[1]}:{offset}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return  # not finished: stays uncommitted and runs again
+            if t.exception() is not None:
+                log.error("task at %s:%d crashed; it stays uncommitted", key, offset, exc_info=t.exception())
+                return
+            self._offsets.finished(key, offset)
+
+        task.add_done_callback(done)
+
+    async def _process(self, message: Message) -> None:
+        try:
+            task = events.decode_task(message.value())
+        except UndecodableRecord as e:
+            log.error(
+                "skipping undecodable record %s[%d]@%d: %s",
+                message.topic(), message.partition(), message.offset(), e,
+            )
+            return
+        with tracing.process_span(
+            message.topic(),
+            key=task.task_id,
+            partition=message.partition(),
+            offset=message.offset(),
+            group=self._group,
+            headers=message.headers(),
+        ):
+            result = await self._run(task)
+            await self._publish(result)
+            self.processed += 1
+
+    async def _run(self, task: task_pb2.AITaskEvent) -> result_pb2.AIResultEvent:
+        started = time.time()
+        result = result_pb2.AIResultEvent(
+            schema_version=events.SCHEMA_VERSION,
+            task_id=task.task_id,
+            model_name=task.model_name,
+            worker_id=self._worker_id,
+        )
+        deadline = events.timestamp_s(task.deadline) if task.HasField("deadline") else None
+        if deadline is not None and deadline <= started:
+            result.status = result_pb2.TASK_STATUS_EXPIRED
+            result.error.CopyFrom(
+                result_pb2.TaskError(
+                    code=result_pb2.ERROR_CODE_DEADLINE_EXCEEDED,
+                    message="the task's deadline passed before a worker reached it",
+                )
+            )
+            return self._finish(result, task, started, started)
+        if task.input.WhichOneof("kind") != "text":
+            result.status = result_pb2.TASK_STATUS_FAILED
+            result.error.CopyFrom(
+                result_pb2.TaskError(
+                    code=result_pb2.ERROR_CODE_BAD_TASK, message="the task has no input this worker can serve"
+                )
+            )
+            return self._finish(result, task, started, started)
+
+        self._announce_running(task)
+        try:
+            async for attempt in self._triton_retry.retrying(
+                budget_s=None if deadline is None else max(0.0, deadline - started)
+            ):
+                with attempt:
+                    inference = await self._triton.infer_text(
+                        task.model_name,
+                        task.input.text,
+                        model_version=task.model_version,
+                        parameters=dict(task.parameters),
+                        timeout_s=self._inference_timeout_s,
+                    )
+        except InferenceFailed as e:
+            result.status = result_pb2.TASK_STATUS_FAILED
+            result.error.CopyFrom(e.to_proto())
+        else:
+            result.status = result_pb2.TASK_STATUS_SUCCEEDED
+            result.output.CopyFrom(inference.output)
+            result.model_version = inference.model_version
+        return self._finish(result, task, started, time.time())
+
+    def _finish(
+        self, result: result_pb2.AIResultEvent, task: task_pb2.AITaskEvent, started: float, ended: float
+    ) -> result_pb2.AIResultEvent:
+        submitted = events.timestamp_s(task.submitted_at) or started
+        result.produced_at.CopyFrom(events.now_timestamp())
+        result.timings.queue_wait.FromNanoseconds(int(max(0.0, started - submitted) * 1e9))
+        result.timings.inference.FromNanoseconds(int((ended - started) * 1e9))
+        result.timings.total.FromNanoseconds(int(max(0.0, time.time() - submitted) * 1e9))
+        return result
+
+    def _announce_running(self, task: task_pb2.AITaskEvent) -> None:
+        """Best effort: a lost RUNNING update costs a subscriber a progress step, never the result."""
+        running = result_pb2.AIResultEvent(
+            schema_version=events.SCHEMA_VERSION,
+            task_id=task.task_id,
+            status=result_pb2.TASK_STATUS_RUNNING,
+            model_name=task.model_name,
+            worker_id=self._worker_id,
+            produced_at=events.now_timestamp(),
+        )
+        try:
+            future = self._producer.produce_nowait(
+                self._results_topic, key=task.task_id, value=running.SerializeToString(), headers=_result_headers()
+            )
+        except BrokerUnavailable as e:
+            log.debug("RUNNING update for %s not queued: %s", task.task_id, e)
+            return
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _publish(self, result: result_pb2.AIResultEvent) -> None:
+        """Publish the terminal result, retrying until the broker acknowledges it."""
+        value = result.SerializeToString()
+        async for attempt in self._publish_retry.retrying():
+            with attempt:
+                headers = _result_headers()
+                with tracing.send_span(self._results_topic, result.task_id, headers):
+                    await self._producer.produce(self._results_topic, key=result.task_id, value=value, headers=headers)
+
+    # --- consumer-thread side -------------------------------------------------------------------------
+
+    def _set_paused(self, paused: bool) -> None:
+        assert self._consumer is not None
+        partitions = [TopicPartition(t, p) for t, p in self._offsets.owned()]
+        if partitions:
+            (self._consumer.pause if paused else self._consumer.resume)(partitions)
+        self._paused = paused
+
+    def _commit(self, offsets: dict[TopicPartitionKey, int] | None = None) -> None:
+        assert self._consumer is not None
+        offsets = self._offsets.to_commit() if offsets is None else offsets
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+            )
+        except KafkaException as e:
+            # Not fatal: the offsets stay uncommitted and are tried again on the next commit.
+            log.warning("offset commit failed: %s", e)
+            return
+        self._offsets.committed(offsets)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._offsets.assign([(p.topic, p.partition) for p in partitions])
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        log.info("assigned %s", [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Commit what is done before the partitions move; unfinished tasks run again on the new owner.
+        self._commit(self._offsets.revoke([(p.topic, p.partition) for p in partitions]))
+        log.info("revoked %s", [p.partition for p in partitions])
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost partitions may already belong to another member: commit nothing for them.
+        self._offsets.revoke([(p.topic, p.partition) for p in partitions])
+        log.warning("lost %s", [p.partition for p in partitions])
+
+    async def _drain(self) -> None:
+        log.info("draining %d in-flight tasks for up to %.1fs", len(self._tasks), self._grace_s)
+        if self._consumer is not None:
+            await self._kafka(self._set_paused, True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%d tasks did not finish in the grace period; they will run again", len(pending))
+                await asyncio.wait(pending)
+        if self._consumer is not None:
+            await self._kafka(self._commit)
+            # close() leaves the group; the revoke callback it triggers commits anything left.
+            await self._kafka(self._consumer.close)
+            self._consumer = None
+        self._kafka_thread.shutdown(wait=True)
+
+
+def _result_headers() -> list[tuple[str, bytes]]:
+    return [(events.CONTENT_TYPE_HEADER, events.RESULT_CONTENT_TYPE)]

@@ -1,0 +1,124 @@
+"""The ingest gRPC edge in process on port 0, with the producer replaced at its seam."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from aimesh.errors import BrokerUnavailable
+from aimesh.events import decode_task
+from aimesh.grpc_edge import GrpcServer
+from aimesh.ingest.idempotency import IdempotencyKeys
+from aimesh.ingest.service import IngestServicer
+from aimesh.ingest.validation import Limits
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
+
+
+class RecordingProducer:
+    """Stands in for AsyncProducer: records what would be published, or fails like an absent broker."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, bytes, list[tuple[str, bytes]]]] = []
+        self.fail = False
+
+    async def produce(self, topic: str, *, key: str, value: bytes, headers=None) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise BrokerUnavailable("delivery failed: Local: Message timed out")
+        self.records.append((topic, key, value, list(headers or [])))
+
+
+@pytest.fixture
+async def ingest() -> AsyncIterator[tuple[ingest_pb2_grpc.IngestServiceStub, RecordingProducer]]:
+    producer = RecordingProducer()
+    servicer = IngestServicer(
+        producer,  # type: ignore[arg-type]
+        tasks_topic="tasks",
+        limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=64),
+        max_batch_tasks=3,
+        publish_timeout_s=1.0,
+        idempotency=IdempotencyKeys(60),
+    )
+    server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"])
+    server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield ingest_pb2_grpc.IngestServiceStub(channel), producer
+    await server.stop(0)
+
+
+def req(text: str = "what a lovely day", model: str = "sentiment", **kw) -> ingest_pb2.SubmitTaskRequest:
+    return ingest_pb2.SubmitTaskRequest(model_name=model, input=task_pb2.TaskInput(text=text), **kw)
+
+
+async def test_accepted_task_is_published_keyed_by_its_id(ingest) -> None:
+    stub, producer = ingest
+    reply = await stub.SubmitTask(req(parameters={"x": "1"}))
+    assert [(t, k) for t, k, _, _ in producer.records] == [("tasks", reply.task_id)]
+    event = decode_task(producer.records[0][2])
+    assert event.task_id == reply.task_id
+    assert event.model_name == "sentiment"
+    assert event.input.text == "what a lovely day"
+    assert dict(event.parameters) == {"x": "1"}
+    assert event.submitted_at == reply.accepted_at
+    assert ("content-type", b"application/x-protobuf; messageType=aimesh.v1.AITaskEvent") in producer.records[0][3]
+
+
+async def test_bad_input_gets_invalid_argument_with_field_violations(ingest) -> None:
+    stub, producer = ingest
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(req(text="x" * 65, parameters={"BAD": "1"}))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(info.value)
+    bad_request = error_details_pb2.BadRequest()
+    assert status is not None and status.details[0].Unpack(bad_request)
+    assert sorted(v.field for v in bad_request.field_violations) == ["input.text", "parameters['BAD']"]
+    assert producer.records == []
+
+
+async def test_unknown_model_is_not_found(ingest) -> None:
+    stub, producer = ingest
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(req(model="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "sentiment" in info.value.details()
+    assert producer.records == []
+
+
+async def test_broker_failure_is_unavailable_and_nothing_is_reported_accepted(ingest) -> None:
+    stub, producer = ingest
+    producer.fail = True
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(req(idempotency_key="k1"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    producer.fail = False
+    reply = await stub.SubmitTask(req(idempotency_key="k1"))
+    assert not reply.duplicate
+    assert len(producer.records) == 1
+
+
+async def test_repeated_idempotency_key_publishes_once(ingest) -> None:
+    stub, producer = ingest
+    first = await stub.SubmitTask(req(idempotency_key="same"))
+    again = await stub.SubmitTask(req(idempotency_key="same"))
+    assert again.task_id == first.task_id and again.duplicate and not first.duplicate
+    assert len(producer.records) == 1
+
+
+async def test_batch_is_all_or_nothing(ingest) -> None:
+    stub, producer = ingest
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTasks(ingest_pb2.SubmitTasksRequest(tasks=[req(), req(text="")]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tasks[1].input.text" in info.value.details()
+    assert producer.records == []
+    reply = await stub.SubmitTasks(ingest_pb2.SubmitTasksRequest(tasks=[req(), req("second")]))
+    assert [r.task_id for r in reply.tasks] == [k for _, k, _, _ in producer.records]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTasks(ingest_pb2.SubmitTasksRequest(tasks=[req()] * 4))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

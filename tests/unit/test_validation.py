@@ -1,0 +1,58 @@
+import time
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aimesh.errors import DeadlinePassed, InvalidTask, UnknownModel
+from aimesh.ingest.validation import Limits, validate
+from aimesh.v1 import ingest_pb2, task_pb2
+
+LIMITS = Limits(models=frozenset({"summarize", "sentiment"}), max_text_bytes=100)
+
+
+def request(**fields) -> ingest_pb2.SubmitTaskRequest:
+    fields.setdefault("model_name", "sentiment")
+    fields.setdefault("input", task_pb2.TaskInput(text="good day"))
+    return ingest_pb2.SubmitTaskRequest(**fields)
+
+
+def violations(req: ingest_pb2.SubmitTaskRequest, prefix: str = "") -> list[str]:
+    with pytest.raises(InvalidTask) as info:
+        validate(req, LIMITS, prefix=prefix)
+    return [field for field, _ in info.value.violations]
+
+
+def test_a_good_request_passes() -> None:
+    validate(request(parameters={"sentences": "2"}, idempotency_key="k-1"), LIMITS)
+
+
+def test_missing_and_blank_input_are_field_violations() -> None:
+    assert violations(ingest_pb2.SubmitTaskRequest(model_name="sentiment")) == ["input"]
+    assert violations(request(input=task_pb2.TaskInput(text="   \n"))) == ["input.text"]
+
+
+def test_oversized_text_counts_utf8_bytes() -> None:
+    validate(request(input=task_pb2.TaskInput(text="é" * 50)), LIMITS)  # 100 bytes: at the limit
+    assert violations(request(input=task_pb2.TaskInput(text="é" * 51))) == ["input.text"]
+
+
+def test_malformed_parameters_are_named() -> None:
+    found = violations(request(parameters={"Bad-Key": "1", "triton_x": "2", "ok": "v" * 1025}))
+    assert sorted(found) == ["parameters['Bad-Key']", "parameters['ok']", "parameters['triton_x']"]
+
+
+def test_every_violation_is_reported_at_once_with_prefix() -> None:
+    found = violations(ingest_pb2.SubmitTaskRequest(idempotency_key="k" * 129), prefix="tasks[2].")
+    assert found == ["tasks[2].model_name", "tasks[2].input", "tasks[2].idempotency_key"]
+
+
+def test_unknown_model_is_not_a_field_violation() -> None:
+    with pytest.raises(UnknownModel):
+        validate(request(model_name="gpt-17"), LIMITS)
+
+
+def test_deadline_in_the_past_is_rejected() -> None:
+    past = Timestamp(seconds=int(time.time()) - 10)
+    with pytest.raises(DeadlinePassed):
+        validate(request(deadline=past), LIMITS)
+    validate(request(deadline=Timestamp(seconds=int(time.time()) + 60)), LIMITS)
