@@ -139,6 +139,9 @@ class Feed:
         except UndecodableRecord as e:
             log.warning(
                 "skipping undecodable record %s[%d]@%d: %s",
-                message.topic(), message.partition(), message.offset(), e,
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                e,
             )
             return None

@@ -68,6 +68,8 @@ async def _check_task_id(context: grpc.aio.ServicerContext, task_id: str) -> Non
 
 async def _abort_starting(context: grpc.aio.ServicerContext) -> None:
     await abort_with(
-        context, code_pb2.UNAVAILABLE, "the notifier is still reading task history; retry shortly",
+        context,
+        code_pb2.UNAVAILABLE,
+        "the notifier is still reading task history; retry shortly",
         [error_info("NOTIFIER_STARTING")],
     )

@@ -109,9 +109,7 @@ class TaskStore:
             self._records[task_id] = record
         return record
 
-    def _change(
-        self, record: _Record, status: int, when: Timestamp, result: result_pb2.AIResultEvent | None
-    ) -> None:
+    def _change(self, record: _Record, status: int, when: Timestamp, result: result_pb2.AIResultEvent | None) -> None:
         state = record.state
         state.status = status  # type: ignore[assignment]
         state.updated_at.CopyFrom(when if when.seconds else events.now_timestamp())

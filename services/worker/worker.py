@@ -143,7 +143,10 @@ class Worker:
         except UndecodableRecord as e:
             log.error(
                 "skipping undecodable record %s[%d]@%d: %s",
-                message.topic(), message.partition(), message.offset(), e,
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                e,
             )
             return
         with tracing.process_span(

@@ -56,9 +56,7 @@ class GrpcServer:
         log.info("gRPC server listening on %s (port %d)", self._address, self.port)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         for name in self._service_names:
             await self.health.set(name, status)
@@ -75,8 +73,7 @@ async def abort_invalid(context: grpc.aio.ServicerContext, error: InvalidTask) -
     """INVALID_ARGUMENT with a google.rpc.BadRequest listing each field violation."""
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
-            for field, why in error.violations
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=why) for field, why in error.violations
         ]
     )
     await abort_with(context, code_pb2.INVALID_ARGUMENT, str(error), [bad_request])
