@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from google.rpc import code_pb2
@@ -43,13 +44,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._idempotency = idempotency
 
     async def SubmitTask(
-        self, request: ingest_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+        self, request: ingest_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.SubmitTaskResponse:
         await self._validate_or_abort(context, [request], lambda _: "")
         return (await self._accept_or_abort(context, [request]))[0]
 
     async def SubmitTasks(
-        self, request: ingest_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext
+        self, request: ingest_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.SubmitTasksResponse:
         count = len(request.tasks)
         if count == 0 or count > self._max_batch_tasks:
@@ -59,7 +60,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         await self._validate_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
         return ingest_pb2.SubmitTasksResponse(tasks=await self._accept_or_abort(context, request.tasks))
 
-    async def _validate_or_abort(self, context, requests, prefix) -> None:  # type: ignore[no-untyped-def]
+    async def _validate_or_abort(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        requests: Sequence[ingest_pb2.SubmitTaskRequest],
+        prefix: Callable[[int], str],
+    ) -> None:
         violations: list[tuple[str, str]] = []
         for i, request in enumerate(requests):
             try:
@@ -79,7 +85,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             await abort_invalid(context, InvalidTask(violations))
 
     async def _accept_or_abort(
-        self, context: grpc.aio.ServicerContext, requests: list[ingest_pb2.SubmitTaskRequest]
+        self, context: grpc.aio.ServicerContext[Any, Any], requests: Sequence[ingest_pb2.SubmitTaskRequest]
     ) -> list[ingest_pb2.SubmitTaskResponse]:
         submissions = [self._accept(request) for request in requests]
         outcomes = await asyncio.gather(*submissions, return_exceptions=True)
@@ -123,7 +129,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         )
         if request.HasField("deadline"):
             event.deadline.CopyFrom(request.deadline)
-        headers = [(events.CONTENT_TYPE_HEADER, events.TASK_CONTENT_TYPE)]
+        headers = events.task_headers()
         with tracing.send_span(self._topic, task_id, headers):
             delivery: Awaitable[object] = self._producer.produce(
                 self._topic, key=task_id, value=event.SerializeToString(), headers=headers

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 
 from aimesh import runtime, tracing
 from aimesh.grpc_edge import GrpcServer
@@ -66,8 +67,8 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         await feed.stop()
 
 
-async def _wait_first(*aws: object) -> None:
-    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[arg-type]
+async def _wait_first(*aws: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -19,6 +19,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Topic
 
 from aimesh import events
 from aimesh.errors import UndecodableRecord
+from aimesh.kafka import Record
 from aimesh.v1 import result_pb2, task_pb2
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Feed:
         try:
             partitions = self._start_positions(consumer)
             consumer.assign(partitions)
-            targets = self._targets(consumer, partitions)
+            targets: dict[tuple[str, int], int] | None = self._targets(consumer, partitions)
             started = time.monotonic()
             log.info("reading %d partitions from %.0fs of history", len(partitions), self._history_s)
             while not self._stopping.is_set():
@@ -132,16 +133,11 @@ class Feed:
         if message.error():
             log.warning("feed consumer error: %s", message.error())
             return None
+        record = Record.of(message)
         try:
-            if message.topic() == self._tasks_topic:
-                return events.decode_task(message.value())
-            return events.decode_result(message.value())
+            if record.topic == self._tasks_topic:
+                return events.decode_task(record.value)
+            return events.decode_result(record.value)
         except UndecodableRecord as e:
-            log.warning(
-                "skipping undecodable record %s[%d]@%d: %s",
-                message.topic(),
-                message.partition(),
-                message.offset(),
-                e,
-            )
+            log.warning("skipping undecodable record %s: %s", record.where(), e)
             return None

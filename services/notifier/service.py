@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.rpc import code_pb2
@@ -28,7 +29,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         self._ready = ready
 
     async def GetTask(
-        self, request: notifier_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: notifier_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notifier_pb2.GetTaskResponse:
         await _check_task_id(context, request.task_id)
         if not self._ready.is_set():
@@ -44,7 +45,7 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         return notifier_pb2.GetTaskResponse(state=state)
 
     async def WatchTask(
-        self, request: notifier_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+        self, request: notifier_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[notifier_pb2.WatchTaskResponse]:
         await _check_task_id(context, request.task_id)
         queue = self._store.watch(request.task_id)
@@ -59,14 +60,14 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             self._store.unwatch(request.task_id, queue)
 
 
-async def _check_task_id(context: grpc.aio.ServicerContext, task_id: str) -> None:
+async def _check_task_id(context: grpc.aio.ServicerContext[Any, Any], task_id: str) -> None:
     try:
         uuid.UUID(task_id)
     except ValueError:
         await abort_invalid(context, InvalidTask([("task_id", "must be a task id (a UUID) from SubmitTask")]))
 
 
-async def _abort_starting(context: grpc.aio.ServicerContext) -> None:
+async def _abort_starting(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     await abort_with(
         context,
         code_pb2.UNAVAILABLE,

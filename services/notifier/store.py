@@ -19,7 +19,7 @@ from aimesh.v1 import notifier_pb2, result_pb2, task_pb2
 
 log = logging.getLogger(__name__)
 
-_RANK = {
+_RANK: dict[int, int] = {
     result_pb2.TASK_STATUS_UNSPECIFIED: 0,
     result_pb2.TASK_STATUS_QUEUED: 1,
     result_pb2.TASK_STATUS_RUNNING: 2,

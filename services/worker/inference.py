@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
@@ -34,7 +36,7 @@ _PERMANENT_CODES = {
 class InferenceFailed(AimeshError):
     """A Triton call that did not produce outputs."""
 
-    def __init__(self, code: int, message: str, *, retryable: bool) -> None:
+    def __init__(self, code: result_pb2.ErrorCode.ValueType, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.code = code
         self.retryable = retryable
@@ -62,7 +64,7 @@ def _classify(e: InferenceServerException) -> InferenceFailed:
     return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
 
 
-def to_output_tensor(name: str, datatype: str, array: np.ndarray) -> result_pb2.OutputTensor:
+def to_output_tensor(name: str, datatype: str, array: npt.NDArray[Any]) -> result_pb2.OutputTensor:
     """One task's slice of a Triton output (batch dimension already removed) as an OutputTensor."""
     tensor = result_pb2.OutputTensor(name=name, datatype=datatype, shape=list(array.shape))
     flat = array.reshape(-1)

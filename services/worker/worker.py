@@ -15,11 +15,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from aimesh import events, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
-from aimesh.kafka import AsyncProducer
+from aimesh.kafka import AsyncProducer, Record
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
@@ -113,17 +113,17 @@ class Worker:
                 await self._kafka(self._set_paused, False)
             messages = await self._kafka(self._consumer.consume, min(capacity, MAX_FETCH_BATCH), POLL_TIMEOUT_S)
         for message in messages:
-            self._start(message)
+            if message.error():
+                log.warning("consumer error: %s", message.error())
+            else:
+                self._start(Record.of(message))
 
-    def _start(self, message: Message) -> None:
-        if message.error():
-            log.warning("consumer error: %s", message.error())
-            return
-        key: TopicPartitionKey = (message.topic(), message.partition())
-        offset = message.offset()
+    def _start(self, record: Record) -> None:
+        key: TopicPartitionKey = (record.topic, record.partition)
+        offset = record.offset
         if not self._offsets.started(key, offset):
             return  # fetched just before its partition was revoked: the new owner runs it
-        task = asyncio.create_task(self._process(message), name=f"task@{key[1]}:{offset}")
+        task = asyncio.create_task(self._process(record), name=f"task@{record.where()}")
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
@@ -137,25 +137,19 @@ class Worker:
 
         task.add_done_callback(done)
 
-    async def _process(self, message: Message) -> None:
+    async def _process(self, record: Record) -> None:
         try:
-            task = events.decode_task(message.value())
+            task = events.decode_task(record.value)
         except UndecodableRecord as e:
-            log.error(
-                "skipping undecodable record %s[%d]@%d: %s",
-                message.topic(),
-                message.partition(),
-                message.offset(),
-                e,
-            )
+            log.error("skipping undecodable record %s: %s", record.where(), e)
             return
         with tracing.process_span(
-            message.topic(),
+            record.topic,
             key=task.task_id,
-            partition=message.partition(),
-            offset=message.offset(),
+            partition=record.partition,
+            offset=record.offset,
             group=self._group,
-            headers=message.headers(),
+            headers=record.headers,
         ):
             result = await self._run(task)
             await self._publish(result)
@@ -204,6 +198,14 @@ class Worker:
         except InferenceFailed as e:
             result.status = result_pb2.TASK_STATUS_FAILED
             result.error.CopyFrom(e.to_proto())
+        except Exception as e:
+            # A bug or an error type the adapter does not know: the client still gets an answer, and the
+            # task's offset is not left uncommitted forever.
+            log.exception("task %s failed unexpectedly", task.task_id)
+            result.status = result_pb2.TASK_STATUS_FAILED
+            result.error.CopyFrom(
+                result_pb2.TaskError(code=result_pb2.ERROR_CODE_INTERNAL, message=f"internal error: {e!r}")
+            )
         else:
             result.status = result_pb2.TASK_STATUS_SUCCEEDED
             result.output.CopyFrom(inference.output)
@@ -232,7 +234,10 @@ class Worker:
         )
         try:
             future = self._producer.produce_nowait(
-                self._results_topic, key=task.task_id, value=running.SerializeToString(), headers=_result_headers()
+                self._results_topic,
+                key=task.task_id,
+                value=running.SerializeToString(),
+                headers=events.result_headers(),
             )
         except BrokerUnavailable as e:
             log.debug("RUNNING update for %s not queued: %s", task.task_id, e)
@@ -244,7 +249,7 @@ class Worker:
         value = result.SerializeToString()
         async for attempt in self._publish_retry.retrying():
             with attempt:
-                headers = _result_headers()
+                headers = events.result_headers()
                 with tracing.send_span(self._results_topic, result.task_id, headers):
                     await self._producer.produce(self._results_topic, key=result.task_id, value=value, headers=headers)
 
@@ -305,7 +310,3 @@ class Worker:
             await self._kafka(self._consumer.close)
             self._consumer = None
         self._kafka_thread.shutdown(wait=True)
-
-
-def _result_headers() -> list[tuple[str, bytes]]:
-    return [(events.CONTENT_TYPE_HEADER, events.RESULT_CONTENT_TYPE)]

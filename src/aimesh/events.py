@@ -9,6 +9,7 @@ from google.protobuf import message as pb_message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aimesh.errors import UndecodableRecord
+from aimesh.kafka import Headers
 from aimesh.v1 import result_pb2, task_pb2
 
 SCHEMA_VERSION = 1
@@ -26,6 +27,16 @@ TERMINAL_STATUSES = frozenset(
         result_pb2.TASK_STATUS_CANCELLED,
     }
 )
+
+
+def task_headers() -> Headers:
+    """Headers of a new tasks-topic record (trace context is added by the send span)."""
+    return [(CONTENT_TYPE_HEADER, TASK_CONTENT_TYPE)]
+
+
+def result_headers() -> Headers:
+    """Headers of a new results-topic record."""
+    return [(CONTENT_TYPE_HEADER, RESULT_CONTENT_TYPE)]
 
 
 def is_terminal(status: int) -> bool:

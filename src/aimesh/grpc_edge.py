@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -42,7 +43,8 @@ class GrpcServer:
         self.port = 0
         self._stopped = False
 
-    def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
+    def add(self, register: Callable[[Any, Any], None], servicer: object) -> None:
+        """Register a servicer with its generated ``add_*Servicer_to_server`` function."""
         register(servicer, self.server)
 
     async def start(self) -> None:
@@ -69,7 +71,7 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def abort_invalid(context: grpc.aio.ServicerContext, error: InvalidTask) -> NoReturn:
+async def abort_invalid(context: grpc.aio.ServicerContext[Any, Any], error: InvalidTask) -> NoReturn:
     """INVALID_ARGUMENT with a google.rpc.BadRequest listing each field violation."""
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
@@ -80,13 +82,13 @@ async def abort_invalid(context: grpc.aio.ServicerContext, error: InvalidTask) -
 
 
 async def abort_with(
-    context: grpc.aio.ServicerContext, code: int, message: str, details: Iterable[object] = ()
+    context: grpc.aio.ServicerContext[Any, Any], code: int, message: str, details: Iterable[Message] = ()
 ) -> NoReturn:
     """Abort the call with a google.rpc.Status carrying ``details`` in the grpc-status-details-bin trailer."""
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
-        any_detail.Pack(detail)  # type: ignore[arg-type]
+        any_detail.Pack(detail)
         packed.append(any_detail)
     status = rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
     await context.abort(status.code, status.details, status.trailing_metadata)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -18,7 +18,7 @@ from aimesh.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 
 
 def producer_config(bootstrap: str, *, client_id: str, delivery_timeout_s: float) -> dict[str, Any]:
@@ -122,6 +122,37 @@ def _settle(future: asyncio.Future[Message], err: KafkaError | None, msg: Messag
         future.set_result(msg)
 
 
+@dataclass(frozen=True)
+class Record:
+    """A consumed record with the optional parts of librdkafka's Message pinned down."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+    @classmethod
+    def of(cls, message: Message) -> Record:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if topic is None or partition is None or offset is None:
+            raise ValueError("not a consumed record")
+        key = message.key()
+        headers = message.headers()
+        return cls(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=key.encode() if isinstance(key, str) else key,
+            value=message.value() if isinstance(message.value(), bytes | None) else None,
+            headers=list(headers.items()) if isinstance(headers, dict) else list(headers or []),
+        )
+
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
 def consumer_config(
     bootstrap: str, *, group_id: str, client_id: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -145,19 +176,3 @@ def consumer_config(
     }
     config.update(extra or {})
     return config
-
-
-def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
-    """The value of the first header called ``name``, or None."""
-    for key, value in headers or ():
-        if key == name:
-            return value
-    return None
-
-
-def error_reason(err: KafkaError) -> str:
-    """A short description of a librdkafka error for logs and metrics."""
-    return f"{err.name()}: {err.str()}"
-
-
-OnMessages = Callable[[list[Message]], None]

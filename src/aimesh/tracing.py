@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from opentelemetry import context as otel_context
@@ -17,11 +17,11 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Span, SpanKind
 
+from aimesh.kafka import Headers
+
 log = logging.getLogger(__name__)
 
 _TRACER_NAME = "aimesh"
-
-Headers = list[tuple[str, bytes]]
 
 
 class _HeaderSetter(Setter[Headers]):
@@ -29,12 +29,12 @@ class _HeaderSetter(Setter[Headers]):
         carrier.append((key, value.encode("ascii", "replace")))
 
 
-class _HeaderGetter(Getter[Sequence[tuple[str, bytes | None]]]):
-    def get(self, carrier: Sequence[tuple[str, bytes | None]], key: str) -> list[str] | None:
-        values = [v.decode("ascii", "replace") for k, v in carrier if k == key and v is not None]
+class _HeaderGetter(Getter[Headers]):
+    def get(self, carrier: Headers, key: str) -> list[str] | None:
+        values = [v if isinstance(v, str) else v.decode("ascii", "replace") for k, v in carrier if k == key and v]
         return values or None
 
-    def keys(self, carrier: Sequence[tuple[str, bytes | None]]) -> list[str]:
+    def keys(self, carrier: Headers) -> list[str]:
         return [k for k, _ in carrier]
 
 
@@ -95,11 +95,11 @@ def process_span(
     partition: int,
     offset: int,
     group: str,
-    headers: Sequence[tuple[str, bytes | None]] | None,
+    headers: Headers | None,
 ) -> Iterator[Span]:
     """A CONSUMER span for processing one record, child of the producer's context from the headers."""
     parent = propagate.extract(list(headers or ()), getter=_GETTER)
-    attributes = {
+    attributes: dict[str, str | int] = {
         "messaging.system": "kafka",
         "messaging.operation.type": "process",
         "messaging.destination.name": topic,
