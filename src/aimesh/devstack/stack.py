@@ -1,0 +1,269 @@
+"""The whole mesh on loopback: Kafka, Triton, topics, then ingest, workers and notifier.
+
+Used by ``aimesh-stack up/down/demo`` (``make up``, ``make down``, ``make demo``) and by the integration
+tests, which start one stack per test session on free ports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from confluent_kafka.admin import AdminClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aimesh.settings import KafkaSettings
+
+from .kafka import KafkaBroker, create_topics, ensure_kafka_jars
+from .process import ManagedProcess, stop_pid
+from .triton import TritonServer
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class StackSettings(BaseSettings):
+    """Ports and sizes of the local stack (environment: ``AIMESH_STACK_`` + field name)."""
+
+    model_config = SettingsConfigDict(env_prefix="AIMESH_STACK_", frozen=True, extra="ignore")
+
+    run_dir: Path = Field(ROOT / ".run", description="Logs, Kafka data and the state file.")
+    cache_dir: Path = Field(ROOT / ".cache", description="Kafka jars.")
+    model_repository: Path = Field(ROOT / "models", description="Triton model repository.")
+    kafka_port: int = Field(9092, description="Kafka client listener.")
+    kafka_controller_port: int = Field(9093, description="Kafka KRaft controller listener.")
+    triton_grpc_port: int = Field(8001, description="Triton gRPC.")
+    triton_http_port: int = Field(8000, description="Triton HTTP.")
+    triton_metrics_port: int = Field(8002, description="Triton Prometheus metrics.")
+    ingest_port: int = Field(50051, description="Ingest gRPC.")
+    notifier_port: int = Field(50052, description="Notifier gRPC.")
+    workers: int = Field(2, ge=1, description="Worker processes.")
+    tasks_partitions: int = Field(6, ge=1, description="Partitions of the tasks topic.")
+    results_partitions: int = Field(6, ge=1, description="Partitions of the results topic.")
+    ready_timeout_s: float = Field(180.0, description="How long to wait for each part to be healthy.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StackState:
+    """What ``down`` needs to stop a stack that another process started."""
+
+    pids: dict[str, int] = field(default_factory=dict)
+    kafka_bootstrap: str = ""
+    triton_url: str = ""
+    ingest_address: str = ""
+    notifier_address: str = ""
+
+
+class Stack:
+    """Starts the parts in dependency order and waits for each to be healthy; ``stop`` reverses it."""
+
+    def __init__(self, settings: StackSettings, *, extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        # Topic names come from the same AIMESH_TASKS_TOPIC / AIMESH_RESULTS_TOPIC the services read.
+        self.topics = KafkaSettings()
+        self.log_dir = settings.run_dir / "logs"
+        self._extra_env = extra_env or {}
+        self.kafka: KafkaBroker | None = None
+        self.triton: TritonServer | None = None
+        self.services: dict[str, ManagedProcess] = {}
+
+    # --- addresses --------------------------------------------------------------------------------------
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.settings.kafka_port}"
+
+    @property
+    def triton_url(self) -> str:
+        return f"127.0.0.1:{self.settings.triton_grpc_port}"
+
+    @property
+    def ingest_address(self) -> str:
+        return f"127.0.0.1:{self.settings.ingest_port}"
+
+    @property
+    def notifier_address(self) -> str:
+        return f"127.0.0.1:{self.settings.notifier_port}"
+
+    def service_env(self) -> dict[str, str]:
+        """The environment every service process gets: the documented AIMESH_* variables."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "AIMESH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+                "AIMESH_TASKS_TOPIC": self.topics.tasks_topic,
+                "AIMESH_RESULTS_TOPIC": self.topics.results_topic,
+                "AIMESH_TRITON_URL": self.triton_url,
+                "AIMESH_INGEST_ADDRESS": self.ingest_address,
+                "AIMESH_NOTIFIER_ADDRESS": self.notifier_address,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self._extra_env)
+        return env
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    def start(self, *, say: Callable[[str], None] = lambda _: None) -> None:
+        s = self.settings
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        say("fetching Kafka jars (cached after the first run)")
+        lib_dir = ensure_kafka_jars(s.cache_dir / "kafka")
+        say(f"starting Kafka on {self.kafka_bootstrap}")
+        self.kafka = KafkaBroker(
+            data_dir=s.run_dir / "kafka",
+            port=s.kafka_port,
+            controller_port=s.kafka_controller_port,
+            lib_dir=lib_dir,
+            log_dir=self.log_dir / "kafka",
+        )
+        self.kafka.start()
+        say(f"starting Triton on {self.triton_url} with {s.model_repository}")
+        self.triton = TritonServer(
+            model_repository=s.model_repository,
+            grpc_port=s.triton_grpc_port,
+            http_port=s.triton_http_port,
+            metrics_port=s.triton_metrics_port,
+            log_dir=self.log_dir,
+        )
+        self.triton.start()
+        self.kafka.wait_ready(s.ready_timeout_s)
+        say("Kafka ready; creating topics")
+        create_topics(
+            self.kafka_bootstrap,
+            {self.topics.tasks_topic: s.tasks_partitions, self.topics.results_topic: s.results_partitions},
+        )
+        self.start_service("notifier", "aimesh.notifier")
+        self.start_service("ingest", "aimesh.ingest")
+        self.triton.wait_ready(s.ready_timeout_s)
+        say("Triton ready; starting workers")
+        for i in range(s.workers):
+            self.start_worker(i)
+        self.wait_grpc_healthy(self.ingest_address, "ingest")
+        self.wait_grpc_healthy(self.notifier_address, "notifier")
+        self.wait_workers(s.workers)
+        say(f"mesh ready in {time.monotonic() - t0:.1f}s (logs in {self.log_dir})")
+
+    def start_service(self, name: str, module: str, extra_env: dict[str, str] | None = None) -> ManagedProcess:
+        env = self.service_env()
+        env.update(extra_env or {})
+        process = ManagedProcess(name, [sys.executable, "-m", module], env=env, log_path=self.log_dir / f"{name}.log")
+        process.start()
+        self.services[name] = process
+        return process
+
+    def start_worker(self, index: int) -> ManagedProcess:
+        return self.start_service(f"worker-{index}", "aimesh.worker", {"AIMESH_WORKER_ID": f"worker-{index}"})
+
+    def wait_grpc_healthy(self, address: str, name: str) -> None:
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        process = self.services.get(name)
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if process is not None and not process.alive():
+                    raise RuntimeError(f"{name} exited with {process.returncode()}:\n{process.log_tail()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} at {address} not healthy in time")
+                time.sleep(0.2)
+
+    def wait_workers(self, count: int, group: str = "aimesh-workers") -> None:
+        """Wait until ``count`` members of the worker group hold assignments."""
+        admin = AdminClient({"bootstrap.servers": self.kafka_bootstrap})
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        while True:
+            for name, process in self.services.items():
+                if name.startswith("worker") and not process.alive():
+                    raise RuntimeError(f"{name} exited with {process.returncode()}:\n{process.log_tail()}")
+            described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            members = [m for m in described.members if m.assignment.topic_partitions]
+            if len(members) >= count and str(described.state).endswith("STABLE"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker group has {len(members)} of {count} members with partitions")
+            time.sleep(0.5)
+
+    def state(self) -> StackState:
+        pids = {name: p.pid for name, p in self.services.items() if p.pid}
+        if self.triton and self.triton.pid:
+            pids["triton"] = self.triton.pid
+        if self.kafka and self.kafka.pid:
+            pids["kafka"] = self.kafka.pid
+        return StackState(
+            pids=pids,
+            kafka_bootstrap=self.kafka_bootstrap,
+            triton_url=self.triton_url,
+            ingest_address=self.ingest_address,
+            notifier_address=self.notifier_address,
+        )
+
+    def stop(self) -> None:
+        """Services first (they drain into Kafka), then Triton, then Kafka. Idempotent."""
+        for process in self.services.values():
+            if process.alive():
+                process.stop(timeout_s=40)
+        if self.triton is not None:
+            self.triton.stop()
+        if self.kafka is not None:
+            self.kafka.stop()
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+STATE_FILE = "stack.json"
+
+
+def write_state(run_dir: Path, state: StackState) -> None:
+    (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+
+
+def read_state(run_dir: Path) -> StackState | None:
+    try:
+        return StackState(**json.loads((run_dir / STATE_FILE).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def stop_from_state(run_dir: Path, say: Callable[[str], None] = print) -> bool:
+    """Stop a stack started by another process (``make down``). Return False if none was recorded."""
+    state = read_state(run_dir)
+    if state is None:
+        return False
+    order = [n for n in state.pids if n not in ("triton", "kafka")] + ["triton", "kafka"]
+    for name in order:
+        pid = state.pids.get(name)
+        if pid is not None:
+            say(f"stopping {name} (pid {pid})" if stop_pid(pid, timeout_s=40) else f"{name} was not running")
+    (run_dir / STATE_FILE).unlink()
+    return True
