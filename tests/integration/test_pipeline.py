@@ -145,7 +145,9 @@ async def test_garbage_and_expired_records_do_not_block_the_partition(mesh: Stac
 async def test_restarted_notifier_rebuilds_results_from_kafka(mesh: Stack, client: MeshClient) -> None:
     task_id = await client.submit("sentiment", "Remember me after a restart.")
     assert (await client.result(task_id)).status == result_pb2.TASK_STATUS_SUCCEEDED
-    mesh.services["notifier"].stop()
+    notifier = mesh.services["notifier"]
+    notifier.stop()
+    assert notifier.returncode() == 0  # SIGTERM is a graceful stop, not a crash
     mesh.start_service("notifier", "aimesh.notifier")
     mesh.wait_grpc_healthy(mesh.notifier_address, "notifier")
     restarted = MeshClient(mesh.ingest_address, mesh.notifier_address)
@@ -194,4 +196,6 @@ async def test_ingest_answers_unavailable_in_bounded_time_without_a_broker(mesh:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert 1.5 < elapsed < 6.0
     finally:
-        mesh.services.pop("ingest-no-broker").stop()
+        lonely_ingest = mesh.services.pop("ingest-no-broker")
+        lonely_ingest.stop()
+    assert lonely_ingest.returncode() == 0
