@@ -1,17 +1,16 @@
-"""Shared test configuration: the generated protobuf package must exist (``make setup`` makes it)."""
+"""Shared test configuration, and the session-wide mesh the integration and end-to-end tests drive."""
 
 import importlib.util
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from aimesh.devstack.ports import free_ports
+from aimesh.devstack.stack import Stack, StackSettings
 
 if importlib.util.find_spec("aimesh.v1.task_pb2") is None:  # pragma: no cover - a setup problem
     raise RuntimeError("generated protobuf code is missing: run `make setup` (or `make proto`)")
-
-
-import os  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
-import pytest  # noqa: E402
-
-from aimesh.devstack.stack import Stack, StackSettings, free_port  # noqa: E402
 
 # Models ingest accepts in the test stack: the repository's four, plus one Triton does not serve, so the
 # worker's handling of a model that vanished from the repository is testable.
@@ -22,15 +21,16 @@ TEST_MODELS = "summarize,sentiment,embed,sleep,ghost"
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole mesh (real Kafka, real Triton, ingest, two workers, notifier) on free ports, once per session."""
     run_dir = tmp_path_factory.mktemp("mesh")
+    kafka, controller, triton_grpc, triton_http, triton_metrics, ingest, notifier = free_ports(7)
     settings = StackSettings(
         run_dir=run_dir,
-        kafka_port=free_port(),
-        kafka_controller_port=free_port(),
-        triton_grpc_port=free_port(),
-        triton_http_port=free_port(),
-        triton_metrics_port=free_port(),
-        ingest_port=free_port(),
-        notifier_port=free_port(),
+        kafka_port=kafka,
+        kafka_controller_port=controller,
+        triton_grpc_port=triton_grpc,
+        triton_http_port=triton_http,
+        triton_metrics_port=triton_metrics,
+        ingest_port=ingest,
+        notifier_port=notifier,
         workers=2,
         tasks_partitions=4,
         results_partitions=4,

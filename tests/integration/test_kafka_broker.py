@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -11,24 +10,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from aimesh.devstack.kafka import KafkaBroker, create_topics, ensure_kafka_jars
+from aimesh.devstack.ports import free_ports
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOPIC = "broker-smoke"
 RECORDS = {f"key-{i}".encode(): f"value-{i}".encode() for i in range(10)}
-
-
-def _free_ports(count: int) -> list[int]:
-    # All sockets stay open until every port is picked, so the ports are distinct.
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _produce(bootstrap: str) -> None:
@@ -76,7 +64,7 @@ def _consume_all(bootstrap: str, timeout_s: float = 30.0) -> dict[bytes, bytes]:
 
 def test_records_survive_restart_and_kill(tmp_path: Path) -> None:
     lib_dir = ensure_kafka_jars(REPO_ROOT / ".cache")
-    port, controller_port = _free_ports(2)
+    port, controller_port = free_ports(2)
     broker = KafkaBroker(
         data_dir=tmp_path / "data",
         port=port,

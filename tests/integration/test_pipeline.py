@@ -15,7 +15,8 @@ from confluent_kafka import Producer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aimesh import events
-from aimesh.devstack.stack import Stack, free_port
+from aimesh.devstack.ports import free_ports
+from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2
 
 from .mesh_client import MeshClient, tensor, terminal_results_by_task
@@ -174,8 +175,8 @@ async def test_worker_sigterm_drains_in_flight_tasks(mesh: Stack, client: MeshCl
 
 
 async def test_ingest_answers_unavailable_in_bounded_time_without_a_broker(mesh: Stack) -> None:
-    port = free_port()
-    dead_broker = f"127.0.0.1:{free_port()}"
+    port, nobody = free_ports(2)
+    dead_broker = f"127.0.0.1:{nobody}"
     mesh.start_service(
         "ingest-no-broker",
         "aimesh.ingest",

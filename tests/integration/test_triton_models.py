@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +17,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from aimesh.devstack.ports import free_ports
 from aimesh.devstack.triton import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -35,21 +35,9 @@ DOCUMENT = (
 )
 
 
-def _free_ports(count: int) -> list[int]:
-    # All sockets stay open until every port is picked, so the ports are distinct.
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    grpc_port, http_port, metrics_port = _free_ports(3)
+    grpc_port, http_port, metrics_port = free_ports(3)
     server = TritonServer(
         model_repository=REPO_ROOT / "models",
         grpc_port=grpc_port,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
+from aimesh.devstack.ports import free_ports
 from aimesh.devstack.triton import TritonServer, TritonServerError
 
 pytestmark = pytest.mark.integration
@@ -28,18 +28,6 @@ class TritonPythonModel:
 """
 
 
-def _free_ports(count: int) -> list[int]:
-    # All sockets stay open until every port is picked, so the ports are distinct.
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _repository(root: Path, model_py: str) -> Path:
     version = root / "models" / "echo" / "1"
     version.mkdir(parents=True)
@@ -49,7 +37,7 @@ def _repository(root: Path, model_py: str) -> Path:
 
 
 def _server(tmp_path: Path, repository: Path) -> TritonServer:
-    grpc_port, http_port, metrics_port = _free_ports(3)
+    grpc_port, http_port, metrics_port = free_ports(3)
     return TritonServer(
         model_repository=repository,
         grpc_port=grpc_port,

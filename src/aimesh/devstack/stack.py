@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -52,12 +51,6 @@ class StackSettings(BaseSettings):
     tasks_partitions: int = Field(6, ge=1, description="Partitions of the tasks topic.")
     results_partitions: int = Field(6, ge=1, description="Partitions of the results topic.")
     ready_timeout_s: float = Field(180.0, description="How long to wait for each part to be healthy.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
