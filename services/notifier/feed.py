@@ -19,7 +19,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Topic
 
 from aimesh import events
 from aimesh.errors import UndecodableRecord
-from aimesh.kafka import Record
+from aimesh.kafka import Record, fetch
 from aimesh.v1 import result_pb2, task_pb2
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Feed:
             started = time.monotonic()
             log.info("reading %d partitions from %.0fs of history", len(partitions), self._history_s)
             while not self._stopping.is_set():
-                batch = consumer.consume(500, 0.1)
+                batch = fetch(consumer, 500, 0.1)
                 decoded = [e for e in map(self._decode, batch) if e is not None]
                 if decoded:
                     self._loop.call_soon_threadsafe(self._deliver, decoded)

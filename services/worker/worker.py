@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from aimesh import events, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
-from aimesh.kafka import AsyncProducer, Record
+from aimesh.kafka import AsyncProducer, Record, fetch
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
@@ -111,7 +111,7 @@ class Worker:
         else:
             if self._paused:
                 await self._kafka(self._set_paused, False)
-            messages = await self._kafka(self._consumer.consume, min(capacity, MAX_FETCH_BATCH), POLL_TIMEOUT_S)
+            messages = await self._kafka(fetch, self._consumer, min(capacity, MAX_FETCH_BATCH), POLL_TIMEOUT_S)
         for message in messages:
             if message.error():
                 log.warning("consumer error: %s", message.error())

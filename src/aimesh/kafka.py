@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from aimesh.errors import BrokerUnavailable
 
@@ -33,6 +33,8 @@ def producer_config(bootstrap: str, *, client_id: str, delivery_timeout_s: float
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
+        # Small records: Nagle's algorithm would hold them back for the peer's delayed ACK.
+        "socket.nagle.disable": True,
         "compression.type": "lz4",
         "message.timeout.ms": max(1, int(delivery_timeout_s * 1000)),
         "socket.connection.setup.timeout.ms": max(1000, int(delivery_timeout_s * 1000)),
@@ -153,6 +155,22 @@ class Record:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
+def fetch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """Up to ``max_messages`` records, returning as soon as one is there (or after ``timeout_s``).
+
+    ``Consumer.consume(n, timeout)`` waits for all ``n`` records or the whole timeout, which adds the
+    timeout to every record's latency at light load; ``poll`` returns on the first record, and a
+    non-blocking ``consume`` then takes whatever else is already fetched.
+    """
+    messages = consumer.consume(max_messages, 0)
+    if messages or max_messages <= 0:
+        return messages
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+
+
 def consumer_config(
     bootstrap: str, *, group_id: str, client_id: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -173,6 +191,7 @@ def consumer_config(
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 300_000,
+        "socket.nagle.disable": True,
     }
     config.update(extra or {})
     return config
