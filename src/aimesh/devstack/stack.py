@@ -213,8 +213,9 @@ class Stack:
         )
 
     def stop(self) -> None:
-        """Services first (they drain into Kafka), then Triton, then Kafka. Idempotent."""
-        for process in self.services.values():
+        """Ingest, workers, notifier (each drains into Kafka), then Triton, then Kafka. Idempotent."""
+        for name in sorted(self.services, key=_stop_rank):
+            process = self.services[name]
             if process.alive():
                 process.stop(timeout_s=40)
         if self.triton is not None:
@@ -232,6 +233,14 @@ class Stack:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _stop_rank(name: str) -> int:
+    """Stop order: what produces work first, what serves everyone last."""
+    for rank, prefix in enumerate(("ingest", "worker", "notifier", "triton", "kafka")):
+        if name.startswith(prefix):
+            return rank
+    return 0
 
 
 STATE_FILE = "stack.json"
@@ -253,7 +262,7 @@ def stop_from_state(run_dir: Path, say: Callable[[str], None] = print) -> bool:
     state = read_state(run_dir)
     if state is None:
         return False
-    order = [n for n in state.pids if n not in ("triton", "kafka")] + ["triton", "kafka"]
+    order = sorted(state.pids, key=_stop_rank)
     for name in order:
         pid = state.pids.get(name)
         if pid is not None:
