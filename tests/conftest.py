@@ -5,6 +5,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from integration.otlp_receiver import OtlpReceiver  # tests/ is on sys.path: conftest.py lives there
 
 from aimesh.devstack.ports import free_ports
 from aimesh.devstack.stack import Stack, StackSettings
@@ -18,8 +19,17 @@ TEST_MODELS = "summarize,sentiment,embed,sleep,ghost"
 
 
 @pytest.fixture(scope="session")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The whole mesh (real Kafka, real Triton, ingest, two workers, notifier) on free ports, once per session."""
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
+    """The whole mesh (real Kafka, real Triton, ingest, two workers, notifier) on free ports, once per session,
+    exporting traces to a receiver the tests own."""
     run_dir = tmp_path_factory.mktemp("mesh")
     kafka, controller, triton_grpc, triton_http, triton_metrics, ingest, notifier = free_ports(7)
     settings = StackSettings(
@@ -35,7 +45,22 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         tasks_partitions=4,
         results_partitions=4,
     )
-    stack = Stack(settings, extra_env={"AIMESH_MODELS": TEST_MODELS, "AIMESH_LOG_LEVEL": "INFO"})
+    tracing_env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    stack = Stack(
+        settings,
+        extra_env={
+            "AIMESH_MODELS": TEST_MODELS,
+            "AIMESH_LOG_LEVEL": "INFO",
+            "AIMESH_LOG_FORMAT": "json",
+            **tracing_env,
+        },
+    )
     try:
         stack.start()
     except BaseException:

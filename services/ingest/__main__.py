@@ -41,6 +41,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
             settings.ingest_address,
             [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
             max_message_bytes=max_message,
+            interceptors=tracing.server_interceptors(),
         )
         server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
         await server.start()
@@ -51,13 +52,16 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = IngestSettings()
-    runtime.configure_logging("ingest", settings.log_level)
+    runtime.configure_logging("ingest", settings.log_level, settings.log_format)
     tracing.configure("aimesh-ingest")
 
     async def run() -> None:
         await serve(settings, runtime.stop_event_on_signals())
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        tracing.shutdown()  # export what is still buffered
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.rpc import code_pb2
 
-from aimesh import events, tracing
+from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, DeadlinePassed, InvalidTask, UnknownModel
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.kafka import AsyncProducer
@@ -117,6 +117,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     async def _publish(self, request: ingest_pb2.SubmitTaskRequest) -> Accepted:
         task_id = str(uuid.uuid4())
+        runtime.task_id_var.set(task_id)  # this coroutine runs as its own asyncio task (gather)
         event = task_pb2.AITaskEvent(
             schema_version=events.SCHEMA_VERSION,
             task_id=task_id,

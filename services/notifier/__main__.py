@@ -15,7 +15,7 @@ from aimesh.kafka import consumer_config
 from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
-from .feed import Event, Feed
+from .feed import Decoded, Feed
 from .service import NotifierServicer
 from .store import TaskStore
 
@@ -25,12 +25,12 @@ log = logging.getLogger("aimesh.notifier")
 async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     store = TaskStore(settings.retention_s)
 
-    def deliver(batch: list[Event]) -> None:
-        for event in batch:
-            if isinstance(event, result_pb2.AIResultEvent):
-                store.apply_result(event)
+    def deliver(batch: list[Decoded]) -> None:
+        for decoded in batch:
+            if isinstance(decoded.event, result_pb2.AIResultEvent):
+                store.apply_result(decoded.event, decoded.trace)
             else:
-                store.apply_task(event)
+                store.apply_task(decoded.event)
 
     group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
     feed = Feed(
@@ -42,7 +42,9 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         loop=asyncio.get_running_loop(),
     )
     server = GrpcServer(
-        settings.notifier_address, [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name]
+        settings.notifier_address,
+        [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name],
+        interceptors=tracing.server_interceptors(),
     )
     server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, NotifierServicer(store, ready=feed.caught_up))
     feed.start()
@@ -87,13 +89,16 @@ async def _sweep(store: TaskStore, retention_s: float) -> None:
 
 def main() -> None:
     settings = NotifierSettings()
-    runtime.configure_logging("notifier", settings.log_level)
+    runtime.configure_logging("notifier", settings.log_level, settings.log_format)
     tracing.configure("aimesh-notifier")
 
     async def run() -> None:
         await serve(settings, runtime.stop_event_on_signals())
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        tracing.shutdown()  # export what is still buffered
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
+from opentelemetry.trace import SpanContext
 
-from aimesh import events
+from aimesh import events, tracing
 from aimesh.errors import UndecodableRecord
 from aimesh.kafka import Record, fetch
 from aimesh.v1 import result_pb2, task_pb2
@@ -25,6 +27,14 @@ from aimesh.v1 import result_pb2, task_pb2
 log = logging.getLogger(__name__)
 
 Event = task_pb2.AITaskEvent | result_pb2.AIResultEvent
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A record read from Kafka; ``trace`` is the context of the span that processed a result record."""
+
+    event: Event
+    trace: SpanContext | None = None
 
 CATCH_UP_LIMIT_S = 60.0
 
@@ -41,10 +51,11 @@ class Feed:
         tasks_topic: str,
         results_topic: str,
         history_s: float,
-        deliver: Callable[[list[Event]], None],
+        deliver: Callable[[list[Decoded]], None],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._config = consumer_config
+        self._group = str(consumer_config["group.id"])
         self._tasks_topic = tasks_topic
         self._results_topic = results_topic
         self._history_s = history_s
@@ -129,15 +140,23 @@ class Feed:
             return False
         return all(p.offset >= targets[(p.topic, p.partition)] for p in positions)
 
-    def _decode(self, message: Message) -> Event | None:
+    def _decode(self, message: Message) -> Decoded | None:
         if message.error():
             log.warning("feed consumer error: %s", message.error())
             return None
         record = Record.of(message)
         try:
             if record.topic == self._tasks_topic:
-                return events.decode_task(record.value)
-            return events.decode_result(record.value)
+                return Decoded(events.decode_task(record.value))
+            with tracing.process_span(
+                record.topic,
+                key=(record.key or b"").decode("utf-8", "replace"),
+                partition=record.partition,
+                offset=record.offset,
+                group=self._group,
+                headers=record.headers,
+            ):
+                return Decoded(events.decode_result(record.value), tracing.current_span_context())
         except UndecodableRecord as e:
             log.warning("skipping undecodable record %s: %s", record.where(), e)
             return None

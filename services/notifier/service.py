@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 from google.rpc import code_pb2
 
-from aimesh import events
+from aimesh import events, tracing
 from aimesh.errors import InvalidTask
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
-from aimesh.v1 import notifier_pb2, notifier_pb2_grpc
+from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
 from .store import TaskStore
 
@@ -51,8 +51,11 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         queue = self._store.watch(request.task_id)
         try:
             while True:
-                state = await queue.get()
-                yield notifier_pb2.WatchTaskResponse(state=state)
+                update = await queue.get()
+                state = update.state
+                status = result_pb2.TaskStatus.Name(state.status)
+                with tracing.deliver_span(request.task_id, update.trace, status=status):
+                    yield notifier_pb2.WatchTaskResponse(state=state)
                 if events.is_terminal(state.status):
                     return
         finally:

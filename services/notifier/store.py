@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry.trace import SpanContext
 
 from aimesh import events
 from aimesh.v1 import notifier_pb2, result_pb2, task_pb2
@@ -30,11 +31,21 @@ def _rank(status: int) -> int:
     return 3 if events.is_terminal(status) else _RANK.get(status, 0)
 
 
+@dataclass(frozen=True)
+class Update:
+    """One change of a task, as a watcher receives it: the new state and the trace it belongs to."""
+
+    state: notifier_pb2.TaskState
+    trace: SpanContext | None = None
+
+
 @dataclass
 class _Record:
     state: notifier_pb2.TaskState
     touched_s: float
-    watchers: set[asyncio.Queue[notifier_pb2.TaskState]] = field(default_factory=set)
+    watchers: set[asyncio.Queue[Update]] = field(default_factory=set)
+    # The span that read the task's latest result: deliveries to subscribers continue its trace.
+    trace: SpanContext | None = None
 
     @property
     def known(self) -> bool:
@@ -63,24 +74,25 @@ class TaskStore:
         if state.status == result_pb2.TASK_STATUS_UNSPECIFIED:
             self._change(record, result_pb2.TASK_STATUS_QUEUED, task.submitted_at, None)
 
-    def apply_result(self, result: result_pb2.AIResultEvent) -> None:
+    def apply_result(self, result: result_pb2.AIResultEvent, trace: SpanContext | None = None) -> None:
         record = self._record(result.task_id)
         if _rank(result.status) <= _rank(record.state.status):
             return
         if not record.state.model_name:
             record.state.model_name = result.model_name
+        record.trace = trace
         self._change(record, result.status, result.produced_at, result)
 
-    def watch(self, task_id: str) -> asyncio.Queue[notifier_pb2.TaskState]:
+    def watch(self, task_id: str) -> asyncio.Queue[Update]:
         """A queue that receives the task's current state (if known) and every later change."""
         record = self._record(task_id)
-        queue: asyncio.Queue[notifier_pb2.TaskState] = asyncio.Queue()
+        queue: asyncio.Queue[Update] = asyncio.Queue()
         if record.known:
-            queue.put_nowait(_copy(record.state))
+            queue.put_nowait(Update(_copy(record.state), record.trace))
         record.watchers.add(queue)
         return queue
 
-    def unwatch(self, task_id: str, queue: asyncio.Queue[notifier_pb2.TaskState]) -> None:
+    def unwatch(self, task_id: str, queue: asyncio.Queue[Update]) -> None:
         record = self._records.get(task_id)
         if record is None:
             return
@@ -117,7 +129,7 @@ class TaskStore:
             state.result.CopyFrom(result)
         record.touched_s = self._clock()
         for queue in record.watchers:
-            queue.put_nowait(_copy(state))
+            queue.put_nowait(Update(_copy(state), record.trace))
 
 
 def _copy(state: notifier_pb2.TaskState) -> notifier_pb2.TaskState:

@@ -48,13 +48,16 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
 
 def main() -> None:
     settings = WorkerSettings()
-    runtime.configure_logging("worker", settings.log_level)
+    runtime.configure_logging("worker", settings.log_level, settings.log_format)
     tracing.configure("aimesh-worker")
 
     async def run() -> None:
         await serve(settings, runtime.stop_event_on_signals())
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        tracing.shutdown()  # export what is still buffered
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from aimesh import tracing
 from aimesh.errors import AimeshError
 from aimesh.v1 import result_pb2
 
@@ -83,11 +84,11 @@ class TritonInference:
     """Async client of one Triton server. Use as ``async with TritonInference(url) as triton``."""
 
     def __init__(self, url: str) -> None:
-        self._url = url
+        self.url = url
         self._client: triton_aio.InferenceServerClient | None = None
 
     async def __aenter__(self) -> TritonInference:
-        self._client = triton_aio.InferenceServerClient(self._url)
+        self._client = triton_aio.InferenceServerClient(self.url)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -124,6 +125,7 @@ class TritonInference:
                 model_version=model_version,
                 parameters=dict(parameters or {}),
                 client_timeout=timeout_s,
+                headers=tracing.grpc_metadata(),
             )
         except InferenceServerException as e:
             raise _classify(e) from e

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from aimesh import events, tracing
+from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
 from aimesh.kafka import AsyncProducer, Record, fetch
 from aimesh.retry import RetryPolicy
@@ -141,8 +141,19 @@ class Worker:
         try:
             task = events.decode_task(record.value)
         except UndecodableRecord as e:
-            log.error("skipping undecodable record %s: %s", record.where(), e)
+            key = (record.key or b"").decode("utf-8", "replace")
+            with tracing.process_span(
+                record.topic,
+                key=key,
+                partition=record.partition,
+                offset=record.offset,
+                group=self._group,
+                headers=record.headers,
+            ):
+                tracing.fail(f"undecodable record skipped: {e}")
+                log.error("skipping undecodable record %s: %s", record.where(), e)
             return
+        runtime.task_id_var.set(task.task_id)
         with tracing.process_span(
             record.topic,
             key=task.task_id,
@@ -172,6 +183,7 @@ class Worker:
                     message="the task's deadline passed before a worker reached it",
                 )
             )
+            tracing.fail("expired: the deadline passed before a worker reached the task")
             return self._finish(result, task, started, started)
         if task.input.WhichOneof("kind") != "text":
             result.status = result_pb2.TASK_STATUS_FAILED
@@ -180,6 +192,7 @@ class Worker:
                     code=result_pb2.ERROR_CODE_BAD_TASK, message="the task has no input this worker can serve"
                 )
             )
+            tracing.fail(result.error.message)
             return self._finish(result, task, started, started)
 
         self._announce_running(task)
@@ -187,7 +200,12 @@ class Worker:
             async for attempt in self._triton_retry.retrying(
                 budget_s=None if deadline is None else max(0.0, deadline - started)
             ):
-                with attempt:
+                with (
+                    attempt,
+                    tracing.infer_span(
+                        task.model_name, server_address=self._triton.url, batch_items=1, task_id=task.task_id
+                    ),
+                ):
                     inference = await self._triton.infer_text(
                         task.model_name,
                         task.input.text,
@@ -198,10 +216,14 @@ class Worker:
         except InferenceFailed as e:
             result.status = result_pb2.TASK_STATUS_FAILED
             result.error.CopyFrom(e.to_proto())
+            tracing.fail(
+                str(e), {"aimesh.error.code": result_pb2.ErrorCode.Name(e.code), "aimesh.error.retryable": e.retryable}
+            )
         except Exception as e:
             # A bug or an error type the adapter does not know: the client still gets an answer, and the
             # task's offset is not left uncommitted forever.
             log.exception("task %s failed unexpectedly", task.task_id)
+            tracing.fail(f"internal error: {e!r}")
             result.status = result_pb2.TASK_STATUS_FAILED
             result.error.CopyFrom(
                 result_pb2.TaskError(code=result_pb2.ERROR_CODE_INTERNAL, message=f"internal error: {e!r}")
@@ -232,13 +254,12 @@ class Worker:
             worker_id=self._worker_id,
             produced_at=events.now_timestamp(),
         )
+        headers = events.result_headers()
         try:
-            future = self._producer.produce_nowait(
-                self._results_topic,
-                key=task.task_id,
-                value=running.SerializeToString(),
-                headers=events.result_headers(),
-            )
+            with tracing.send_span(self._results_topic, task.task_id, headers):
+                future = self._producer.produce_nowait(
+                    self._results_topic, key=task.task_id, value=running.SerializeToString(), headers=headers
+                )
         except BrokerUnavailable as e:
             log.debug("RUNNING update for %s not queued: %s", task.task_id, e)
             return

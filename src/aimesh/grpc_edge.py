@@ -4,7 +4,7 @@ stop, and the mapping of domain errors to rich gRPC statuses."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -29,10 +29,18 @@ class GrpcServer:
     in-flight calls finish within the grace period and is safe to call twice.
     """
 
-    def __init__(self, address: str, service_names: Iterable[str], *, max_message_bytes: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        address: str,
+        service_names: Iterable[str],
+        *,
+        max_message_bytes: int = 4 << 20,
+        interceptors: Sequence[Any] = (),
+    ) -> None:
         self._address = address
         self._service_names = list(service_names)
         self.server = grpc.aio.server(
+            interceptors=list(interceptors),
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     before_sleep_log,
     retry_if_exception,
     stop_after_delay,
@@ -14,9 +15,26 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from aimesh import tracing
 from aimesh.errors import AimeshError
 
 log = logging.getLogger(__name__)
+
+
+_log_retry = before_sleep_log(log, logging.WARNING)
+
+
+def _before_sleep(state: RetryCallState) -> None:
+    _log_retry(state)
+    error = state.outcome.exception() if state.outcome else None
+    tracing.event(
+        "retry",
+        {
+            "retry.attempt": state.attempt_number,
+            "retry.wait_s": state.upcoming_sleep,
+            "exception.message": str(error) if error else "",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,6 @@ class RetryPolicy:
             retry=retry_if_exception(lambda e: isinstance(e, AimeshError) and e.retryable),
             wait=wait_exponential_jitter(initial=self.initial_s, exp_base=self.multiplier, max=self.max_s),
             stop=stop_after_delay(min(budgets)) if budgets else stop_never,
-            before_sleep=before_sleep_log(log, logging.WARNING),
+            before_sleep=_before_sleep,
             reraise=True,
         )

@@ -6,15 +6,60 @@ import asyncio
 import logging
 import signal
 import sys
+from contextvars import ContextVar
+
+from pythonjsonlogger.json import JsonFormatter
+
+from aimesh import tracing
+
+# The task a log line is about. Each asyncio task runs in its own copy of the context, so setting it while
+# handling one task never leaks into another.
+task_id_var: ContextVar[str | None] = ContextVar("aimesh_task_id", default=None)
 
 
-def configure_logging(service: str, level: str) -> None:
-    """One log line per event on stderr, tagged with the service name."""
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-    )
+class _ContextFilter(logging.Filter):
+    """Adds the service name, the current task id and the current trace and span ids to every record."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service = self._service
+        record.task_id = task_id_var.get()
+        ids = tracing.trace_ids()
+        record.trace_id, record.span_id = ids if ids else (None, None)
+        return True
+
+
+class _TextFormatter(logging.Formatter):
+    """The terminal form: one readable line, with the task id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        task_id = getattr(record, "task_id", None)
+        return f"{line} [task {task_id}]" if task_id else line
+
+
+def configure_logging(service: str, level: str, log_format: str = "auto") -> None:
+    """Log to stderr: JSON objects, one per line (``json``), or readable text (``text``); ``auto`` picks text
+    on a terminal and JSON otherwise. Lines never carry task payloads (inputs may be private)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ContextFilter(service))
+    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    if as_json:
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{service}{name}{message}{task_id}{trace_id}{span_id}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def stop_event_on_signals() -> asyncio.Event:

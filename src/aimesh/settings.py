@@ -21,6 +21,9 @@ class KafkaSettings(BaseSettings):
     tasks_topic: str = Field("aimesh.tasks", description="Topic that carries AITaskEvent records.")
     results_topic: str = Field("aimesh.results", description="Topic that carries AIResultEvent records.")
     log_level: str = Field("INFO", description="Python log level for the service.")
+    log_format: str = Field(
+        "auto", pattern="^(auto|json|text)$", description="json, text, or auto (text on a terminal, else JSON)."
+    )
 
 
 class IngestSettings(KafkaSettings):

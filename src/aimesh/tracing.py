@@ -1,8 +1,9 @@
 """OpenTelemetry across the Kafka hops: W3C trace context travels in record headers, and each hop opens a
 messaging span named by the OpenTelemetry messaging conventions (``send <topic>``, ``process <topic>``).
 
-Without a configured SDK the OpenTelemetry API is a no-op, so tracing off costs next to nothing.
-Telemetry never raises into the data path: propagation problems only lose the trace link.
+``configure`` installs the SDK from the standard ``OTEL_*`` environment variables. Without an exporter the
+OpenTelemetry API stays a no-op, so tracing off costs next to nothing. Telemetry never raises into the
+data path: a propagation problem only loses the trace link.
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter, Setter
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 
 from aimesh.kafka import Headers
 
 log = logging.getLogger(__name__)
 
 _TRACER_NAME = "aimesh"
+TASK_ID = "aimesh.task_id"
+
+_provider: Any = None
 
 
 class _HeaderSetter(Setter[Headers]):
@@ -42,49 +47,115 @@ _SETTER = _HeaderSetter()
 _GETTER = _HeaderGetter()
 
 
-def configure(service_name: str) -> None:
-    """Install the SDK tracer provider when the standard ``OTEL_TRACES_EXPORTER`` asks for an exporter.
+def _exporter_names() -> list[str]:
+    """``OTEL_TRACES_EXPORTER`` as a list; unset means OTLP when an OTLP endpoint is configured, else none."""
+    raw = os.environ.get("OTEL_TRACES_EXPORTER")
+    if raw is None:
+        configured = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        return ["otlp"] if configured else []
+    return [name.strip() for name in raw.split(",") if name.strip() and name.strip() != "none"]
 
-    ``console`` prints spans to stdout; anything else is left to the OpenTelemetry distro the operator
-    installs. Unset (the default) keeps the no-op API.
+
+def configure(service_name: str) -> bool:
+    """Install the SDK tracer provider if the environment asks for an exporter; return whether it did.
+
+    Honoured: ``OTEL_SDK_DISABLED``, ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``, ``none``),
+    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` / ``_PROTOCOL`` (``grpc`` or ``http/protobuf``, the default),
+    ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER[_ARG]``, ``OTEL_BSP_*``.
     """
-    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "none")
-    if exporter_name in ("", "none"):
-        return
+    global _provider
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    names = _exporter_names()
+    if not names:
+        return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
-    if exporter_name == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    else:
-        log.warning("OTEL_TRACES_EXPORTER=%s is not built in; spans are not exported", exporter_name)
+    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name})
+    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    for name in names:
+        exporter: SpanExporter
+        if name == "console":
+            exporter = ConsoleSpanExporter()
+        elif name == "otlp":
+            exporter = _otlp_exporter()
+        else:
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported; use otlp, console or none", name)
+            continue
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    _provider = provider
+    return True
+
+
+def _otlp_exporter() -> Any:
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter()
+
+
+def shutdown() -> None:
+    """Export what is buffered and stop the exporters (at process exit)."""
+    global _provider
+    if _provider is not None:
+        _provider.shutdown()
+        _provider = None
+
+
+def enabled() -> bool:
+    return _provider is not None
+
+
+def server_interceptors() -> list[Any]:
+    """gRPC aio server interceptors that open a SERVER span per call (none when tracing is off).
+
+    Health checks and reflection are left out: they would bury the task spans.
+    """
+    if not enabled():
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    quiet = filters.any_of(
+        filters.service_name("grpc.health.v1.Health"),
+        filters.service_prefix("grpc.reflection."),
+    )
+    return [aio_server_interceptor(filter_=filters.negate(quiet))]  # type: ignore[no-untyped-call]
 
 
 def _tracer() -> trace.Tracer:
     return trace.get_tracer(_TRACER_NAME)
 
 
-def _messaging_attributes(topic: str, key: str) -> dict[str, str]:
-    return {
-        "messaging.system": "kafka",
-        "messaging.operation.type": "send",
-        "messaging.destination.name": topic,
-        "messaging.kafka.message.key": key,
-    }
-
-
 @contextmanager
 def send_span(topic: str, key: str, headers: Headers) -> Iterator[Span]:
     """A PRODUCER span around publishing one record; its context is injected into ``headers``."""
-    with _tracer().start_as_current_span(
-        f"send {topic}", kind=SpanKind.PRODUCER, attributes=_messaging_attributes(topic, key)
-    ) as span:
+    attributes = {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": topic,
+        "messaging.kafka.message.key": key,
+        TASK_ID: key,
+    }
+    with _tracer().start_as_current_span(f"send {topic}", kind=SpanKind.PRODUCER, attributes=attributes) as span:
         propagate.inject(headers, setter=_SETTER)
         yield span
+
+
+def context_from(headers: Headers | None) -> otel_context.Context:
+    """The trace context a producer put into a record's headers (an empty context if none)."""
+    return propagate.extract(list(headers or ()), getter=_GETTER)
 
 
 @contextmanager
@@ -98,19 +169,86 @@ def process_span(
     headers: Headers | None,
 ) -> Iterator[Span]:
     """A CONSUMER span for processing one record, child of the producer's context from the headers."""
-    parent = propagate.extract(list(headers or ()), getter=_GETTER)
     attributes: dict[str, str | int] = {
         "messaging.system": "kafka",
         "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
         "messaging.destination.name": topic,
         "messaging.destination.partition.id": str(partition),
         "messaging.kafka.offset": offset,
         "messaging.consumer.group.name": group,
         "messaging.kafka.message.key": key,
+        TASK_ID: key,
     }
-    token = otel_context.attach(parent)
+    token = otel_context.attach(context_from(headers))
     try:
-        with _tracer().start_as_current_span(f"process {topic}", kind=SpanKind.CONSUMER, attributes=attributes) as span:
+        with _tracer().start_as_current_span(
+            f"process {topic}", kind=SpanKind.CONSUMER, attributes=attributes
+        ) as span:
             yield span
     finally:
         otel_context.detach(token)
+
+
+@contextmanager
+def infer_span(model: str, *, server_address: str, batch_items: int, task_id: str) -> Iterator[Span]:
+    """A CLIENT span for one Triton inference call."""
+    host, _, port = server_address.rpartition(":")
+    attributes: dict[str, str | int] = {
+        "rpc.system": "grpc",
+        "rpc.service": "inference.GRPCInferenceService",
+        "rpc.method": "ModelInfer",
+        "server.address": host or server_address,
+        "aimesh.model.name": model,
+        "aimesh.inference.batch_items": batch_items,
+        TASK_ID: task_id,
+    }
+    if port.isdigit():
+        attributes["server.port"] = int(port)
+    with _tracer().start_as_current_span(f"infer {model}", kind=SpanKind.CLIENT, attributes=attributes) as span:
+        yield span
+
+
+@contextmanager
+def deliver_span(task_id: str, parent: SpanContext | None, *, status: str) -> Iterator[Span]:
+    """The notifier handing one update to one subscriber: a child of the span that read the result, linked
+    to the subscriber's own call (the current span)."""
+    watcher = trace.get_current_span().get_span_context()
+    links = [Link(watcher)] if watcher.is_valid else []
+    context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent and parent.is_valid else None
+    attributes = {TASK_ID: task_id, "aimesh.task.status": status}
+    with _tracer().start_as_current_span(
+        "deliver update", context=context, kind=SpanKind.INTERNAL, links=links, attributes=attributes
+    ) as span:
+        yield span
+
+
+def current_span_context() -> SpanContext:
+    return trace.get_current_span().get_span_context()
+
+
+def event(name: str, attributes: dict[str, str | int | float | bool] | None = None) -> None:
+    """Add an event to the current span (retries, dead letters, expiry)."""
+    trace.get_current_span().add_event(name, attributes or {})
+
+
+def fail(description: str, attributes: dict[str, str | int | float | bool] | None = None) -> None:
+    """Mark the current span as failed, with an event saying why, so a failed task's trace explains itself."""
+    span = trace.get_current_span()
+    span.add_event("task.failed", {"reason": description, **(attributes or {})})
+    span.set_status(Status(StatusCode.ERROR, description))
+
+
+def trace_ids() -> tuple[str, str] | None:
+    """The current (trace id, span id) in hex, for log lines; None outside a recorded span."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
+def grpc_metadata() -> dict[str, str]:
+    """The current trace context as gRPC metadata, for calls made through clients we cannot intercept."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier

@@ -30,10 +30,10 @@ async def test_watchers_see_each_change_in_order_and_late_watchers_get_the_resul
     store.apply_task(task())
     store.apply_result(result(result_pb2.TASK_STATUS_RUNNING))
     store.apply_result(result(result_pb2.TASK_STATUS_SUCCEEDED))
-    seen = [queue.get_nowait().status for _ in range(queue.qsize())]
+    seen = [queue.get_nowait().state.status for _ in range(queue.qsize())]
     assert seen == [result_pb2.TASK_STATUS_QUEUED, result_pb2.TASK_STATUS_RUNNING, result_pb2.TASK_STATUS_SUCCEEDED]
     late = store.watch(TASK_ID)
-    assert late.get_nowait().status == result_pb2.TASK_STATUS_SUCCEEDED
+    assert late.get_nowait().state.status == result_pb2.TASK_STATUS_SUCCEEDED
 
 
 async def test_first_terminal_result_wins_and_states_never_go_backwards() -> None:
