@@ -52,10 +52,14 @@ test-unit: setup
 	$(PY) -m pytest tests/unit
 
 lint: setup
-	$(VENV)/bin/ruff check src services tests scripts models
+	$(VENV)/bin/ruff check src services tests scripts models benchmarks
 	$(VENV)/bin/mypy src/aimesh services
 	$(VENV)/bin/buf lint
 	bash scripts/buf_breaking.sh
+
+# Benchmarks: ratios measured in one run; results go to docs/benchmarks.md.
+bench: setup
+	$(PY) benchmarks/latency.py --markdown docs/benchmarks.md
 
 clean:
 	rm -rf .run build *.egg-info src/aimesh/v1

@@ -5,9 +5,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from integration.otlp_receiver import OtlpReceiver  # tests/ is on sys.path: conftest.py lives there
 
-from aimesh.devstack.ports import free_ports
+from aimesh.devstack.otlp import OtlpReceiver
+from aimesh.devstack.ports import free_port_block, free_ports
 from aimesh.devstack.stack import Stack, StackSettings
 
 if importlib.util.find_spec("aimesh.v1.task_pb2") is None:  # pragma: no cover - a setup problem
@@ -31,7 +31,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OtlpReceiver) 
     """The whole mesh (real Kafka, real Triton, ingest, two workers, notifier) on free ports, once per session,
     exporting traces to a receiver the tests own."""
     run_dir = tmp_path_factory.mktemp("mesh")
-    kafka, controller, triton_grpc, triton_http, triton_metrics, ingest, notifier = free_ports(7)
+    ports = free_ports(9)
+    kafka, controller, triton_grpc, triton_http, triton_metrics, ingest, notifier = ports[:7]
+    ingest_metrics, notifier_metrics = ports[7:]
     settings = StackSettings(
         run_dir=run_dir,
         kafka_port=kafka,
@@ -41,6 +43,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OtlpReceiver) 
         triton_metrics_port=triton_metrics,
         ingest_port=ingest,
         notifier_port=notifier,
+        ingest_metrics_port=ingest_metrics,
+        notifier_metrics_port=notifier_metrics,
+        worker_metrics_port=free_port_block(2, avoid=ports),  # worker i serves on this port + i
         workers=2,
         tasks_partitions=4,
         results_partitions=4,

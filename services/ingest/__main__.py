@@ -10,6 +10,7 @@ import socket
 from aimesh import runtime, tracing
 from aimesh.grpc_edge import GrpcServer
 from aimesh.kafka import AsyncProducer, producer_config
+from aimesh.metrics import IngestMetrics, MetricsServer, new_registry
 from aimesh.settings import IngestSettings
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -26,7 +27,9 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         client_id=f"aimesh-ingest-{socket.gethostname()}-{os.getpid()}",
         delivery_timeout_s=settings.publish_timeout_s,
     )
-    async with AsyncProducer(config) as producer:
+    metrics = IngestMetrics(new_registry(), models=settings.model_names)
+    metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
+    async with AsyncProducer(config) as producer, metrics_server:
         servicer = IngestServicer(
             producer,
             tasks_topic=settings.tasks_topic,
@@ -34,6 +37,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
             max_batch_tasks=settings.max_batch_tasks,
             publish_timeout_s=settings.publish_timeout_s,
             idempotency=IdempotencyKeys(settings.idempotency_ttl_s),
+            metrics=metrics,
         )
         # Leave room for a full batch of maximum-size texts plus framing.
         max_message = max(4 << 20, settings.max_text_bytes * 2 + (1 << 20))

@@ -15,6 +15,13 @@ from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, DeadlinePassed, InvalidTask, UnknownModel
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.kafka import AsyncProducer
+from aimesh.metrics import (
+    REJECT_BROKER_UNAVAILABLE,
+    REJECT_DEADLINE_PASSED,
+    REJECT_INVALID_ARGUMENT,
+    REJECT_MODEL_NOT_FOUND,
+    IngestMetrics,
+)
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
 
 from .idempotency import Accepted, IdempotencyKeys
@@ -35,6 +42,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         max_batch_tasks: int,
         publish_timeout_s: float,
         idempotency: IdempotencyKeys,
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self._producer = producer
         self._topic = tasks_topic
@@ -42,6 +50,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._max_batch_tasks = max_batch_tasks
         self._publish_timeout_s = publish_timeout_s
         self._idempotency = idempotency
+        self._metrics = metrics if metrics is not None else IngestMetrics()
 
     async def SubmitTask(
         self, request: ingest_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -54,6 +63,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.SubmitTasksResponse:
         count = len(request.tasks)
         if count == 0 or count > self._max_batch_tasks:
+            self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(count)
             await abort_invalid(
                 context, InvalidTask([("tasks", f"must hold 1 to {self._max_batch_tasks} tasks, not {count}")])
             )
@@ -73,6 +83,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             except InvalidTask as e:
                 violations.extend(e.violations)
             except UnknownModel as e:
+                self._metrics.tasks_rejected.labels(REJECT_MODEL_NOT_FOUND).inc(len(requests))
                 await abort_with(
                     context,
                     code_pb2.NOT_FOUND,
@@ -80,8 +91,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     [error_info("MODEL_NOT_FOUND", model_name=e.model_name)],
                 )
             except DeadlinePassed as e:
+                self._metrics.tasks_rejected.labels(REJECT_DEADLINE_PASSED).inc(len(requests))
                 await abort_with(context, code_pb2.FAILED_PRECONDITION, str(e), [error_info("DEADLINE_PASSED")])
         if violations:
+            self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
             await abort_invalid(context, InvalidTask(violations))
 
     async def _accept_or_abort(
@@ -93,6 +106,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if failures:
             first = failures[0]
             if isinstance(first, BrokerUnavailable | TimeoutError):
+                unacknowledged = sum(isinstance(f, BrokerUnavailable | TimeoutError) for f in failures)
+                self._metrics.tasks_rejected.labels(REJECT_BROKER_UNAVAILABLE).inc(unacknowledged)
                 log.warning("broker did not acknowledge %d of %d tasks: %s", len(failures), len(requests), first)
                 await abort_with(
                     context,
@@ -135,6 +150,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             delivery: Awaitable[object] = self._producer.produce(
                 self._topic, key=task_id, value=event.SerializeToString(), headers=headers
             )
-            await asyncio.wait_for(delivery, self._publish_timeout_s + 1.0)
+            with self._metrics.time_publish():
+                await asyncio.wait_for(delivery, self._publish_timeout_s + 1.0)
+        self._metrics.tasks_accepted.labels(request.model_name).inc()
         log.debug("accepted task %s for model %s", task_id, request.model_name)
         return Accepted(task_id=task_id, accepted_at=event.submitted_at)

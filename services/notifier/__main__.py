@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from aimesh import runtime, tracing
 from aimesh.grpc_edge import GrpcServer
 from aimesh.kafka import consumer_config
+from aimesh.metrics import MetricsServer, NotifierMetrics, new_registry
 from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
@@ -24,6 +25,9 @@ log = logging.getLogger("aimesh.notifier")
 
 async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     store = TaskStore(settings.retention_s)
+    metrics = NotifierMetrics(new_registry())
+    metrics.tasks_known.set_function(lambda: len(store))
+    metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
 
     def deliver(batch: list[Decoded]) -> None:
         for decoded in batch:
@@ -46,12 +50,14 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name],
         interceptors=tracing.server_interceptors(),
     )
-    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, NotifierServicer(store, ready=feed.caught_up))
+    servicer = NotifierServicer(store, ready=feed.caught_up, metrics=metrics)
+    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
     feed.start()
     await server.start()
     # NOT_SERVING until the history is read: GetTask would otherwise deny tasks it has not reached yet.
     await server.set_serving(False)
     sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
+    metrics_server.start()
     try:
         await _wait_first(feed.caught_up.wait(), stop.wait())
         if feed.failed is not None:
@@ -67,6 +73,7 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
             await sweeper
         await server.stop(settings.shutdown_grace_s)
         await feed.stop()
+        await metrics_server.stop()
 
 
 async def _wait_first(*aws: Awaitable[object]) -> None:

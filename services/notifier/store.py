@@ -59,6 +59,7 @@ class TaskStore:
         self._retention_s = retention_s
         self._clock = clock
         self._records: dict[str, _Record] = {}
+        self._known = 0  # records whose state is known, kept so len() is cheap
 
     def get(self, task_id: str) -> notifier_pb2.TaskState | None:
         record = self._records.get(task_id)
@@ -105,14 +106,15 @@ class TaskStore:
         cutoff = self._clock() - self._retention_s
         stale = [k for k, r in self._records.items() if r.touched_s < cutoff and not r.watchers]
         for key in stale:
-            del self._records[key]
+            self._known -= self._records.pop(key).known
         return len(stale)
 
     def watcher_count(self) -> int:
         return sum(len(r.watchers) for r in self._records.values())
 
     def __len__(self) -> int:
-        return sum(1 for r in self._records.values() if r.known)
+        """Tasks whose state is known. Constant time, and safe to call from another thread (a metrics scrape)."""
+        return self._known
 
     def _record(self, task_id: str) -> _Record:
         record = self._records.get(task_id)
@@ -123,6 +125,8 @@ class TaskStore:
 
     def _change(self, record: _Record, status: int, when: Timestamp, result: result_pb2.AIResultEvent | None) -> None:
         state = record.state
+        if not record.known:
+            self._known += 1
         state.status = status  # type: ignore[assignment]
         state.updated_at.CopyFrom(when if when.seconds else events.now_timestamp())
         if result is not None:

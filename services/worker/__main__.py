@@ -9,6 +9,7 @@ import socket
 
 from aimesh import runtime, tracing
 from aimesh.kafka import AsyncProducer, consumer_config, producer_config
+from aimesh.metrics import MetricsServer, WorkerMetrics, new_registry
 from aimesh.retry import RetryPolicy
 from aimesh.settings import WorkerSettings
 
@@ -26,7 +27,9 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
     consumer_cfg = consumer_config(
         settings.kafka_bootstrap, group_id=settings.worker_group, client_id=f"aimesh-worker-{worker_id}"
     )
-    async with AsyncProducer(producer_cfg) as producer, TritonInference(settings.triton_url) as triton:
+    metrics = WorkerMetrics(new_registry())
+    metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
+    async with AsyncProducer(producer_cfg) as producer, TritonInference(settings.triton_url) as triton, metrics_server:
         worker = Worker(
             consumer_config=consumer_cfg,
             producer=producer,
@@ -40,6 +43,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
                 initial_s=settings.retry_initial_s, max_s=settings.retry_max_s, budget_s=settings.retry_budget_s
             ),
             grace_s=settings.shutdown_grace_s,
+            metrics=metrics,
         )
         await worker.run(stop)
         log.info("worker %s stopped after %d tasks", worker_id, worker.processed)

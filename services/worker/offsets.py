@@ -89,3 +89,8 @@ class OffsetTracker:
     def owned(self) -> list[TopicPartitionKey]:
         with self._lock:
             return list(self._partitions)
+
+    def committed_offsets(self) -> dict[TopicPartitionKey, int | None]:
+        """Each owned partition with the offset last committed for it since it was assigned (None: none yet)."""
+        with self._lock:
+            return {key: part.committed for key, part in self._partitions.items()}

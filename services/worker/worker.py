@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
 from aimesh.kafka import AsyncProducer, Record, fetch
+from aimesh.metrics import WorkerMetrics, status_label
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
@@ -33,6 +34,9 @@ T = TypeVar("T")
 COMMIT_INTERVAL_S = 0.2
 POLL_TIMEOUT_S = 0.1
 MAX_FETCH_BATCH = 500
+LAG_REFRESH_INTERVAL_S = 5.0
+# Bounds each broker query of a lag refresh, which holds up the consumer thread while it runs.
+LAG_QUERY_TIMEOUT_S = 1.0
 
 
 class Worker:
@@ -55,6 +59,7 @@ class Worker:
         inference_timeout_s: float,
         triton_retry: RetryPolicy,
         grace_s: float,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._consumer_config = consumer_config
         self._producer = producer
@@ -75,6 +80,8 @@ class Worker:
         self._kafka_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-consumer")
         self._consumer: Consumer | None = None
         self._paused = False
+        self._metrics = metrics if metrics is not None else WorkerMetrics()
+        self._lag_series: set[TopicPartitionKey] = set()  # consumer thread only
         self.processed = 0
 
     async def _kafka(self, fn: Callable[..., T], *args: Any) -> T:
@@ -88,13 +95,16 @@ class Worker:
             )
         )
         log.info("worker %s consuming %s as group %s", self._worker_id, self._tasks_topic, self._group)
-        last_commit = 0.0
+        last_commit = last_lag = 0.0
         try:
             while not stop.is_set():
                 await self._fetch_once()
                 if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                     await self._kafka(self._commit)
                     last_commit = time.monotonic()
+                if time.monotonic() - last_lag >= LAG_REFRESH_INTERVAL_S:
+                    await self._kafka(self._refresh_lag)
+                    last_lag = time.monotonic()
         finally:
             await self._drain()
 
@@ -125,9 +135,11 @@ class Worker:
             return  # fetched just before its partition was revoked: the new owner runs it
         task = asyncio.create_task(self._process(record), name=f"task@{record.where()}")
         self._tasks.add(task)
+        self._metrics.tasks_in_flight.inc()
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
+            self._metrics.tasks_in_flight.dec()
             if t.cancelled():
                 return  # not finished: stays uncommitted and runs again
             if t.exception() is not None:
@@ -141,6 +153,7 @@ class Worker:
         try:
             task = events.decode_task(record.value)
         except UndecodableRecord as e:
+            self._metrics.undecodable_records.labels(e.reason).inc()
             key = (record.key or b"").decode("utf-8", "replace")
             with tracing.process_span(
                 record.topic,
@@ -164,6 +177,7 @@ class Worker:
         ):
             result = await self._run(task)
             await self._publish(result)
+            self._metrics.results.labels(task.model_name, status_label(result.status)).inc()
             self.processed += 1
 
     async def _run(self, task: task_pb2.AITaskEvent) -> result_pb2.AIResultEvent:
@@ -196,9 +210,14 @@ class Worker:
             return self._finish(result, task, started, started)
 
         self._announce_running(task)
+        if task.HasField("submitted_at"):
+            queue_wait_s = max(0.0, started - events.timestamp_s(task.submitted_at))
+            self._metrics.queue_wait_seconds.labels(task.model_name).observe(queue_wait_s)
+        inference_started = time.monotonic()
         try:
             async for attempt in self._triton_retry.retrying(
-                budget_s=None if deadline is None else max(0.0, deadline - started)
+                budget_s=None if deadline is None else max(0.0, deadline - started),
+                on_retry=lambda e: self._count_retry(task.model_name, e),
             ):
                 with (
                     attempt,
@@ -206,6 +225,7 @@ class Worker:
                         task.model_name, server_address=self._triton.url, batch_items=1, task_id=task.task_id
                     ),
                 ):
+                    self._metrics.inference_batch_items.labels(task.model_name).observe(1)
                     inference = await self._triton.infer_text(
                         task.model_name,
                         task.input.text,
@@ -232,7 +252,12 @@ class Worker:
             result.status = result_pb2.TASK_STATUS_SUCCEEDED
             result.output.CopyFrom(inference.output)
             result.model_version = inference.model_version
+        self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
         return self._finish(result, task, started, time.time())
+
+    def _count_retry(self, model: str, error: BaseException) -> None:
+        code = error.code if isinstance(error, InferenceFailed) else result_pb2.ERROR_CODE_UNSPECIFIED
+        self._metrics.observe_retry(model, code)
 
     def _finish(
         self, result: result_pb2.AIResultEvent, task: task_pb2.AITaskEvent, started: float, ended: float
@@ -298,6 +323,41 @@ class Worker:
             return
         self._offsets.committed(offsets)
 
+    def _refresh_lag(self) -> None:
+        """Set the lag gauge of every owned partition: its high watermark minus the group's committed offset
+        (the low watermark when the group has committed none: the consumer starts from the earliest)."""
+        assert self._consumer is not None
+        committed = self._offsets.committed_offsets()
+        lags: dict[TopicPartitionKey, int] = {}
+        try:
+            # Partitions this worker has committed nothing for yet: ask the group coordinator.
+            unknown = [TopicPartition(t, p) for (t, p), offset in committed.items() if offset is None]
+            for tp in self._consumer.committed(unknown, timeout=LAG_QUERY_TIMEOUT_S) if unknown else []:
+                if tp.offset >= 0:
+                    committed[(tp.topic, tp.partition)] = tp.offset
+            for (topic, partition), offset in committed.items():
+                # Not the cached watermark: a paused partition is not fetched, so its cached one goes stale.
+                watermarks = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=LAG_QUERY_TIMEOUT_S, cached=False
+                )
+                if watermarks is not None:
+                    low, high = watermarks
+                    lags[(topic, partition)] = max(0, high - (low if offset is None else offset))
+        except KafkaException as e:
+            # Telemetry only: the gauges keep their last values until the broker answers again.
+            log.debug("consumer lag not refreshed: %s", e)
+            return
+        for (topic, partition), lag in lags.items():
+            self._metrics.consumer_lag_records.labels(topic, str(partition)).set(lag)
+        self._forget_lag(self._lag_series - committed.keys())
+        self._lag_series |= lags.keys()
+
+    def _forget_lag(self, keys: set[TopicPartitionKey]) -> None:
+        """Drop the lag series of partitions this worker no longer owns (their new owner reports them)."""
+        for topic, partition in keys & self._lag_series:
+            self._metrics.consumer_lag_records.remove(topic, str(partition))
+        self._lag_series -= keys
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._offsets.assign([(p.topic, p.partition) for p in partitions])
         if self._paused and partitions:
@@ -307,11 +367,13 @@ class Worker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Commit what is done before the partitions move; unfinished tasks run again on the new owner.
         self._commit(self._offsets.revoke([(p.topic, p.partition) for p in partitions]))
+        self._forget_lag({(p.topic, p.partition) for p in partitions})
         log.info("revoked %s", [p.partition for p in partitions])
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost partitions may already belong to another member: commit nothing for them.
         self._offsets.revoke([(p.topic, p.partition) for p in partitions])
+        self._forget_lag({(p.topic, p.partition) for p in partitions})
         log.warning("lost %s", [p.partition for p in partitions])
 
     async def _drain(self) -> None:

@@ -43,4 +43,11 @@ class DeadlinePassed(AimeshError):
 
 
 class UndecodableRecord(AimeshError):
-    """A Kafka record that is not a task or result this version can read."""
+    """A Kafka record that is not a task or result this version can read. ``reason`` says why in one of
+    REASONS (a metric label)."""
+
+    REASONS = ("empty_value", "not_protobuf", "unknown_schema_version", "missing_task_id")
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

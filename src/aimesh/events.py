@@ -64,9 +64,9 @@ def decode_task(value: bytes | None) -> task_pb2.AITaskEvent:
     """Parse a tasks-topic record value; raise UndecodableRecord if it is not a task this version reads."""
     event = _parse(task_pb2.AITaskEvent, value)
     if event.schema_version != SCHEMA_VERSION:
-        raise UndecodableRecord(f"unknown task schema version {event.schema_version}")
+        raise UndecodableRecord(f"unknown task schema version {event.schema_version}", reason="unknown_schema_version")
     if not event.task_id:
-        raise UndecodableRecord("task record has no task_id")
+        raise UndecodableRecord("task record has no task_id", reason="missing_task_id")
     return event
 
 
@@ -74,18 +74,20 @@ def decode_result(value: bytes | None) -> result_pb2.AIResultEvent:
     """Parse a results-topic record value; raise UndecodableRecord if it is not a result this version reads."""
     event = _parse(result_pb2.AIResultEvent, value)
     if event.schema_version != SCHEMA_VERSION:
-        raise UndecodableRecord(f"unknown result schema version {event.schema_version}")
+        raise UndecodableRecord(
+            f"unknown result schema version {event.schema_version}", reason="unknown_schema_version"
+        )
     if not event.task_id:
-        raise UndecodableRecord("result record has no task_id")
+        raise UndecodableRecord("result record has no task_id", reason="missing_task_id")
     return event
 
 
 def _parse(cls: type[M], value: bytes | None) -> M:
     if not value:
-        raise UndecodableRecord("empty record value")
+        raise UndecodableRecord("empty record value", reason="empty_value")
     event = cls()
     try:
         event.ParseFromString(value)
     except pb_message.DecodeError as e:
-        raise UndecodableRecord(f"not a {cls.DESCRIPTOR.full_name}: {e}") from e
+        raise UndecodableRecord(f"not a {cls.DESCRIPTOR.full_name}: {e}", reason="not_protobuf") from e
     return event

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tenacity import (
@@ -47,14 +48,24 @@ class RetryPolicy:
     max_s: float = 5.0
     budget_s: float | None = 60.0
 
-    def retrying(self, *, budget_s: float | None = None) -> AsyncRetrying:
+    def retrying(
+        self, *, budget_s: float | None = None, on_retry: Callable[[BaseException], None] | None = None
+    ) -> AsyncRetrying:
         """An AsyncRetrying that retries errors whose ``retryable`` is true; ``budget_s`` can tighten the
-        policy's budget (a task's deadline, say)."""
+        policy's budget (a task's deadline, say). ``on_retry`` (which must not raise) sees each error that is
+        about to be retried, not the last one."""
         budgets = [b for b in (self.budget_s, budget_s) if b is not None]
+
+        def before_sleep(state: RetryCallState) -> None:
+            _before_sleep(state)
+            error = state.outcome.exception() if state.outcome else None
+            if on_retry is not None and error is not None:
+                on_retry(error)
+
         return AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, AimeshError) and e.retryable),
             wait=wait_exponential_jitter(initial=self.initial_s, exp_base=self.multiplier, max=self.max_s),
             stop=stop_after_delay(min(budgets)) if budgets else stop_never,
-            before_sleep=_before_sleep,
+            before_sleep=before_sleep,
             reraise=True,
         )

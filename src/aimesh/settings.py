@@ -24,6 +24,9 @@ class KafkaSettings(BaseSettings):
     log_format: str = Field(
         "auto", pattern="^(auto|json|text)$", description="json, text, or auto (text on a terminal, else JSON)."
     )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the Prometheus metrics endpoint binds (0.0.0.0: every interface)."
+    )
 
 
 class IngestSettings(KafkaSettings):
@@ -43,6 +46,7 @@ class IngestSettings(KafkaSettings):
         3600.0, gt=0, description="How long an idempotency key maps to its first task id (in memory)."
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
 
     @property
     def model_names(self) -> frozenset[str]:
@@ -63,6 +67,7 @@ class WorkerSettings(KafkaSettings):
     retry_initial_s: float = Field(0.1, gt=0, description="First retry wait; doubles up to retry_max_s.")
     retry_max_s: float = Field(5.0, gt=0, description="Longest wait between two retries.")
     shutdown_grace_s: float = Field(20.0, ge=0, description="Grace period for in-flight tasks on SIGTERM.")
+    metrics_port: int = Field(9102, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
 
 
 class NotifierSettings(KafkaSettings):
@@ -76,3 +81,4 @@ class NotifierSettings(KafkaSettings):
         3600.0, gt=0, description="How long a terminal result stays available to late subscribers."
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Grace period for open streams on SIGTERM.")
+    metrics_port: int = Field(9103, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")

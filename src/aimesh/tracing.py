@@ -217,10 +217,15 @@ def deliver_span(task_id: str, parent: SpanContext | None, *, status: str) -> It
     links = [Link(watcher)] if watcher.is_valid else []
     context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent and parent.is_valid else None
     attributes = {TASK_ID: task_id, "aimesh.task.status": status}
-    with _tracer().start_as_current_span(
+    # Not made current: the caller yields inside this block (an async generator), and a context attached
+    # before a yield cannot be detached if the client drops the stream there.
+    span = _tracer().start_span(
         "deliver update", context=context, kind=SpanKind.INTERNAL, links=links, attributes=attributes
-    ) as span:
+    )
+    try:
         yield span
+    finally:
+        span.end()
 
 
 def current_span_context() -> SpanContext:

@@ -10,10 +10,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from aimesh.devstack.otlp import ExportedSpan, OtlpReceiver
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
-
-from .otlp_receiver import ExportedSpan, OtlpReceiver
 
 pytestmark = pytest.mark.integration
 

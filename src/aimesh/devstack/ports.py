@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Collection
 
 
 def free_ports(count: int) -> list[int]:
@@ -16,3 +17,26 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def free_port_block(size: int, *, avoid: Collection[int] = (), attempts: int = 100) -> int:
+    """The first of ``size`` consecutive ports that were free a moment ago on 127.0.0.1, none of them in
+    ``avoid`` (ports already handed out, say), for a setting that numbers processes from a base port."""
+    for _ in range(attempts):
+        sockets = [socket.socket()]
+        try:
+            sockets[0].bind(("127.0.0.1", 0))
+            first = int(sockets[0].getsockname()[1])
+            block = range(first, first + size)
+            if block[-1] > 65535 or any(port in avoid for port in block):
+                continue
+            for port in block[1:]:
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue  # a port of the block is taken: try another block
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {size} consecutive free ports found in {attempts} attempts")

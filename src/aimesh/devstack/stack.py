@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from confluent_kafka.admin import AdminClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aimesh.settings import KafkaSettings
@@ -47,10 +47,38 @@ class StackSettings(BaseSettings):
     triton_metrics_port: int = Field(8002, description="Triton Prometheus metrics.")
     ingest_port: int = Field(50051, description="Ingest gRPC.")
     notifier_port: int = Field(50052, description="Notifier gRPC.")
+    ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Ingest Prometheus metrics; 0: none.")
+    notifier_metrics_port: int = Field(9103, ge=0, le=65535, description="Notifier Prometheus metrics; 0: none.")
+    worker_metrics_port: int = Field(
+        9110, ge=0, le=65535, description="Prometheus metrics of worker 0; worker i uses this port + i; 0: none."
+    )
     workers: int = Field(2, ge=1, description="Worker processes.")
     tasks_partitions: int = Field(6, ge=1, description="Partitions of the tasks topic.")
     results_partitions: int = Field(6, ge=1, description="Partitions of the results topic.")
     ready_timeout_s: float = Field(180.0, description="How long to wait for each part to be healthy.")
+
+    @model_validator(mode="after")
+    def _ports_do_not_collide(self) -> StackSettings:
+        first_worker = self.worker_metrics_port
+        worker_metrics = list(range(first_worker, first_worker + self.workers)) if first_worker else []
+        if worker_metrics and worker_metrics[-1] > 65535:
+            raise ValueError(f"worker metrics ports {first_worker}+ run past 65535 for {self.workers} workers")
+        ports = [
+            self.kafka_port,
+            self.kafka_controller_port,
+            self.triton_grpc_port,
+            self.triton_http_port,
+            self.triton_metrics_port,
+            self.ingest_port,
+            self.notifier_port,
+            self.ingest_metrics_port,
+            self.notifier_metrics_port,
+            *worker_metrics,
+        ]
+        clashes = sorted({p for p in ports if p and ports.count(p) > 1})
+        if clashes:
+            raise ValueError(f"stack ports used twice: {clashes}")
+        return self
 
 
 @dataclass
@@ -62,6 +90,7 @@ class StackState:
     triton_url: str = ""
     ingest_address: str = ""
     notifier_address: str = ""
+    metrics_urls: dict[str, str] = field(default_factory=dict)
 
 
 class Stack:
@@ -94,6 +123,26 @@ class Stack:
     def notifier_address(self) -> str:
         return f"127.0.0.1:{self.settings.notifier_port}"
 
+    def metrics_port(self, name: str) -> int:
+        """The metrics port of service process ``name`` (``ingest``, ``notifier``, ``worker-<i>``); 0 (none) for
+        any other, such as an extra process a test starts beside them."""
+        s = self.settings
+        if name == "ingest":
+            return s.ingest_metrics_port
+        if name == "notifier":
+            return s.notifier_metrics_port
+        index = name.removeprefix("worker-")
+        if index != name and index.isdigit() and s.worker_metrics_port:
+            return s.worker_metrics_port + int(index)
+        return 0
+
+    def metrics_url(self, name: str) -> str:
+        """Where service process ``name`` serves its Prometheus metrics."""
+        port = self.metrics_port(name)
+        if not port:
+            raise KeyError(f"{name} serves no metrics in this stack")
+        return f"http://127.0.0.1:{port}/metrics"
+
     def service_env(self) -> dict[str, str]:
         """The environment every service process gets: the documented AIMESH_* variables."""
         env = dict(os.environ)
@@ -105,6 +154,7 @@ class Stack:
                 "AIMESH_TRITON_URL": self.triton_url,
                 "AIMESH_INGEST_ADDRESS": self.ingest_address,
                 "AIMESH_NOTIFIER_ADDRESS": self.notifier_address,
+                "AIMESH_METRICS_HOST": "127.0.0.1",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -155,6 +205,7 @@ class Stack:
 
     def start_service(self, name: str, module: str, extra_env: dict[str, str] | None = None) -> ManagedProcess:
         env = self.service_env()
+        env["AIMESH_METRICS_PORT"] = str(self.metrics_port(name))
         env.update(extra_env or {})
         process = ManagedProcess(name, [sys.executable, "-m", module], env=env, log_path=self.log_dir / f"{name}.log")
         process.start()
@@ -210,6 +261,7 @@ class Stack:
             triton_url=self.triton_url,
             ingest_address=self.ingest_address,
             notifier_address=self.notifier_address,
+            metrics_urls={name: self.metrics_url(name) for name in self.services if self.metrics_port(name)},
         )
 
     def stop(self) -> None:

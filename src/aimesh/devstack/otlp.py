@@ -1,4 +1,4 @@
-"""An OTLP/gRPC trace receiver the tests own: the services export to it, the tests read what arrived."""
+"""An OTLP/gRPC trace receiver for tests and benchmarks: the services export to it, the caller reads what arrived."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from aimesh.devstack.ports import free_ports
 
 
 def _value(v: common_pb2.AnyValue) -> object:
-    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+    which = v.WhichOneof("value")
+    return getattr(v, which) if which else None
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self._spans: list[ExportedSpan] = []
         (self.port,) = free_ports(1)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         self._server.add_insecure_port(f"127.0.0.1:{self.port}")
 
     @property

@@ -1,0 +1,253 @@
+"""Prometheus metrics of the services, and the HTTP endpoint that serves them.
+
+Each service builds its container (``IngestMetrics``, ``WorkerMetrics``, ``NotifierMetrics``) once at start
+and passes it down; every container registers on its own ``CollectorRegistry``, never the global one, so
+in-process tests can build as many as they like. Names follow the Prometheus conventions: the base unit in
+the name (``_seconds``, ``_records``, ``_items``) and ``_total`` on counters (prometheus_client stores a
+counter's name without the suffix and adds it back on exposition, so a counter is written here with it).
+Label values are short lowercase slugs. The README's "Metrics" section lists every metric.
+
+Updating a metric only touches memory; the scrape runs on the server's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+from aimesh.v1 import result_pb2
+
+log = logging.getLogger(__name__)
+
+# From a millisecond (a Kafka acknowledgement on loopback) to minutes (a queue that backed up, a slow model).
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_ITEMS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Why ingest turned tasks away: one per gRPC status a client can get for its request.
+REJECT_INVALID_ARGUMENT = "invalid_argument"
+REJECT_MODEL_NOT_FOUND = "model_not_found"
+REJECT_DEADLINE_PASSED = "deadline_passed"
+REJECT_BROKER_UNAVAILABLE = "broker_unavailable"
+REJECT_REASONS = (REJECT_INVALID_ARGUMENT, REJECT_MODEL_NOT_FOUND, REJECT_DEADLINE_PASSED, REJECT_BROKER_UNAVAILABLE)
+
+TERMINAL_STATUS_LABELS = ("succeeded", "failed", "expired")
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry of one service's own: its metrics plus the standard process, platform and GC collectors."""
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+def status_label(status: int) -> str:
+    """A TaskStatus as a label value: ``TASK_STATUS_SUCCEEDED`` -> ``succeeded``."""
+    try:
+        name = result_pb2.TaskStatus.Name(status)  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
+    return name.removeprefix("TASK_STATUS_").lower()
+
+
+def error_code_label(code: int) -> str:
+    """An ErrorCode as a label value: ``ERROR_CODE_UNAVAILABLE`` -> ``unavailable``."""
+    try:
+        name = result_pb2.ErrorCode.Name(code)  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
+    return name.removeprefix("ERROR_CODE_").lower()
+
+
+class IngestMetrics:
+    """What ingest counts: tasks accepted and turned away, and how long Kafka takes to acknowledge one."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, models: frozenset[str] = frozenset()) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.tasks_accepted = Counter(
+            "aimesh_ingest_tasks_accepted_total",
+            "Tasks published and acknowledged by Kafka (a repeated idempotency key publishes nothing and is not "
+            "counted).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.tasks_rejected = Counter(
+            "aimesh_ingest_tasks_rejected_total",
+            "Tasks turned away, by reason: invalid_argument, model_not_found, deadline_passed (every task of the "
+            "rejected request counts), broker_unavailable (tasks Kafka did not acknowledge in time).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.publish_seconds = Histogram(
+            "aimesh_ingest_publish_seconds",
+            "Time from producing a task record to its delivery report; outcome ok or error.",
+            ["outcome"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        # Series that exist before their first event, so rate() sees them start from zero.
+        for model in models:
+            self.tasks_accepted.labels(model)
+        for reason in REJECT_REASONS:
+            self.tasks_rejected.labels(reason)
+        for outcome in ("ok", "error"):
+            self.publish_seconds.labels(outcome)
+
+    @contextmanager
+    def time_publish(self) -> Iterator[None]:
+        """Observe ``publish_seconds`` around one publication: ``ok`` when the block returns, ``error`` when it
+        raises. A cancelled publication (the client went away) is not observed."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.publish_seconds.labels("error").observe(time.perf_counter() - started)
+            raise
+        self.publish_seconds.labels("ok").observe(time.perf_counter() - started)
+
+
+class WorkerMetrics:
+    """What a worker measures: queueing, inference, results, retries, skipped records, load and lag."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.queue_wait_seconds = Histogram(
+            "aimesh_worker_queue_wait_seconds",
+            "Time from a task's submission (its submitted_at) to the start of its inference.",
+            ["model"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "aimesh_worker_inference_seconds",
+            "Time of a task's Triton inference, retries included, whatever its outcome.",
+            ["model"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_batch_items = Histogram(
+            "aimesh_worker_inference_batch_items",
+            "Items in each request the worker sent to Triton (Triton's dynamic batcher batches further).",
+            ["model"],
+            buckets=BATCH_ITEMS_BUCKETS,
+            registry=self.registry,
+        )
+        self.results = Counter(
+            "aimesh_worker_results_total",
+            "Terminal results published and acknowledged by Kafka, by status: succeeded, failed, expired.",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "aimesh_worker_retries_total",
+            "Triton calls retried after a transient error, by the error's code (unavailable, deadline_exceeded).",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self.undecodable_records = Counter(
+            "aimesh_worker_undecodable_records_total",
+            "Tasks-topic records skipped because they could not be decoded, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.tasks_in_flight = Gauge(
+            "aimesh_worker_tasks_in_flight",
+            "Tasks this worker has fetched and not finished.",
+            registry=self.registry,
+        )
+        self.consumer_lag_records = Gauge(
+            "aimesh_worker_consumer_lag_records",
+            "Records of an owned partition not yet done: its high watermark minus the group's committed offset.",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+
+    def observe_retry(self, model: str, code: int) -> None:
+        self.retries.labels(model, error_code_label(code)).inc()
+
+
+class NotifierMetrics:
+    """What the notifier measures: open streams, what they delivered, and the whole trip of each task."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.active_subscriptions = Gauge(
+            "aimesh_notifier_active_subscriptions",
+            "Open WatchTask streams.",
+            registry=self.registry,
+        )
+        self.end_to_end_seconds = Histogram(
+            "aimesh_notifier_end_to_end_seconds",
+            "Time from a task's submission to the moment its terminal update is handed to a subscriber's stream; "
+            "observed once per delivered terminal update (a late subscriber observes a long time).",
+            ["model", "status"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.tasks_known = Gauge(
+            "aimesh_notifier_tasks_known",
+            "Tasks whose state the notifier holds (within the retention window).",
+            registry=self.registry,
+        )
+        self.updates_delivered = Counter(
+            "aimesh_notifier_updates_delivered_total",
+            "Task state updates handed to WatchTask streams, by the status they carry.",
+            ["status"],
+            registry=self.registry,
+        )
+        for status in ("queued", "running", *TERMINAL_STATUS_LABELS):
+            self.updates_delivered.labels(status)
+
+
+class MetricsServer:
+    """Serves a registry at ``http://host:port/metrics`` from a thread of its own; port 0 serves nothing.
+
+    Use as ``async with MetricsServer(host, port, registry)``. A port that cannot be bound is logged and
+    the service runs on without metrics: telemetry never stops the data path. ``stop`` is idempotent.
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        self.host = host
+        self.port = port
+        self._registry = registry
+        self._server: WSGIServer | None = None
+
+    async def __aenter__(self) -> MetricsServer:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        if self._server is not None or self.port == 0:
+            return
+        try:
+            self._server, _ = start_http_server(self.port, addr=self.host, registry=self._registry)
+        except OSError as e:
+            log.error("metrics endpoint %s:%d not started, running without it: %s", self.host, self.port, e)
+            return
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        # shutdown() waits for serve_forever's next poll (up to half a second): keep it off the event loop.
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()

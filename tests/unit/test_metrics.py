@@ -1,0 +1,311 @@
+"""The metrics containers, their HTTP endpoint, and what the ingest and notifier edges count, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aimesh import events
+from aimesh.devstack.ports import free_port_block, free_ports
+from aimesh.errors import BrokerUnavailable, UndecodableRecord
+from aimesh.grpc_edge import GrpcServer
+from aimesh.ingest.idempotency import IdempotencyKeys
+from aimesh.ingest.service import IngestServicer
+from aimesh.ingest.validation import Limits
+from aimesh.metrics import (
+    SECONDS_BUCKETS,
+    IngestMetrics,
+    MetricsServer,
+    NotifierMetrics,
+    WorkerMetrics,
+    error_code_label,
+    new_registry,
+    status_label,
+)
+from aimesh.notifier.service import NotifierServicer
+from aimesh.notifier.store import TaskStore
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
+from aimesh.worker.offsets import OffsetTracker
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def exposed(registry: CollectorRegistry) -> Samples:
+    return samples(generate_latest(registry).decode())
+
+
+def test_names_follow_the_prometheus_conventions() -> None:
+    names = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for metrics in (IngestMetrics(), WorkerMetrics(), NotifierMetrics())
+        for family in metrics.registry.collect()
+    }
+    assert names == {
+        "aimesh_ingest_tasks_accepted_total",
+        "aimesh_ingest_tasks_rejected_total",
+        "aimesh_ingest_publish_seconds",
+        "aimesh_worker_queue_wait_seconds",
+        "aimesh_worker_inference_seconds",
+        "aimesh_worker_inference_batch_items",
+        "aimesh_worker_results_total",
+        "aimesh_worker_retries_total",
+        "aimesh_worker_undecodable_records_total",
+        "aimesh_worker_tasks_in_flight",
+        "aimesh_worker_consumer_lag_records",
+        "aimesh_notifier_active_subscriptions",
+        "aimesh_notifier_end_to_end_seconds",
+        "aimesh_notifier_tasks_known",
+        "aimesh_notifier_updates_delivered_total",
+    }
+
+
+def test_latency_buckets_span_a_millisecond_to_minutes() -> None:
+    metrics = WorkerMetrics()
+    metrics.inference_seconds.labels("sleep").observe(0.0004)
+    metrics.inference_batch_items.labels("sleep").observe(1)
+    found = exposed(metrics.registry)
+    bounds = sorted(
+        float(dict(labels)["le"])
+        for name, labels in found
+        if name == "aimesh_worker_inference_seconds_bucket" and dict(labels)["le"] != "+Inf"
+    )
+    assert bounds == [float(b) for b in SECONDS_BUCKETS] and bounds[0] == 0.001 and bounds[-1] == 300
+    assert value(found, "aimesh_worker_inference_seconds_bucket", model="sleep", le="0.001") == 1
+    assert value(found, "aimesh_worker_inference_batch_items_bucket", model="sleep", le="1.0") == 1
+
+
+def test_known_label_values_are_exposed_before_their_first_event() -> None:
+    found = exposed(IngestMetrics(models=frozenset({"sleep"})).registry)
+    for reason in ("invalid_argument", "model_not_found", "deadline_passed", "broker_unavailable"):
+        assert ("aimesh_ingest_tasks_rejected_total", frozenset({("reason", reason)})) in found
+    assert ("aimesh_ingest_tasks_accepted_total", frozenset({("model", "sleep")})) in found
+
+
+def test_label_values_are_lowercase_slugs() -> None:
+    assert status_label(result_pb2.TASK_STATUS_SUCCEEDED) == "succeeded"
+    assert status_label(result_pb2.TASK_STATUS_EXPIRED) == "expired"
+    assert status_label(999) == "unknown"
+    assert error_code_label(result_pb2.ERROR_CODE_DEADLINE_EXCEEDED) == "deadline_exceeded"
+    with pytest.raises(UndecodableRecord) as info:
+        events.decode_task(b"\xff\x00 not protobuf")
+    assert info.value.reason == "not_protobuf" and info.value.reason in UndecodableRecord.REASONS
+    with pytest.raises(UndecodableRecord) as info:
+        events.decode_task(b"")
+    assert info.value.reason == "empty_value"
+
+
+async def test_publish_timer_tells_ok_from_error_and_ignores_cancellation() -> None:
+    metrics = IngestMetrics()
+    with metrics.time_publish():
+        pass
+    with pytest.raises(BrokerUnavailable), metrics.time_publish():
+        raise BrokerUnavailable("delivery failed")
+    with pytest.raises(asyncio.CancelledError), metrics.time_publish():
+        raise asyncio.CancelledError
+    found = exposed(metrics.registry)
+    assert value(found, "aimesh_ingest_publish_seconds_count", outcome="ok") == 1
+    assert value(found, "aimesh_ingest_publish_seconds_count", outcome="error") == 1
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+async def test_server_serves_its_registry_and_stops_twice() -> None:
+    (port,) = free_ports(1)
+    metrics = WorkerMetrics(new_registry())
+    metrics.tasks_in_flight.set(3)
+    server = MetricsServer("127.0.0.1", port, metrics.registry)
+    async with server:
+        text = await asyncio.to_thread(scrape, port)
+    await server.stop()
+    found = samples(text)
+    assert value(found, "aimesh_worker_tasks_in_flight") == 3
+    assert any(name.startswith("process_") for name, _ in found)  # the standard collectors ride along
+    with pytest.raises(OSError):
+        await asyncio.to_thread(scrape, port)
+
+
+async def test_a_taken_port_or_port_zero_leaves_the_service_running_without_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="aimesh.metrics"):
+            async with MetricsServer("127.0.0.1", port, CollectorRegistry()):
+                pass
+        assert "not started" in caplog.text
+    async with MetricsServer("127.0.0.1", 0, CollectorRegistry()):
+        pass
+
+
+def test_free_port_block_gives_consecutive_ports_that_can_be_bound() -> None:
+    avoid = free_ports(3)
+    first = free_port_block(3, avoid=avoid)
+    block = range(first, first + 3)
+    assert not set(block) & set(avoid)
+    sockets = [socket.socket() for _ in block]
+    try:
+        for s, port in zip(sockets, block, strict=True):
+            s.bind(("127.0.0.1", port))
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_offset_tracker_reports_committed_offsets_of_owned_partitions() -> None:
+    tracker = OffsetTracker()
+    tracker.assign([("tasks", 0), ("tasks", 1)])
+    tracker.started(("tasks", 0), 4)
+    tracker.finished(("tasks", 0), 4)
+    tracker.committed(tracker.to_commit())
+    assert tracker.committed_offsets() == {("tasks", 0): 5, ("tasks", 1): None}
+
+
+def test_store_counts_known_tasks_as_they_come_and_expire() -> None:
+    now = [0.0]
+    store = TaskStore(retention_s=10, clock=lambda: now[0])
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    queue = store.watch(first)  # watched before it is known: not counted
+    assert len(store) == 0
+    store.apply_task(task_pb2.AITaskEvent(schema_version=1, task_id=first, model_name="sleep"))
+    store.apply_result(
+        result_pb2.AIResultEvent(schema_version=1, task_id=second, status=result_pb2.TASK_STATUS_SUCCEEDED)
+    )
+    store.apply_result(result_pb2.AIResultEvent(schema_version=1, task_id=first, status=result_pb2.TASK_STATUS_RUNNING))
+    assert len(store) == 2
+    now[0] = 11
+    assert store.expire() == 1  # the watched task stays
+    assert len(store) == 1
+    store.unwatch(first, queue)
+    assert store.expire() == 1 and len(store) == 0
+
+
+# --- the edges count what they do --------------------------------------------------------------------------
+
+
+class AckingProducer:
+    def __init__(self) -> None:
+        self.fail = False
+
+    async def produce(self, topic: str, *, key: str, value: bytes, headers: object = None) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise BrokerUnavailable("delivery failed: Local: Message timed out")
+
+
+@pytest.fixture
+async def ingest() -> AsyncIterator[tuple[ingest_pb2_grpc.IngestServiceStub, AckingProducer, IngestMetrics]]:
+    producer = AckingProducer()
+    metrics = IngestMetrics(models=frozenset({"sleep"}))
+    servicer = IngestServicer(
+        producer,  # type: ignore[arg-type]
+        tasks_topic="tasks",
+        limits=Limits(models=frozenset({"sleep"}), max_text_bytes=64),
+        max_batch_tasks=3,
+        publish_timeout_s=1.0,
+        idempotency=IdempotencyKeys(60),
+        metrics=metrics,
+    )
+    server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"])
+    server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield ingest_pb2_grpc.IngestServiceStub(channel), producer, metrics
+    await server.stop(0)
+
+
+def submit(text: str = "hello", model: str = "sleep", **kw: object) -> ingest_pb2.SubmitTaskRequest:
+    return ingest_pb2.SubmitTaskRequest(model_name=model, input=task_pb2.TaskInput(text=text), **kw)  # type: ignore[arg-type]
+
+
+async def test_ingest_counts_accepted_and_rejected_tasks(ingest) -> None:
+    stub, producer, metrics = ingest
+    await stub.SubmitTask(submit())
+    await stub.SubmitTasks(ingest_pb2.SubmitTasksRequest(tasks=[submit(), submit()]))
+    await stub.SubmitTask(submit(idempotency_key="k"))
+    await stub.SubmitTask(submit(idempotency_key="k"))  # a repeat publishes nothing
+    past = Timestamp(seconds=1)
+    rejected = [
+        submit(text=""),
+        submit(model="nope"),
+        submit(deadline=past),
+        ingest_pb2.SubmitTasksRequest(tasks=[submit(), submit(text="x" * 65)]),
+    ]
+    for request in rejected:
+        call = stub.SubmitTasks if isinstance(request, ingest_pb2.SubmitTasksRequest) else stub.SubmitTask
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(request)  # type: ignore[operator]
+    producer.fail = True
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(submit())
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    found = exposed(metrics.registry)
+    assert value(found, "aimesh_ingest_tasks_accepted_total", model="sleep") == 4
+    assert value(found, "aimesh_ingest_tasks_rejected_total", reason="invalid_argument") == 3  # 1 + a batch of 2
+    assert value(found, "aimesh_ingest_tasks_rejected_total", reason="model_not_found") == 1
+    assert value(found, "aimesh_ingest_tasks_rejected_total", reason="deadline_passed") == 1
+    assert value(found, "aimesh_ingest_tasks_rejected_total", reason="broker_unavailable") == 1
+    assert value(found, "aimesh_ingest_publish_seconds_count", outcome="ok") == 4
+    assert value(found, "aimesh_ingest_publish_seconds_count", outcome="error") == 1
+
+
+async def test_notifier_counts_deliveries_streams_and_end_to_end_time() -> None:
+    store = TaskStore(retention_s=60)
+    ready = asyncio.Event()
+    ready.set()
+    metrics = NotifierMetrics()
+    server = GrpcServer("127.0.0.1:0", ["aimesh.v1.NotifierService"])
+    servicer = NotifierServicer(store, ready=ready, metrics=metrics)
+    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
+    await server.start()
+    task_id = str(uuid.uuid4())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = notifier_pb2_grpc.NotifierServiceStub(channel)
+            task = task_pb2.AITaskEvent(schema_version=1, task_id=task_id, model_name="sleep")
+            task.submitted_at.GetCurrentTime()
+            store.apply_task(task)
+            stream = stub.WatchTask(notifier_pb2.WatchTaskRequest(task_id=task_id))
+            first = await stream.read()
+            assert first.state.status == result_pb2.TASK_STATUS_QUEUED
+            assert value(exposed(metrics.registry), "aimesh_notifier_active_subscriptions") == 1
+            done = result_pb2.AIResultEvent(
+                schema_version=1, task_id=task_id, status=result_pb2.TASK_STATUS_FAILED, model_name="sleep"
+            )
+            store.apply_result(done)
+            assert (await stream.read()).state.status == result_pb2.TASK_STATUS_FAILED
+            assert await stream.read() is grpc.aio.EOF
+    finally:
+        await server.stop(0)
+    found = exposed(metrics.registry)
+    assert value(found, "aimesh_notifier_active_subscriptions") == 0
+    assert value(found, "aimesh_notifier_updates_delivered_total", status="queued") == 1
+    assert value(found, "aimesh_notifier_updates_delivered_total", status="failed") == 1
+    assert value(found, "aimesh_notifier_end_to_end_seconds_count", model="sleep", status="failed") == 1
