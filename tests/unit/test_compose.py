@@ -195,6 +195,21 @@ def test_grpc_service_binds_all_interfaces_and_publishes_its_port(
 
 
 @pytest.mark.parametrize("name", sorted(SERVICE_SETTINGS))
+def test_metrics_endpoint_binds_all_interfaces_inside_the_network(
+    name: str, services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = effective_settings(SERVICE_SETTINGS[name], services[name], monkeypatch)
+    assert settings.metrics_port > 0, f"{name} serves no metrics (AIMESH_METRICS_PORT=0)"
+    assert settings.metrics_host in ("0.0.0.0", "::"), (
+        f"{name} serves metrics on {settings.metrics_host}: prometheus, in another container, cannot scrape it"
+    )
+    # Prometheus scrapes over the compose network; the metrics port is exposed there, never published to the host.
+    exposed = {int(str(port).split("/", 1)[0]) for port in services[name].get("expose") or []}
+    assert settings.metrics_port in exposed, f"{name} does not expose its metrics port {settings.metrics_port}"
+    assert settings.metrics_port not in container_ports(services[name]), f"{name} publishes its metrics port"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_SETTINGS))
 def test_service_reaches_kafka_and_triton_by_service_name(
     name: str, services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
