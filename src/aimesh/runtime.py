@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from contextvars import ContextVar
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -41,12 +42,13 @@ class _TextFormatter(logging.Formatter):
         return f"{line} [task {task_id}]" if task_id else line
 
 
-def configure_logging(service: str, level: str, log_format: str = "auto") -> None:
-    """Log to stderr: JSON objects, one per line (``json``), or readable text (``text``); ``auto`` picks text
-    on a terminal and JSON otherwise. Lines never carry task payloads (inputs may be private)."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(service: str, level: str, log_format: str = "auto", stream: TextIO | None = None) -> None:
+    """Log to ``stream`` (stderr): JSON objects, one per line (``json``), or readable text (``text``); ``auto``
+    picks text on a terminal and JSON otherwise. Lines never carry task payloads (inputs may be private)."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_ContextFilter(service))
-    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     if as_json:
         handler.setFormatter(
             JsonFormatter(
