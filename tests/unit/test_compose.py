@@ -8,7 +8,6 @@ from the settings classes themselves, so a renamed or removed setting fails here
 from __future__ import annotations
 
 import json
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from compose_file import effective_settings, environment
 from pydantic_settings import BaseSettings
 
 from aimesh.settings import IngestSettings, NotifierSettings, WorkerSettings
@@ -62,31 +62,10 @@ def compose_schema() -> dict[str, Any]:
     return json.loads(schema.read_text(encoding="utf-8"))
 
 
-def environment(service: Mapping[str, Any]) -> dict[str, str | None]:
-    """A service's ``environment`` in either Compose form; None for a name passed through from the host."""
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        pairs = [item.split("=", 1) for item in env]
-        return {pair[0]: pair[1] if len(pair) == 2 else None for pair in pairs}
-    return {key: None if value is None else str(value) for key, value in env.items()}
-
-
 def settings_env_names(cls: type[BaseSettings]) -> set[str]:
     """Every environment variable ``cls`` reads: its prefix plus a field name (pydantic-settings ignores case)."""
     prefix = cls.model_config.get("env_prefix", "")
     return {f"{prefix}{name}".upper() for name in cls.model_fields}
-
-
-def effective_settings(cls: type[BaseSettings], service: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The settings the service would run with: its compose environment over the defaults, nothing else."""
-    prefix = str(cls.model_config.get("env_prefix", "")).upper()
-    for key in list(os.environ):
-        if key.upper().startswith(prefix):
-            monkeypatch.delenv(key)
-    for key, value in environment(service).items():
-        if value is not None:
-            monkeypatch.setenv(key, value)
-    return cls()
 
 
 def depends_on(service: Mapping[str, Any]) -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from compose_file import effective_settings, environment
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
@@ -138,26 +138,6 @@ def dashboard() -> dict[str, Any]:
     loaded = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     assert isinstance(loaded, dict)
     return loaded
-
-
-def environment(service: Mapping[str, Any]) -> dict[str, str | None]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        pairs = [item.split("=", 1) for item in env]
-        return {pair[0]: pair[1] if len(pair) == 2 else None for pair in pairs}
-    return {key: None if value is None else str(value) for key, value in env.items()}
-
-
-def effective_settings(cls: type[BaseSettings], service: Mapping[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The settings the service would run with: its compose environment over the defaults, nothing else."""
-    prefix = str(cls.model_config.get("env_prefix", "")).upper()
-    for key in list(os.environ):
-        if key.upper().startswith(prefix):
-            monkeypatch.delenv(key)
-    for key, value in environment(service).items():
-        if value is not None:
-            monkeypatch.setenv(key, value)
-    return cls()
 
 
 def command_args(service: Mapping[str, Any]) -> list[str]:
