@@ -55,17 +55,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    settings = IngestSettings()
-    runtime.configure_logging("ingest", settings.log_level, settings.log_format)
-    tracing.configure("aimesh-ingest")
-
-    async def run() -> None:
-        await serve(settings, runtime.stop_event_on_signals())
-
-    try:
-        asyncio.run(run())
-    finally:
-        tracing.shutdown()  # export what is still buffered
+    runtime.run_service("ingest", IngestSettings(), serve)
 
 
 if __name__ == "__main__":

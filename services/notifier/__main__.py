@@ -95,17 +95,7 @@ async def _sweep(store: TaskStore, retention_s: float) -> None:
 
 
 def main() -> None:
-    settings = NotifierSettings()
-    runtime.configure_logging("notifier", settings.log_level, settings.log_format)
-    tracing.configure("aimesh-notifier")
-
-    async def run() -> None:
-        await serve(settings, runtime.stop_event_on_signals())
-
-    try:
-        asyncio.run(run())
-    finally:
-        tracing.shutdown()  # export what is still buffered
+    runtime.run_service("notifier", NotifierSettings(), serve)
 
 
 if __name__ == "__main__":

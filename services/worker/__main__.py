@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 
-from aimesh import runtime, tracing
+from aimesh import runtime
 from aimesh.kafka import AsyncProducer, consumer_config, producer_config
 from aimesh.metrics import MetricsServer, WorkerMetrics, new_registry
 from aimesh.retry import RetryPolicy
@@ -51,17 +51,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
 
 
 def main() -> None:
-    settings = WorkerSettings()
-    runtime.configure_logging("worker", settings.log_level, settings.log_format)
-    tracing.configure("aimesh-worker")
-
-    async def run() -> None:
-        await serve(settings, runtime.stop_event_on_signals())
-
-    try:
-        asyncio.run(run())
-    finally:
-        tracing.shutdown()  # export what is still buffered
+    runtime.run_service("worker", WorkerSettings(), serve)
 
 
 if __name__ == "__main__":

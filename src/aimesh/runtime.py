@@ -6,12 +6,16 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from pythonjsonlogger.json import JsonFormatter
 
 from aimesh import tracing
+from aimesh.settings import KafkaSettings
+
+S = TypeVar("S", bound=KafkaSettings)
 
 # The task a log line is about. Each asyncio task runs in its own copy of the context, so setting it while
 # handling one task never leaks into another.
@@ -62,6 +66,23 @@ def configure_logging(service: str, level: str, log_format: str = "auto", stream
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def run_service(
+    service: str, settings: S, serve: Callable[[S, asyncio.Event], Awaitable[object]]
+) -> None:
+    """A service's ``main``: logging and tracing from its settings, ``serve`` until SIGTERM or SIGINT, then
+    export the spans still buffered."""
+    configure_logging(service, settings.log_level, settings.log_format)
+    tracing.configure(f"aimesh-{service}")
+
+    async def run() -> None:
+        await serve(settings, stop_event_on_signals())
+
+    try:
+        asyncio.run(run())
+    finally:
+        tracing.shutdown()
 
 
 def stop_event_on_signals() -> asyncio.Event:
