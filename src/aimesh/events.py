@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import TypeVar
 
 from google.protobuf import message as pb_message
@@ -52,12 +51,6 @@ def now_timestamp() -> Timestamp:
 def timestamp_s(ts: Timestamp) -> float:
     """Seconds since the epoch of a Timestamp (0.0 when unset)."""
     return ts.seconds + ts.nanos / 1e9
-
-
-def timestamp_from_s(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(dt.datetime.fromtimestamp(seconds, tz=dt.UTC))
-    return ts
 
 
 def decode_task(value: bytes | None) -> task_pb2.AITaskEvent:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 
 import grpc
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from aimesh import events
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
@@ -37,6 +39,26 @@ class MeshClient:
         states = await self.updates(task_id, timeout_s)
         assert events.is_terminal(states[-1].status), states
         return states[-1].result
+
+
+def publish_garbage_then_expired_task(bootstrap: str, topic: str) -> str:
+    """Write straight onto the tasks topic, under one key (one partition): bytes that are not protobuf, then a
+    task whose deadline passed 30 s ago. Return the expired task's id."""
+    expired_id = str(uuid.uuid4())
+    expired = task_pb2.AITaskEvent(
+        schema_version=1,
+        task_id=expired_id,
+        model_name="sleep",
+        input=task_pb2.TaskInput(text="too late"),
+        submitted_at=Timestamp(seconds=int(time.time()) - 60),
+        deadline=Timestamp(seconds=int(time.time()) - 30),
+    )
+    producer = Producer({"bootstrap.servers": bootstrap})
+    key = str(uuid.uuid4())
+    producer.produce(topic, key=key, value=b"\xff\x00 definitely not protobuf")
+    producer.produce(topic, key=key, value=expired.SerializeToString())
+    assert producer.flush(10) == 0
+    return expired_id
 
 
 def tensor(result: result_pb2.AIResultEvent, name: str) -> result_pb2.OutputTensor:

@@ -6,19 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
-from confluent_kafka import Producer
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
 from aimesh.devstack.stack import Stack
-from aimesh.v1 import result_pb2, task_pb2
+from aimesh.v1 import result_pb2
 
-from .mesh_client import MeshClient
+from .mesh_client import MeshClient, publish_garbage_then_expired_task
 
 pytestmark = pytest.mark.integration
 
@@ -81,13 +79,6 @@ def at_rest(found: Scrape) -> bool:
     )
 
 
-@pytest.fixture
-async def client(mesh: Stack) -> AsyncIterator[MeshClient]:
-    c = MeshClient(mesh.ingest_address, mesh.notifier_address)
-    yield c
-    await c.close()
-
-
 async def test_each_service_counts_exactly_what_was_done(mesh: Stack, client: MeshClient) -> None:
     before = await scrape_until(mesh, at_rest)
     assert at_rest(before), "the mesh did not come to rest before the run"
@@ -106,20 +97,7 @@ async def test_each_service_counts_exactly_what_was_done(mesh: Stack, client: Me
             await client.submit(model, text, **extra)
         assert info.value.code() == code
     # Straight onto the tasks topic: a record that is not protobuf, and a task whose deadline has passed.
-    expired = str(uuid.uuid4())
-    expired_task = task_pb2.AITaskEvent(
-        schema_version=1,
-        task_id=expired,
-        model_name="sleep",
-        input=task_pb2.TaskInput(text="too late"),
-        submitted_at=Timestamp(seconds=int(time.time()) - 60),
-        deadline=Timestamp(seconds=int(time.time()) - 30),
-    )
-    producer = Producer({"bootstrap.servers": mesh.kafka_bootstrap})
-    key = str(uuid.uuid4())
-    producer.produce(mesh.topics.tasks_topic, key=key, value=b"\xff\x00 definitely not protobuf")
-    producer.produce(mesh.topics.tasks_topic, key=key, value=expired_task.SerializeToString())
-    assert producer.flush(10) == 0
+    expired = publish_garbage_then_expired_task(mesh.kafka_bootstrap, mesh.topics.tasks_topic)
 
     # One WatchTask stream per task, each ending with its one terminal update.
     results = await asyncio.gather(*(client.result(t) for t in [*succeeded, ghost, expired]))

@@ -6,20 +6,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from confluent_kafka import Producer
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from aimesh import events
 from aimesh.devstack.ports import free_ports
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2
 
-from .mesh_client import MeshClient, tensor, terminal_results_by_task
+from .mesh_client import MeshClient, publish_garbage_then_expired_task, tensor, terminal_results_by_task
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +26,6 @@ ARTICLE = (
     "Results return through Kafka to the notifier, which streams them to subscribers. "
     "A worker that crashes leaves its tasks in Kafka, and another worker runs them."
 )
-
-
-@pytest.fixture
-async def client(mesh: Stack) -> AsyncIterator[MeshClient]:
-    c = MeshClient(mesh.ingest_address, mesh.notifier_address)
-    yield c
-    await c.close()
 
 
 async def test_each_model_answers_through_the_mesh(client: MeshClient) -> None:
@@ -121,21 +110,7 @@ async def test_model_errors_become_failed_results(client: MeshClient) -> None:
 
 
 async def test_garbage_and_expired_records_do_not_block_the_partition(mesh: Stack, client: MeshClient) -> None:
-    producer = Producer({"bootstrap.servers": mesh.kafka_bootstrap})
-    expired_id = str(uuid.uuid4())
-    expired = task_pb2.AITaskEvent(
-        schema_version=1,
-        task_id=expired_id,
-        model_name="sleep",
-        input=task_pb2.TaskInput(text="too late"),
-        submitted_at=Timestamp(seconds=int(time.time()) - 60),
-        deadline=Timestamp(seconds=int(time.time()) - 30),
-    )
-    # Same key, so the same partition, as the good task behind them.
-    key = str(uuid.uuid4())
-    producer.produce(mesh.topics.tasks_topic, key=key, value=b"\xff\x00 definitely not protobuf")
-    producer.produce(mesh.topics.tasks_topic, key=key, value=expired.SerializeToString())
-    assert producer.flush(10) == 0
+    expired_id = publish_garbage_then_expired_task(mesh.kafka_bootstrap, mesh.topics.tasks_topic)
     expired_result = await client.result(expired_id)
     assert expired_result.status == result_pb2.TASK_STATUS_EXPIRED
     assert expired_result.error.code == result_pb2.ERROR_CODE_DEADLINE_EXCEEDED
