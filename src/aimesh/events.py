@@ -18,6 +18,16 @@ RESULT_CONTENT_TYPE = b"application/x-protobuf; messageType=aimesh.v1.AIResultEv
 
 M = TypeVar("M", bound=pb_message.Message)
 
+# Headers of a dead-letter record. Its key and value are the original record's, byte for byte.
+DLQ_REASON_HEADER = "aimesh.dlq.reason"  # a short machine-readable reason, one of DLQ_REASONS
+DLQ_ERROR_HEADER = "aimesh.dlq.error"  # a human-readable message
+DLQ_TOPIC_HEADER = "aimesh.dlq.original.topic"
+DLQ_PARTITION_HEADER = "aimesh.dlq.original.partition"
+DLQ_OFFSET_HEADER = "aimesh.dlq.original.offset"
+DLQ_ATTEMPTS_HEADER = "aimesh.dlq.attempts"  # how many times inference was tried (0: never reached Triton)
+DLQ_WORKER_HEADER = "aimesh.dlq.worker"
+DLQ_TASK_ID_HEADER = "aimesh.dlq.task_id"  # present when the task id could be read
+
 TERMINAL_STATUSES = frozenset(
     {
         result_pb2.TASK_STATUS_SUCCEEDED,

@@ -20,6 +20,9 @@ class KafkaSettings(BaseSettings):
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated.")
     tasks_topic: str = Field("aimesh.tasks", description="Topic that carries AITaskEvent records.")
     results_topic: str = Field("aimesh.results", description="Topic that carries AIResultEvent records.")
+    dead_letter_topic: str = Field(
+        "aimesh.tasks.dlq", description="Topic that receives task records the worker cannot process, with the reason."
+    )
     log_level: str = Field("INFO", description="Python log level for the service.")
     log_format: str = Field(
         "auto", pattern="^(auto|json|text)$", description="json, text, or auto (text on a terminal, else JSON)."
@@ -59,7 +62,17 @@ class WorkerSettings(KafkaSettings):
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
     worker_group: str = Field("aimesh-workers", description="Kafka consumer group of the workers.")
     worker_id: str = Field("", description="Stable worker name; defaults to hostname-pid.")
-    max_in_flight: int = Field(64, gt=0, description="Most tasks one worker runs at once.")
+    transactional_id: str = Field(
+        "", description="Kafka transactional.id; stable and unique per worker instance. Default: aimesh-worker-<worker_id>."
+    )
+    max_in_flight: int = Field(256, gt=0, description="Most tasks one worker holds at once; beyond it, fetching pauses.")
+    max_batch_size: int = Field(64, gt=0, description="Most tasks the worker sends to Triton in one request.")
+    transaction_timeout_s: float = Field(
+        60.0, gt=0, description="Kafka transaction.timeout.ms; a transaction only spans publishing, never inference."
+    )
+    triton_health_interval_s: float = Field(
+        1.0, gt=0, description="How often the worker checks Triton's health; fetching pauses while it is unhealthy."
+    )
     inference_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Triton call.")
     retry_budget_s: float = Field(
         120.0, gt=0, description="How long transient Triton errors are retried before the task FAILS."

@@ -151,6 +151,7 @@ class Stack:
                 "AIMESH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
                 "AIMESH_TASKS_TOPIC": self.topics.tasks_topic,
                 "AIMESH_RESULTS_TOPIC": self.topics.results_topic,
+                "AIMESH_DEAD_LETTER_TOPIC": self.topics.dead_letter_topic,
                 "AIMESH_TRITON_URL": self.triton_url,
                 "AIMESH_INGEST_ADDRESS": self.ingest_address,
                 "AIMESH_NOTIFIER_ADDRESS": self.notifier_address,
@@ -190,7 +191,11 @@ class Stack:
         say("Kafka ready; creating topics")
         create_topics(
             self.kafka_bootstrap,
-            {self.topics.tasks_topic: s.tasks_partitions, self.topics.results_topic: s.results_partitions},
+            {
+                self.topics.tasks_topic: s.tasks_partitions,
+                self.topics.results_topic: s.results_partitions,
+                self.topics.dead_letter_topic: 1,
+            },
         )
         self.start_service("notifier", "aimesh.notifier")
         self.start_service("ingest", "aimesh.ingest")
