@@ -14,39 +14,63 @@ from aimesh.retry import RetryPolicy
 from aimesh.settings import WorkerSettings
 
 from .inference import TritonInference
-from .worker import Worker
+from .transactions import TransactionalPublisher, transactional_config
+from .worker import ProducerWedged, Worker
 
 log = logging.getLogger("aimesh.worker")
 
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    kafka_extra = settings.kafka_client_config()
     producer_cfg = producer_config(
-        settings.kafka_bootstrap, client_id=f"aimesh-worker-{worker_id}", delivery_timeout_s=30.0
+        settings.kafka_bootstrap, client_id=f"aimesh-worker-{worker_id}", delivery_timeout_s=30.0, extra=kafka_extra
     )
     consumer_cfg = consumer_config(
-        settings.kafka_bootstrap, group_id=settings.worker_group, client_id=f"aimesh-worker-{worker_id}"
+        settings.kafka_bootstrap,
+        group_id=settings.worker_group,
+        client_id=f"aimesh-worker-{worker_id}",
+        extra=kafka_extra,
     )
     metrics = WorkerMetrics(new_registry())
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
-    async with AsyncProducer(producer_cfg) as producer, TritonInference(settings.triton_url) as triton, metrics_server:
-        worker = Worker(
-            consumer_config=consumer_cfg,
-            producer=producer,
-            triton=triton,
-            tasks_topic=settings.tasks_topic,
-            results_topic=settings.results_topic,
-            worker_id=worker_id,
-            max_in_flight=settings.max_in_flight,
-            inference_timeout_s=settings.inference_timeout_s,
-            triton_retry=RetryPolicy(
-                initial_s=settings.retry_initial_s, max_s=settings.retry_max_s, budget_s=settings.retry_budget_s
-            ),
-            grace_s=settings.shutdown_grace_s,
-            metrics=metrics,
-        )
-        await worker.run(stop)
-        log.info("worker %s stopped after %d tasks", worker_id, worker.processed)
+    txn_config = transactional_config(
+        producer_cfg,
+        transactional_id=settings.transactional_id or f"aimesh-worker-{worker_id}",
+        transaction_timeout_s=settings.transaction_timeout_s,
+    )
+    processed = 0
+    async with AsyncProducer(producer_cfg) as progress, TritonInference(settings.triton_url) as triton, metrics_server:
+        while True:
+            worker = Worker(
+                consumer_config=consumer_cfg,
+                publisher=TransactionalPublisher(txn_config),
+                progress=progress,
+                triton=triton,
+                tasks_topic=settings.tasks_topic,
+                results_topic=settings.results_topic,
+                dead_letter_topic=settings.dead_letter_topic,
+                worker_id=worker_id,
+                max_in_flight=settings.max_in_flight,
+                max_batch_size=settings.max_batch_size,
+                inference_timeout_s=settings.inference_timeout_s,
+                triton_retry=RetryPolicy(
+                    initial_s=settings.retry_initial_s, max_s=settings.retry_max_s, budget_s=settings.retry_budget_s
+                ),
+                health_interval_s=settings.triton_health_interval_s,
+                grace_s=settings.shutdown_grace_s,
+                metrics=metrics,
+            )
+            try:
+                await worker.run(stop)
+                break
+            except ProducerWedged as e:
+                processed += worker.processed
+                if stop.is_set():
+                    break
+                # Start over with a new producer (same transactional.id: it fences the wedged one) and consumer.
+                log.error("%s; starting over with a new producer and consumer", e)
+        log.info("worker %s stopped after %d tasks", worker_id, processed + worker.processed)
         return worker
 
 

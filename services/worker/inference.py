@@ -105,40 +105,49 @@ class TritonInference:
         except InferenceServerException:
             return False
 
-    async def infer_text(
+    async def infer_batch(
         self,
         model_name: str,
-        text: str,
+        texts: list[str],
         *,
         model_version: str = "",
         parameters: dict[str, str] | None = None,
         timeout_s: float,
-    ) -> Inference:
-        """Run one text through a model; raise InferenceFailed on any error."""
-        data = np.array([[text.encode("utf-8")]], dtype=np.object_)
+        queue_timeout_s: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> list[Inference]:
+        """Run ``texts`` through a model as one request (one row each, in order); raise InferenceFailed on any
+        error. ``queue_timeout_s`` asks Triton to drop the request if it waits that long in the model's queue
+        (models that allow the override), which is how a near deadline reaches the server."""
+        data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
         tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
+        queue_timeout_us = None if queue_timeout_s is None else max(1, int(queue_timeout_s * 1e6))
         try:
             result = await self._require().infer(
                 model_name,
                 [tensor],
                 model_version=model_version,
                 parameters=dict(parameters or {}),
+                timeout=queue_timeout_us,
                 client_timeout=timeout_s,
-                headers=tracing.grpc_metadata(),
+                headers=metadata if metadata is not None else tracing.grpc_metadata(),
             )
         except InferenceServerException as e:
             raise _classify(e) from e
         response = result.get_response()
-        output = result_pb2.TaskOutput()
+        outputs: list[result_pb2.TaskOutput] = [result_pb2.TaskOutput() for _ in texts]
         for meta in response.outputs:
             array = result.as_numpy(meta.name)
-            if array is None:
+            if array is None or len(array) != len(texts):
                 raise InferenceFailed(
-                    result_pb2.ERROR_CODE_MODEL_ERROR, f"output {meta.name} has no data", retryable=False
+                    result_pb2.ERROR_CODE_MODEL_ERROR,
+                    f"output {meta.name} has {0 if array is None else len(array)} rows for {len(texts)} inputs",
+                    retryable=False,
                 )
-            output.tensors.append(to_output_tensor(meta.name, meta.datatype, array[0]))
-        return Inference(output=output, model_version=response.model_version)
+            for row, output in zip(array, outputs, strict=True):
+                output.tensors.append(to_output_tensor(meta.name, meta.datatype, row))
+        return [Inference(output=output, model_version=response.model_version) for output in outputs]
 
     def _require(self) -> triton_aio.InferenceServerClient:
         if self._client is None:

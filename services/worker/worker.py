@@ -1,333 +1,320 @@
-"""The worker: a consumer-group member that runs tasks through Triton and publishes their results.
+"""The worker: a consumer-group member that runs tasks through Triton and publishes exactly one terminal
+result per task.
 
-At-least-once: a task's offset is committed only after its terminal result's delivery report, so a
-crash re-runs unfinished tasks (a task may then be answered twice; the notifier keeps the first terminal
-result). Many tasks run at once; the consumer keeps being polled while inference runs, and partitions
-are paused while ``max_in_flight`` tasks are running, so a slow model never trips ``max.poll.interval.ms``.
+Exactly once: a task's terminal result (and, for a record it cannot process, its dead-letter record) is
+published in the same Kafka transaction that commits the task's offset. Inference runs *outside*
+transactions; finished tasks wait in the ``Ledger`` until every earlier offset of their partition is
+finished too, then the publisher thread commits the whole finished head of every partition in one short
+transaction. A crash re-runs what was not committed; a read_committed consumer never sees a result twice.
+
+Three threads, each with one job:
+- the consumer thread owns the Consumer: fetches, pauses (in-flight limit reached, Triton unhealthy,
+  draining) and resumes, and runs the rebalance callbacks (which publish or drop the moving partitions'
+  work under the transaction lock);
+- the publisher thread owns the transactional producer and publishes whatever is ready;
+- the event loop runs tasks: decoding, micro-batched Triton calls with retries, building outcomes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
 from aimesh.kafka import AsyncProducer, Record, fetch
-from aimesh.metrics import WorkerMetrics, status_label
+from aimesh.metrics import WorkerMetrics, error_code_label, status_label
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
-from .inference import InferenceFailed, TritonInference
-from .offsets import OffsetTracker, TopicPartitionKey
+from .batching import Batcher, BatchKey
+from .health import TritonHealth
+from .inference import Inference, InferenceFailed, TritonInference
+from .ledger import Ledger, Outcome, OutRecord, Partition, Ready, TopicPartitionKey
+from .transactions import TransactionAborted, TransactionalPublisher, TransactionFatal
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-COMMIT_INTERVAL_S = 0.2
 POLL_TIMEOUT_S = 0.1
+PAUSED_POLL_TIMEOUT_S = 0.02
 MAX_FETCH_BATCH = 500
 LAG_REFRESH_INTERVAL_S = 5.0
 # Bounds each broker query of a lag refresh, which holds up the consumer thread while it runs.
 LAG_QUERY_TIMEOUT_S = 1.0
+# The publisher thread wakes at least this often, and waits this long after an aborted transaction.
+PUBLISH_IDLE_S = 0.5
+ABORT_BACKOFF_S = 0.1
+MAX_ABORTS_AFTER_STOP = 20
+# Requests per model the worker keeps outstanding at Triton; more tasks than that wait to share a request.
+MAX_CONCURRENT_REQUESTS = 4
+# A producer fenced this often in this window means another live process uses the same transactional.id.
+MAX_FENCES, FENCE_WINDOW_S = 3, 60.0
+# A transactional call blocked this long is wedged: librdkafka's send_offsets_to_transaction can ignore its timeout
+# and hang for good after the group coordinator went away (librdkafka issues #5456, #5511). The worker then gives
+# up this producer and consumer and starts over (see ProducerWedged); nothing was committed, so nothing is lost.
+PUBLISH_WEDGED_S = 45.0
+# How long a revoke waits for a publish in progress before letting the partitions go unpublished.
+REVOKE_LOCK_TIMEOUT_S = 20.0
+
+
+class ProducerWedged(RuntimeError):
+    """A transactional call never returned. The Worker that raised it is done; build a new one (a new producer
+    with the same transactional.id fences the wedged one and aborts its transaction)."""
 
 
 class Worker:
-    """Consumes ``tasks_topic``, infers on Triton, produces to ``results_topic``.
+    """Consumes ``tasks_topic``, infers on Triton, publishes to ``results_topic`` (and ``dead_letter_topic``).
 
-    ``run(stop)`` returns after a graceful drain: fetching stops, in-flight tasks get ``grace_s`` to
-    finish, completed offsets are committed and the consumer leaves its group.
+    ``run(stop)`` returns after a graceful drain: fetching stops, in-flight tasks get ``grace_s`` to finish,
+    what finished is published and committed, and the consumer leaves its group.
     """
 
     def __init__(
         self,
         *,
         consumer_config: dict[str, Any],
-        producer: AsyncProducer,
+        publisher: TransactionalPublisher,
+        progress: AsyncProducer,
         triton: TritonInference,
         tasks_topic: str,
         results_topic: str,
+        dead_letter_topic: str,
         worker_id: str,
         max_in_flight: int,
+        max_batch_size: int,
         inference_timeout_s: float,
         triton_retry: RetryPolicy,
+        health_interval_s: float,
         grace_s: float,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self._consumer_config = consumer_config
-        self._producer = producer
+        self._publisher = publisher
+        self._progress = progress
         self._triton = triton
         self._tasks_topic = tasks_topic
         self._results_topic = results_topic
+        self._dead_letter_topic = dead_letter_topic
         self._worker_id = worker_id
         self._max_in_flight = max_in_flight
-        self._inference_timeout_s = inference_timeout_s
         self._triton_retry = triton_retry
-        self._publish_retry = RetryPolicy(initial_s=0.2, max_s=5.0, budget_s=None)
         self._grace_s = grace_s
         self._group = consumer_config["group.id"]
-        self._offsets = OffsetTracker()
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Every consumer call runs on this one thread: librdkafka's blocking calls stay off the event loop,
-        # and the rebalance callbacks (which run inside consume) never race a commit.
-        self._kafka_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-consumer")
-        self._consumer: Consumer | None = None
-        self._paused = False
         self._metrics = metrics if metrics is not None else WorkerMetrics()
+        self._ledger = Ledger()
+        self._batcher = Batcher(
+            triton,
+            max_batch_size=max_batch_size,
+            max_concurrent=MAX_CONCURRENT_REQUESTS,
+            timeout_s=inference_timeout_s,
+            on_request=lambda model, items: self._metrics.inference_batch_items.labels(model).observe(items),
+        )
+        self._health = TritonHealth(triton.is_ready, interval_s=health_interval_s, on_change=self._on_health)
+        self._tasks: dict[asyncio.Task[None], Partition] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._consumer: Consumer | None = None
+        # Guards the transactional producer and the ledger's publish-then-commit steps: the publisher thread
+        # and the rebalance callbacks (consumer thread) both publish.
+        self._txn_lock = threading.Lock()
+        self._work_ready = threading.Event()
+        self._stop_fetching = threading.Event()
+        self._stop_consumer = threading.Event()
+        self._stop_publisher = threading.Event()
+        self._rewind = threading.Event()
+        self._wedged = threading.Event()
+        self._publishing_since: float | None = None
+        self._triton_ok = True
+        self._paused = False  # consumer thread only
+        # The consumer's group metadata (generation, member id) for send_offsets_to_transaction. Read on the consumer
+        # thread only: Consumer.consumer_group_metadata() blocks while another thread is inside consume().
+        self._group_metadata: Any = None
+        self._fences: list[float] = []
         self._lag_series: set[TopicPartitionKey] = set()  # consumer thread only
+        self._crashed: asyncio.Event | None = None
+        self._crash: BaseException | None = None
         self.processed = 0
 
-    async def _kafka(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._kafka_thread, fn, *args)
+    # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._crashed = asyncio.Event()
+        await asyncio.to_thread(self._publisher.start)
         self._consumer = Consumer(self._consumer_config, logger=log)
-        await self._kafka(
-            lambda: self._consumer.subscribe(  # type: ignore[union-attr]
-                [self._tasks_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-            )
+        self._consumer.subscribe(
+            [self._tasks_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
-        log.info("worker %s consuming %s as group %s", self._worker_id, self._tasks_topic, self._group)
-        last_commit = last_lag = 0.0
+        log.info(
+            "worker %s consuming %s as group %s (transactional id %s)",
+            self._worker_id,
+            self._tasks_topic,
+            self._group,
+            self._publisher.transactional_id,
+        )
+        threads = [
+            threading.Thread(target=self._guarded, args=(self._consume_loop,), name="kafka-consumer", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._publish_loop,), name="kafka-publisher", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        health = asyncio.create_task(self._health.run(), name="triton-health")
         try:
-            while not stop.is_set():
-                await self._fetch_once()
-                if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
-                    await self._kafka(self._commit)
-                    last_commit = time.monotonic()
+            waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._crashed.wait())}
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending:
+                w.cancel()
+        finally:
+            await self._drain(threads)
+            health.cancel()
+            await self._batcher.close()
+            if not self._wedged.is_set():  # a wedged producer is abandoned: its thread may never return
+                await asyncio.to_thread(self._publisher.close)
+        if self._wedged.is_set():
+            raise ProducerWedged(f"a transactional call blocked for more than {PUBLISH_WEDGED_S:.0f}s")
+        if self._crash is not None:
+            raise RuntimeError("a worker thread failed") from self._crash
+
+    async def _drain(self, threads: list[threading.Thread]) -> None:
+        """Stop fetching, give running tasks ``grace_s``, publish what finished, leave the group."""
+        log.info("draining %d in-flight tasks for up to %.1fs", len(self._tasks), self._grace_s)
+        self._stop_fetching.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%d tasks did not finish in the grace period; they will run again", len(pending))
+                await asyncio.wait(pending)
+        # The consumer thread closes the consumer, whose final revoke publishes everything finished.
+        self._stop_consumer.set()
+        await asyncio.to_thread(threads[0].join)
+        self._stop_publisher.set()
+        self._work_ready.set()
+        if not self._wedged.is_set():
+            await asyncio.to_thread(threads[1].join)
+
+    def _guarded(self, body: Callable[[], None]) -> None:
+        """Run a thread's loop; if it dies, stop the worker instead of running on half-blind."""
+        try:
+            body()
+        except BaseException as e:
+            log.critical("%s failed", threading.current_thread().name, exc_info=True)
+            self._crash = e
+            self._stop_fetching.set()
+            if self._loop is not None and self._crashed is not None:
+                self._loop.call_soon_threadsafe(self._crashed.set)
+
+    # --- consumer thread ---------------------------------------------------------------------------------
+
+    def _consume_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None and self._loop is not None
+        last_lag = 0.0
+        try:
+            while not self._stop_consumer.is_set():
+                since = self._publishing_since
+                if since is not None and time.monotonic() - since > PUBLISH_WEDGED_S:
+                    self._wedged.set()
+                    raise ProducerWedged(f"a publish has been blocked for {time.monotonic() - since:.0f}s")
+                if self._rewind.is_set():
+                    self._rewind_to_committed()
+                self._group_metadata = consumer.consumer_group_metadata()
+                pending = self._ledger.pending()
+                self._metrics.tasks_in_flight.set(pending)
+                capacity = self._max_in_flight - pending
+                pause = self._stop_fetching.is_set() or not self._triton_ok or capacity <= 0
+                if pause != self._paused:
+                    self._set_paused(pause)
+                if self._paused:
+                    # Keep calling consume while paused: it serves rebalances and max.poll.interval.ms.
+                    messages = consumer.consume(1, PAUSED_POLL_TIMEOUT_S)
+                else:
+                    messages = fetch(consumer, min(capacity, MAX_FETCH_BATCH), POLL_TIMEOUT_S)
+                for message in messages:
+                    if message.error():
+                        log.warning("consumer error: %s", message.error())
+                        continue
+                    record = Record.of(message)
+                    partition = self._ledger.fetched((record.topic, record.partition), record.offset)
+                    if partition is not None:
+                        self._loop.call_soon_threadsafe(self._start, record, partition)
                 if time.monotonic() - last_lag >= LAG_REFRESH_INTERVAL_S:
-                    await self._kafka(self._refresh_lag)
+                    self._refresh_lag()
                     last_lag = time.monotonic()
         finally:
-            await self._drain()
-
-    async def _fetch_once(self) -> None:
-        assert self._consumer is not None
-        capacity = self._max_in_flight - len(self._tasks)
-        if capacity <= 0:
-            if not self._paused:
-                await self._kafka(self._set_paused, True)
-            # Keep calling consume while paused: it serves rebalances and max.poll.interval.ms.
-            messages = await self._kafka(self._consumer.consume, 1, 0)
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=POLL_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-        else:
-            if self._paused:
-                await self._kafka(self._set_paused, False)
-            messages = await self._kafka(fetch, self._consumer, min(capacity, MAX_FETCH_BATCH), POLL_TIMEOUT_S)
-        for message in messages:
-            if message.error():
-                log.warning("consumer error: %s", message.error())
-            else:
-                self._start(Record.of(message))
-
-    def _start(self, record: Record) -> None:
-        key: TopicPartitionKey = (record.topic, record.partition)
-        offset = record.offset
-        if not self._offsets.started(key, offset):
-            return  # fetched just before its partition was revoked: the new owner runs it
-        task = asyncio.create_task(self._process(record), name=f"task@{record.where()}")
-        self._tasks.add(task)
-        self._metrics.tasks_in_flight.inc()
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
-            self._metrics.tasks_in_flight.dec()
-            if t.cancelled():
-                return  # not finished: stays uncommitted and runs again
-            if t.exception() is not None:
-                log.error("task at %s:%d crashed; it stays uncommitted", key, offset, exc_info=t.exception())
-                return
-            self._offsets.finished(key, offset)
-
-        task.add_done_callback(done)
-
-    async def _process(self, record: Record) -> None:
-        try:
-            task = events.decode_task(record.value)
-        except UndecodableRecord as e:
-            self._metrics.undecodable_records.labels(e.reason).inc()
-            key = (record.key or b"").decode("utf-8", "replace")
-            with tracing.process_span(
-                record.topic,
-                key=key,
-                partition=record.partition,
-                offset=record.offset,
-                group=self._group,
-                headers=record.headers,
-            ):
-                tracing.fail(f"undecodable record skipped: {e}")
-                log.error("skipping undecodable record %s: %s", record.where(), e)
-            return
-        runtime.task_id_var.set(task.task_id)
-        with tracing.process_span(
-            record.topic,
-            key=task.task_id,
-            partition=record.partition,
-            offset=record.offset,
-            group=self._group,
-            headers=record.headers,
-        ):
-            result = await self._run(task)
-            await self._publish(result)
-            self._metrics.results.labels(task.model_name, status_label(result.status)).inc()
-            self.processed += 1
-
-    async def _run(self, task: task_pb2.AITaskEvent) -> result_pb2.AIResultEvent:
-        started = time.time()
-        result = result_pb2.AIResultEvent(
-            schema_version=events.SCHEMA_VERSION,
-            task_id=task.task_id,
-            model_name=task.model_name,
-            worker_id=self._worker_id,
-        )
-        deadline = events.timestamp_s(task.deadline) if task.HasField("deadline") else None
-        if deadline is not None and deadline <= started:
-            result.status = result_pb2.TASK_STATUS_EXPIRED
-            result.error.CopyFrom(
-                result_pb2.TaskError(
-                    code=result_pb2.ERROR_CODE_DEADLINE_EXCEEDED,
-                    message="the task's deadline passed before a worker reached it",
-                )
-            )
-            tracing.fail("expired: the deadline passed before a worker reached the task")
-            return self._finish(result, task, started, started)
-        if task.input.WhichOneof("kind") != "text":
-            result.status = result_pb2.TASK_STATUS_FAILED
-            result.error.CopyFrom(
-                result_pb2.TaskError(
-                    code=result_pb2.ERROR_CODE_BAD_TASK, message="the task has no input this worker can serve"
-                )
-            )
-            tracing.fail(result.error.message)
-            return self._finish(result, task, started, started)
-
-        self._announce_running(task)
-        if task.HasField("submitted_at"):
-            queue_wait_s = max(0.0, started - events.timestamp_s(task.submitted_at))
-            self._metrics.queue_wait_seconds.labels(task.model_name).observe(queue_wait_s)
-        inference_started = time.monotonic()
-        try:
-            async for attempt in self._triton_retry.retrying(
-                budget_s=None if deadline is None else max(0.0, deadline - started),
-                on_retry=lambda e: self._count_retry(task.model_name, e),
-            ):
-                with (
-                    attempt,
-                    tracing.infer_span(
-                        task.model_name, server_address=self._triton.url, batch_items=1, task_id=task.task_id
-                    ),
-                ):
-                    self._metrics.inference_batch_items.labels(task.model_name).observe(1)
-                    inference = await self._triton.infer_text(
-                        task.model_name,
-                        task.input.text,
-                        model_version=task.model_version,
-                        parameters=dict(task.parameters),
-                        timeout_s=self._inference_timeout_s,
-                    )
-        except InferenceFailed as e:
-            result.status = result_pb2.TASK_STATUS_FAILED
-            result.error.CopyFrom(e.to_proto())
-            tracing.fail(
-                str(e), {"aimesh.error.code": result_pb2.ErrorCode.Name(e.code), "aimesh.error.retryable": e.retryable}
-            )
-        except Exception as e:
-            # A bug or an error type the adapter does not know: the client still gets an answer, and the
-            # task's offset is not left uncommitted forever.
-            log.exception("task %s failed unexpectedly", task.task_id)
-            tracing.fail(f"internal error: {e!r}")
-            result.status = result_pb2.TASK_STATUS_FAILED
-            result.error.CopyFrom(
-                result_pb2.TaskError(code=result_pb2.ERROR_CODE_INTERNAL, message=f"internal error: {e!r}")
-            )
-        else:
-            result.status = result_pb2.TASK_STATUS_SUCCEEDED
-            result.output.CopyFrom(inference.output)
-            result.model_version = inference.model_version
-        self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
-        return self._finish(result, task, started, time.time())
-
-    def _count_retry(self, model: str, error: BaseException) -> None:
-        code = error.code if isinstance(error, InferenceFailed) else result_pb2.ERROR_CODE_UNSPECIFIED
-        self._metrics.observe_retry(model, code)
-
-    def _finish(
-        self, result: result_pb2.AIResultEvent, task: task_pb2.AITaskEvent, started: float, ended: float
-    ) -> result_pb2.AIResultEvent:
-        submitted = events.timestamp_s(task.submitted_at) or started
-        result.produced_at.CopyFrom(events.now_timestamp())
-        result.timings.queue_wait.FromNanoseconds(int(max(0.0, started - submitted) * 1e9))
-        result.timings.inference.FromNanoseconds(int((ended - started) * 1e9))
-        result.timings.total.FromNanoseconds(int(max(0.0, time.time() - submitted) * 1e9))
-        return result
-
-    def _announce_running(self, task: task_pb2.AITaskEvent) -> None:
-        """Best effort: a lost RUNNING update costs a subscriber a progress step, never the result."""
-        running = result_pb2.AIResultEvent(
-            schema_version=events.SCHEMA_VERSION,
-            task_id=task.task_id,
-            status=result_pb2.TASK_STATUS_RUNNING,
-            model_name=task.model_name,
-            worker_id=self._worker_id,
-            produced_at=events.now_timestamp(),
-        )
-        headers = events.result_headers()
-        try:
-            with tracing.send_span(self._results_topic, task.task_id, headers):
-                future = self._producer.produce_nowait(
-                    self._results_topic, key=task.task_id, value=running.SerializeToString(), headers=headers
-                )
-        except BrokerUnavailable as e:
-            log.debug("RUNNING update for %s not queued: %s", task.task_id, e)
-            return
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    async def _publish(self, result: result_pb2.AIResultEvent) -> None:
-        """Publish the terminal result, retrying until the broker acknowledges it."""
-        value = result.SerializeToString()
-        async for attempt in self._publish_retry.retrying():
-            with attempt:
-                headers = events.result_headers()
-                with tracing.send_span(self._results_topic, result.task_id, headers):
-                    await self._producer.produce(self._results_topic, key=result.task_id, value=value, headers=headers)
-
-    # --- consumer-thread side -------------------------------------------------------------------------
+            # Leaves the group; the revoke callback this triggers publishes everything finished.
+            consumer.close()
 
     def _set_paused(self, paused: bool) -> None:
         assert self._consumer is not None
-        partitions = [TopicPartition(t, p) for t, p in self._offsets.owned()]
+        partitions = [TopicPartition(t, p) for t, p in self._ledger.owned()]
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
         self._paused = paused
 
-    def _commit(self, offsets: dict[TopicPartitionKey, int] | None = None) -> None:
+    def _rewind_to_committed(self) -> None:
+        """After a fatal producer error dropped all unpublished work: fetch again from the committed offsets."""
         assert self._consumer is not None
-        offsets = self._offsets.to_commit() if offsets is None else offsets
-        if not offsets:
-            return
-        try:
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+        self._rewind.clear()
+        assignment = self._consumer.assignment()
+        committed = self._consumer.committed(assignment, timeout=30) if assignment else []
+        for tp in committed:
+            self._consumer.seek(
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
             )
-        except KafkaException as e:
-            # Not fatal: the offsets stay uncommitted and are tried again on the next commit.
-            log.warning("offset commit failed: %s", e)
-            return
-        self._offsets.committed(offsets)
+        self._ledger.assign([(tp.topic, tp.partition) for tp in assignment])
+        log.warning("rewound %d partitions to their committed offsets", len(assignment))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._group_metadata = consumer.consumer_group_metadata()
+        self._ledger.assign([(p.topic, p.partition) for p in partitions])
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        log.info("assigned %s", [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Publish and commit what is finished before the partitions move; the rest runs again on the new owner.
+        keys = [(p.topic, p.partition) for p in partitions]
+        self._group_metadata = consumer.consumer_group_metadata()
+        if self._txn_lock.acquire(timeout=0 if self._wedged.is_set() else REVOKE_LOCK_TIMEOUT_S):
+            try:
+                for _ in range(3):
+                    if self._publish_ready(set(keys)):
+                        break
+                self._forget(keys)
+            finally:
+                self._txn_lock.release()
+        else:
+            # A publish is stuck: let the partitions go with nothing published; their new owner runs the work again.
+            log.warning("revoking %s without publishing: a transaction in progress does not return", keys)
+            self._forget(keys)
+        log.info("revoked %s", [p.partition for p in partitions])
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost partitions may already belong to another member: publish and commit nothing for them. No lock: a
+        # publish in progress may be stuck on the same broker trouble that lost them, and its offsets carry the
+        # old generation, which the broker refuses (the transaction aborts).
+        self._group_metadata = consumer.consumer_group_metadata()
+        self._forget([(p.topic, p.partition) for p in partitions])
+        log.warning("lost %s", [p.partition for p in partitions])
+
+    def _forget(self, keys: list[TopicPartitionKey]) -> None:
+        released = self._ledger.release(keys)
+        if released and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cancel_tasks_of, released)
+        self._forget_lag(set(keys))
 
     def _refresh_lag(self) -> None:
         """Set the lag gauge of every owned partition: its high watermark minus the group's committed offset
         (the low watermark when the group has committed none: the consumer starts from the earliest)."""
         assert self._consumer is not None
-        committed = self._offsets.committed_offsets()
+        committed = self._ledger.committed_offsets()
         lags: dict[TopicPartitionKey, int] = {}
         try:
             # Partitions this worker has committed nothing for yet: ask the group coordinator.
@@ -358,38 +345,324 @@ class Worker:
             self._metrics.consumer_lag_records.remove(topic, str(partition))
         self._lag_series -= keys
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._offsets.assign([(p.topic, p.partition) for p in partitions])
-        if self._paused and partitions:
-            consumer.pause(partitions)
-        log.info("assigned %s", [p.partition for p in partitions])
+    # --- publisher thread --------------------------------------------------------------------------------
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Commit what is done before the partitions move; unfinished tasks run again on the new owner.
-        self._commit(self._offsets.revoke([(p.topic, p.partition) for p in partitions]))
-        self._forget_lag({(p.topic, p.partition) for p in partitions})
-        log.info("revoked %s", [p.partition for p in partitions])
+    def _publish_loop(self) -> None:
+        failures_after_stop = 0
+        while not self._wedged.is_set():
+            self._work_ready.wait(PUBLISH_IDLE_S)
+            self._work_ready.clear()
+            with self._txn_lock:
+                published = self._publish_ready()
+            if published and self._stop_publisher.is_set():
+                return
+            if not published:
+                if self._stop_publisher.is_set():
+                    failures_after_stop += 1
+                    if failures_after_stop >= MAX_ABORTS_AFTER_STOP:
+                        log.error("giving up publishing at shutdown; unpublished tasks will run again")
+                        return
+                time.sleep(ABORT_BACKOFF_S)
+                self._work_ready.set()
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Lost partitions may already belong to another member: commit nothing for them.
-        self._offsets.revoke([(p.topic, p.partition) for p in partitions])
-        self._forget_lag({(p.topic, p.partition) for p in partitions})
-        log.warning("lost %s", [p.partition for p in partitions])
+    def _publish_ready(self, keys: set[TopicPartitionKey] | None = None) -> bool:
+        """Publish the finished head of every owned partition (or of ``keys``) and commit its offsets in one
+        transaction. Call with ``_txn_lock`` held. False if the transaction was aborted (publish again)."""
+        ready = self._ledger.ready(keys)
+        if not ready:
+            return True
+        records = [record for r in ready for outcome in r.outcomes for record in outcome.records]
+        offsets = [TopicPartition(r.partition.key[0], r.partition.key[1], r.next_offset) for r in ready]
+        self._publishing_since = time.monotonic()
+        try:
+            self._publisher.publish(records, offsets, self._group_metadata)
+        except TransactionAborted:
+            self._metrics.transactions.labels("aborted").inc()
+            return self._wedged.is_set()  # a given-up worker stops publishing; otherwise publish again
+        except TransactionFatal:
+            if self._wedged.is_set():
+                return True  # given up while the call hung: a newer producer owns the id now, touch nothing
+            self._metrics.transactions.labels("fatal").inc()
+            self._recover_from_fatal()
+            return True
+        finally:
+            self._publishing_since = None
+        if self._wedged.is_set():
+            return True
+        self._metrics.transactions.labels("committed").inc()
+        self._ledger.committed(ready)
+        self._after_commit(ready)
+        return True
 
-    async def _drain(self) -> None:
-        log.info("draining %d in-flight tasks for up to %.1fs", len(self._tasks), self._grace_s)
-        if self._consumer is not None:
-            await self._kafka(self._set_paused, True)
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace_s)
-            for task in pending:
+    def _after_commit(self, ready: list[Ready]) -> None:
+        for r in ready:
+            for outcome in r.outcomes:
+                if outcome.on_committed is not None:
+                    outcome.on_committed()
+
+    def _recover_from_fatal(self) -> None:
+        """The producer cannot go on (most likely fenced by a newer instance with our transactional.id): drop
+        every unpublished outcome, recreate the producer, and fetch again from the committed offsets."""
+        now = time.monotonic()
+        self._fences = [t for t in self._fences if now - t < FENCE_WINDOW_S] + [now]
+        if len(self._fences) > MAX_FENCES:
+            raise RuntimeError(
+                f"transactional producer {self._publisher.transactional_id} failed fatally {len(self._fences)} times "
+                f"in {FENCE_WINDOW_S:.0f}s: is another live worker using the same AIMESH_WORKER_ID?"
+            )
+        self._forget(self._ledger.owned())
+        self._publisher.recreate()
+        self._rewind.set()
+
+    # --- event loop: tasks -------------------------------------------------------------------------------
+
+    def _on_health(self, healthy: bool) -> None:
+        self._triton_ok = healthy
+        self._metrics.triton_ready.set(1 if healthy else 0)
+
+    def _start(self, record: Record, partition: Partition) -> None:
+        task = asyncio.create_task(self._process(record, partition), name=f"task@{record.where()}")
+        self._tasks[task] = partition
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s crashed", task.get_name(), exc_info=task.exception())
+
+    def _cancel_tasks_of(self, partitions: list[Partition]) -> None:
+        """Stop the running tasks of released partitions: their new owner runs them."""
+        for task, partition in list(self._tasks.items()):
+            if any(partition is p for p in partitions):
                 task.cancel()
-            if pending:
-                log.warning("%d tasks did not finish in the grace period; they will run again", len(pending))
-                await asyncio.wait(pending)
-        if self._consumer is not None:
-            await self._kafka(self._commit)
-            # close() leaves the group; the revoke callback it triggers commits anything left.
-            await self._kafka(self._consumer.close)
-            self._consumer = None
-        self._kafka_thread.shutdown(wait=True)
+
+    async def _process(self, record: Record, partition: Partition) -> None:
+        outcome = await self._handle(record)
+        if self._ledger.finished(partition, record.offset, outcome):
+            self._work_ready.set()
+            self.processed += 1
+
+    async def _handle(self, record: Record) -> Outcome:
+        try:
+            task = events.decode_task(record.value)
+        except UndecodableRecord as e:
+            return self._undecodable(record, e)
+        runtime.task_id_var.set(task.task_id)
+        with tracing.process_span(
+            record.topic,
+            key=task.task_id,
+            partition=record.partition,
+            offset=record.offset,
+            group=self._group,
+            headers=record.headers,
+        ):
+            try:
+                result, attempts = await self._run(task)
+            except Exception as e:
+                # A bug or an error type nobody expected: the client still gets an answer, and the partition is
+                # not blocked behind a task that never finishes.
+                log.exception("task %s failed unexpectedly", task.task_id)
+                tracing.fail(f"internal error: {e!r}")
+                result = self._result(task, result_pb2.TASK_STATUS_FAILED)
+                result.error.CopyFrom(
+                    result_pb2.TaskError(code=result_pb2.ERROR_CODE_INTERNAL, message=f"internal error: {e!r}")
+                )
+                attempts = 0
+            records = [self._result_record(result)]
+            dead_letter = self._dead_letter_reason(result)
+            if dead_letter:
+                records.append(
+                    self._dead_letter_record(
+                        record, reason=dead_letter, error=result.error.message, attempts=attempts, task_id=task.task_id
+                    )
+                )
+                tracing.event("dead_letter", {"aimesh.dead_letter.reason": dead_letter})
+        model, status = task.model_name, status_label(result.status)
+
+        def committed() -> None:
+            self._metrics.results.labels(model, status).inc()
+            if dead_letter:
+                self._metrics.dead_lettered.labels(dead_letter).inc()
+
+        return Outcome(tuple(records), committed)
+
+    def _undecodable(self, record: Record, e: UndecodableRecord) -> Outcome:
+        """A record this worker cannot read: dead-letter it, and answer its task if its id is readable."""
+        self._metrics.undecodable_records.labels(e.reason).inc()
+        key = e.task_id or (record.key or b"").decode("utf-8", "replace")
+        with tracing.process_span(
+            record.topic,
+            key=key,
+            partition=record.partition,
+            offset=record.offset,
+            group=self._group,
+            headers=record.headers,
+        ):
+            tracing.fail(f"undecodable record dead-lettered: {e}")
+            log.error("dead-lettering undecodable record %s: %s", record.where(), e)
+            records = [self._dead_letter_record(record, reason=e.reason, error=str(e), attempts=0, task_id=e.task_id)]
+            if e.task_id:
+                result = result_pb2.AIResultEvent(
+                    schema_version=events.SCHEMA_VERSION,
+                    task_id=e.task_id,
+                    status=result_pb2.TASK_STATUS_FAILED,
+                    worker_id=self._worker_id,
+                    produced_at=events.now_timestamp(),
+                    error=result_pb2.TaskError(code=result_pb2.ERROR_CODE_BAD_TASK, message=str(e)),
+                )
+                records.insert(0, self._result_record(result))
+        reason = e.reason
+        return Outcome(tuple(records), lambda: self._metrics.dead_lettered.labels(reason).inc())
+
+    async def _run(self, task: task_pb2.AITaskEvent) -> tuple[result_pb2.AIResultEvent, int]:
+        """The task's terminal result, and how many times inference was tried."""
+        started = time.time()
+        deadline = events.timestamp_s(task.deadline) if task.HasField("deadline") else None
+        if deadline is not None and deadline <= started:
+            return self._expired(task, started, "the task's deadline passed before a worker reached it"), 0
+        if task.input.WhichOneof("kind") != "text":
+            result = self._result(task, result_pb2.TASK_STATUS_FAILED)
+            result.error.CopyFrom(
+                result_pb2.TaskError(
+                    code=result_pb2.ERROR_CODE_BAD_TASK, message="the task has no input this worker can serve"
+                )
+            )
+            tracing.fail(result.error.message)
+            return self._finish(result, task, started, started), 0
+
+        self._announce_running(task)
+        if task.HasField("submitted_at"):
+            queue_wait_s = max(0.0, started - events.timestamp_s(task.submitted_at))
+            self._metrics.queue_wait_seconds.labels(task.model_name).observe(queue_wait_s)
+        inference_started = time.monotonic()
+        attempts = 0
+        result = self._result(task, result_pb2.TASK_STATUS_SUCCEEDED)
+        try:
+            async for attempt in self._triton_retry.retrying(
+                budget_s=None if deadline is None else max(0.0, deadline - started),
+                on_retry=lambda e: self._on_retry(task.model_name, e),
+                sleep=lambda wait_s: self._backoff(wait_s, deadline),
+                paused_s=self._health.unhealthy_seconds,
+            ):
+                with attempt:
+                    attempts += 1
+                    inference = await self._infer(task, deadline)
+        except InferenceFailed as e:
+            self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
+            if e.retryable and deadline is not None and time.time() >= deadline:
+                return self._expired(task, started, f"the task's deadline passed during inference: {e}"), attempts
+            result.status = result_pb2.TASK_STATUS_FAILED
+            result.error.CopyFrom(e.to_proto())
+            tracing.fail(
+                str(e), {"aimesh.error.code": result_pb2.ErrorCode.Name(e.code), "aimesh.error.retryable": e.retryable}
+            )
+            return self._finish(result, task, started, time.time()), attempts
+        self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
+        result.output.CopyFrom(inference.output)
+        result.model_version = inference.model_version
+        return self._finish(result, task, started, time.time()), attempts
+
+    async def _infer(self, task: task_pb2.AITaskEvent, deadline: float | None) -> Inference:
+        with tracing.infer_span(
+            task.model_name, server_address=self._triton.url, batch_items=1, task_id=task.task_id
+        ) as span:
+            batched = await self._batcher.infer(
+                BatchKey.of(task.model_name, task.model_version, dict(task.parameters)),
+                task.input.text,
+                deadline=deadline,
+                metadata=tracing.grpc_metadata(),
+            )
+            span.set_attribute("aimesh.inference.batch_items", batched.batch_items)
+            return batched.inference
+
+    async def _backoff(self, wait_s: float, deadline: float | None) -> None:
+        """Sleep the backoff, then, if Triton is down, wait for it to come back (up to the task's deadline)."""
+        await asyncio.sleep(wait_s)
+        if not self._health.healthy:
+            tracing.event("waiting for Triton")
+            await self._health.wait_healthy(None if deadline is None else max(0.0, deadline - time.time()))
+
+    def _on_retry(self, model: str, error: BaseException) -> None:
+        code = error.code if isinstance(error, InferenceFailed) else result_pb2.ERROR_CODE_UNSPECIFIED
+        self._metrics.observe_retry(model, code)
+        if code == result_pb2.ERROR_CODE_UNAVAILABLE:
+            self._health.check_soon()  # Triton may be down: find out before the next attempt
+
+    def _result(self, task: task_pb2.AITaskEvent, status: result_pb2.TaskStatus.ValueType) -> result_pb2.AIResultEvent:
+        return result_pb2.AIResultEvent(
+            schema_version=events.SCHEMA_VERSION,
+            task_id=task.task_id,
+            status=status,
+            model_name=task.model_name,
+            worker_id=self._worker_id,
+            tenant=task.tenant,
+        )
+
+    def _expired(self, task: task_pb2.AITaskEvent, started: float, why: str) -> result_pb2.AIResultEvent:
+        result = self._result(task, result_pb2.TASK_STATUS_EXPIRED)
+        result.error.CopyFrom(result_pb2.TaskError(code=result_pb2.ERROR_CODE_DEADLINE_EXCEEDED, message=why))
+        tracing.fail(f"expired: {why}")
+        return self._finish(result, task, started, time.time())
+
+    def _finish(
+        self, result: result_pb2.AIResultEvent, task: task_pb2.AITaskEvent, started: float, ended: float
+    ) -> result_pb2.AIResultEvent:
+        submitted = events.timestamp_s(task.submitted_at) or started
+        result.produced_at.CopyFrom(events.now_timestamp())
+        result.timings.queue_wait.FromNanoseconds(int(max(0.0, started - submitted) * 1e9))
+        result.timings.inference.FromNanoseconds(int((ended - started) * 1e9))
+        result.timings.total.FromNanoseconds(int(max(0.0, time.time() - submitted) * 1e9))
+        return result
+
+    @staticmethod
+    def _dead_letter_reason(result: result_pb2.AIResultEvent) -> str:
+        """Why a FAILED task goes to the dead-letter topic too (a label such as ``model_not_found``); empty for
+        results that are not failures of processing (succeeded, expired)."""
+        if result.status != result_pb2.TASK_STATUS_FAILED:
+            return ""
+        return error_code_label(result.error.code)
+
+    def _result_record(self, result: result_pb2.AIResultEvent) -> OutRecord:
+        headers = events.result_headers()
+        with tracing.send_span(self._results_topic, result.task_id, headers):
+            pass  # the record is sent inside the next transaction; the span marks its creation
+        return OutRecord(self._results_topic, result.task_id.encode(), result.SerializeToString(), headers)
+
+    def _dead_letter_record(self, record: Record, *, reason: str, error: str, attempts: int, task_id: str) -> OutRecord:
+        headers: list[tuple[str, str | bytes | None]] = [
+            (events.DLQ_REASON_HEADER, reason.encode()),
+            (events.DLQ_ERROR_HEADER, error.encode("utf-8", "replace")),
+            (events.DLQ_TOPIC_HEADER, record.topic.encode()),
+            (events.DLQ_PARTITION_HEADER, str(record.partition).encode()),
+            (events.DLQ_OFFSET_HEADER, str(record.offset).encode()),
+            (events.DLQ_ATTEMPTS_HEADER, str(attempts).encode()),
+            (events.DLQ_WORKER_HEADER, self._worker_id.encode()),
+        ]
+        if task_id:
+            headers.append((events.DLQ_TASK_ID_HEADER, task_id.encode()))
+        # The original headers ride along (trace context included), after ours.
+        headers.extend(record.headers)
+        return OutRecord(self._dead_letter_topic, record.key, record.value, headers)
+
+    def _announce_running(self, task: task_pb2.AITaskEvent) -> None:
+        """Best effort, outside transactions: a lost RUNNING update costs a subscriber a progress step, never
+        the result; a repeated one (a task run again after a crash) changes nothing for the notifier."""
+        running = result_pb2.AIResultEvent(
+            schema_version=events.SCHEMA_VERSION,
+            task_id=task.task_id,
+            status=result_pb2.TASK_STATUS_RUNNING,
+            model_name=task.model_name,
+            worker_id=self._worker_id,
+            produced_at=events.now_timestamp(),
+            tenant=task.tenant,
+        )
+        headers = events.result_headers()
+        try:
+            with tracing.send_span(self._results_topic, task.task_id, headers):
+                future = self._progress.produce_nowait(
+                    self._results_topic, key=task.task_id, value=running.SerializeToString(), headers=headers
+                )
+        except BrokerUnavailable as e:
+            log.debug("RUNNING update for %s not queued: %s", task.task_id, e)
+            return
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())

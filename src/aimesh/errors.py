@@ -44,10 +44,11 @@ class DeadlinePassed(AimeshError):
 
 class UndecodableRecord(AimeshError):
     """A Kafka record that is not a task or result this version can read. ``reason`` says why in one of
-    REASONS (a metric label)."""
+    REASONS (a metric label); ``task_id`` is set when the record's task id could still be read."""
 
     REASONS = ("empty_value", "not_protobuf", "unknown_schema_version", "missing_task_id")
 
-    def __init__(self, message: str, *, reason: str) -> None:
+    def __init__(self, message: str, *, reason: str, task_id: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+        self.task_id = task_id

@@ -67,7 +67,11 @@ def decode_task(value: bytes | None) -> task_pb2.AITaskEvent:
     """Parse a tasks-topic record value; raise UndecodableRecord if it is not a task this version reads."""
     event = _parse(task_pb2.AITaskEvent, value)
     if event.schema_version != SCHEMA_VERSION:
-        raise UndecodableRecord(f"unknown task schema version {event.schema_version}", reason="unknown_schema_version")
+        raise UndecodableRecord(
+            f"unknown task schema version {event.schema_version}",
+            reason="unknown_schema_version",
+            task_id=event.task_id,
+        )
     if not event.task_id:
         raise UndecodableRecord("task record has no task_id", reason="missing_task_id")
     return event

@@ -165,9 +165,27 @@ class WorkerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.dead_lettered = Counter(
+            "aimesh_worker_dead_lettered_total",
+            "Task records published (committed) to the dead-letter topic, by reason: not_protobuf, model_not_found...",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.transactions = Counter(
+            "aimesh_worker_transactions_total",
+            "Kafka transactions that published results and committed offsets, by outcome: committed, aborted, fatal.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.triton_ready = Gauge(
+            "aimesh_worker_triton_ready",
+            "1 while the worker's Triton server is ready, 0 while it is not (the worker then fetches nothing).",
+            registry=self.registry,
+        )
+        self.triton_ready.set(1)
         self.tasks_in_flight = Gauge(
             "aimesh_worker_tasks_in_flight",
-            "Tasks this worker has fetched and not finished.",
+            "Tasks this worker has fetched and not yet committed (running, or finished and awaiting publication).",
             registry=self.registry,
         )
         self.consumer_lag_records = Gauge(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tenacity import (
@@ -12,9 +13,11 @@ from tenacity import (
     before_sleep_log,
     retry_if_exception,
     stop_after_delay,
+    stop_any,
     stop_never,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 
 from aimesh import tracing
 from aimesh.errors import AimeshError
@@ -38,6 +41,19 @@ def _before_sleep(state: RetryCallState) -> None:
     )
 
 
+class _StopAfterActiveDelay(stop_base):
+    """Stop once ``budget_s`` has passed, not counting time ``paused_s`` reports (an outage waited out)."""
+
+    def __init__(self, budget_s: float, paused_s: Callable[[], float]) -> None:
+        self._budget_s = budget_s
+        self._paused_s = paused_s
+        self._paused_at_start = paused_s()
+
+    def __call__(self, state: RetryCallState) -> bool:
+        elapsed = state.seconds_since_start or 0.0
+        return elapsed - (self._paused_s() - self._paused_at_start) >= self._budget_s
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter: ``initial_s`` doubling (``multiplier``) up to ``max_s`` per wait,
@@ -49,12 +65,25 @@ class RetryPolicy:
     budget_s: float | None = 60.0
 
     def retrying(
-        self, *, budget_s: float | None = None, on_retry: Callable[[BaseException], None] | None = None
+        self,
+        *,
+        budget_s: float | None = None,
+        on_retry: Callable[[BaseException], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        paused_s: Callable[[], float] | None = None,
     ) -> AsyncRetrying:
-        """An AsyncRetrying that retries errors whose ``retryable`` is true; ``budget_s`` can tighten the
-        policy's budget (a task's deadline, say). ``on_retry`` (which must not raise) sees each error that is
-        about to be retried, not the last one."""
-        budgets = [b for b in (self.budget_s, budget_s) if b is not None]
+        """An AsyncRetrying that retries errors whose ``retryable`` is true; ``budget_s`` (wall time: a task's
+        deadline, say) can tighten the policy's budget. ``on_retry`` (which must not raise) sees each error that
+        is about to be retried, not the last one. ``sleep`` replaces the backoff sleep (it may wait longer, for
+        a server to come back); time that ``paused_s`` reports passing does not count against the policy's own
+        budget, only against ``budget_s``."""
+        stops: list[stop_base] = []
+        if budget_s is not None:
+            stops.append(stop_after_delay(budget_s))
+        if self.budget_s is not None:
+            stops.append(
+                _StopAfterActiveDelay(self.budget_s, paused_s) if paused_s else stop_after_delay(self.budget_s)
+            )
 
         def before_sleep(state: RetryCallState) -> None:
             _before_sleep(state)
@@ -65,7 +94,8 @@ class RetryPolicy:
         return AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, AimeshError) and e.retryable),
             wait=wait_exponential_jitter(initial=self.initial_s, exp_base=self.multiplier, max=self.max_s),
-            stop=stop_after_delay(min(budgets)) if budgets else stop_never,
+            stop=stop_any(*stops) if stops else stop_never,
             before_sleep=before_sleep,
             reraise=True,
+            sleep=sleep if sleep is not None else asyncio.sleep,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 import sys
@@ -75,6 +76,8 @@ def run_service(
     export the spans still buffered."""
     configure_logging(service, settings.log_level, settings.log_format)
     tracing.configure(f"aimesh-{service}")
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck service is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     async def run() -> None:
         await serve(settings, stop_event_on_signals())

@@ -35,7 +35,7 @@ from aimesh.metrics import (
 from aimesh.notifier.service import NotifierServicer
 from aimesh.notifier.store import TaskStore
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
-from aimesh.worker.offsets import OffsetTracker
+from aimesh.worker.ledger import Ledger, Outcome
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -72,6 +72,9 @@ def test_names_follow_the_prometheus_conventions() -> None:
         "aimesh_worker_results_total",
         "aimesh_worker_retries_total",
         "aimesh_worker_undecodable_records_total",
+        "aimesh_worker_dead_lettered_total",
+        "aimesh_worker_transactions_total",
+        "aimesh_worker_triton_ready",
         "aimesh_worker_tasks_in_flight",
         "aimesh_worker_consumer_lag_records",
         "aimesh_notifier_active_subscriptions",
@@ -178,13 +181,14 @@ def test_free_port_block_gives_consecutive_ports_that_can_be_bound() -> None:
             s.close()
 
 
-def test_offset_tracker_reports_committed_offsets_of_owned_partitions() -> None:
-    tracker = OffsetTracker()
-    tracker.assign([("tasks", 0), ("tasks", 1)])
-    tracker.started(("tasks", 0), 4)
-    tracker.finished(("tasks", 0), 4)
-    tracker.committed(tracker.to_commit())
-    assert tracker.committed_offsets() == {("tasks", 0): 5, ("tasks", 1): None}
+def test_ledger_reports_committed_offsets_of_owned_partitions() -> None:
+    ledger = Ledger()
+    ledger.assign([("tasks", 0), ("tasks", 1)])
+    partition = ledger.fetched(("tasks", 0), 4)
+    assert partition is not None
+    ledger.finished(partition, 4, Outcome())
+    ledger.committed(ledger.ready())
+    assert ledger.committed_offsets() == {("tasks", 0): 5, ("tasks", 1): None}
 
 
 def test_store_counts_known_tasks_as_they_come_and_expire() -> None:

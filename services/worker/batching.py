@@ -1,0 +1,143 @@
+"""Micro-batching: tasks for the same model and parameters that are waiting at the same moment go to Triton as
+one request.
+
+There is no timer: a task is sent at once when fewer than ``max_concurrent`` requests for its model are
+outstanding (so a lone task waits for nothing), and otherwise joins the queue that the next request takes
+whole, up to ``max_batch_size`` rows. Under load, requests fill up by themselves while earlier ones run;
+Triton's dynamic batcher can merge them further.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .inference import Inference, InferenceFailed, TritonInference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Tasks that may share a request: same model, version and request parameters."""
+
+    model: str
+    version: str = ""
+    parameters: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, model: str, version: str, parameters: dict[str, str]) -> BatchKey:
+        return cls(model, version, tuple(sorted(parameters.items())))
+
+
+@dataclass(frozen=True)
+class Batched:
+    inference: Inference
+    batch_items: int
+
+
+@dataclass
+class _Item:
+    text: str
+    deadline: float | None  # epoch seconds
+    metadata: dict[str, str]
+    future: asyncio.Future[Batched] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Batcher:
+    def __init__(
+        self,
+        triton: TritonInference,
+        *,
+        max_batch_size: int,
+        max_concurrent: int,
+        timeout_s: float,
+        on_request: Callable[[str, int], None] = lambda model, items: None,
+    ) -> None:
+        self._triton = triton
+        self._max_batch_size = max_batch_size
+        self._max_concurrent = max_concurrent
+        self._timeout_s = timeout_s
+        self._on_request = on_request
+        self._queues: dict[BatchKey, deque[_Item]] = {}
+        self._outstanding: dict[BatchKey, int] = {}
+        self._requests: set[asyncio.Task[None]] = set()
+
+    async def infer(self, key: BatchKey, text: str, *, deadline: float | None, metadata: dict[str, str]) -> Batched:
+        """This text's inference, run in whichever request it joins. Raises InferenceFailed."""
+        item = _Item(text, deadline, metadata)
+        self._queues.setdefault(key, deque()).append(item)
+        self._dispatch(key)
+        try:
+            return await asyncio.shield(item.future)
+        except asyncio.CancelledError:
+            item.future.cancel()  # if still queued, the next request skips it
+            raise
+
+    def _dispatch(self, key: BatchKey) -> None:
+        queue = self._queues.get(key)
+        while queue and self._outstanding.get(key, 0) < self._max_concurrent:
+            items: list[_Item] = []
+            while queue and len(items) < self._max_batch_size:
+                item = queue.popleft()
+                if not item.future.done():
+                    items.append(item)
+            if not items:
+                break
+            self._outstanding[key] = self._outstanding.get(key, 0) + 1
+            request = asyncio.create_task(self._send(key, items), name=f"infer {key.model} x{len(items)}")
+            self._requests.add(request)
+            request.add_done_callback(self._requests.discard)
+        if queue is not None and not queue:
+            del self._queues[key]
+
+    async def _send(self, key: BatchKey, items: list[_Item]) -> None:
+        try:
+            await self._run(key, items)
+        finally:
+            self._outstanding[key] -= 1
+            if not self._outstanding[key]:
+                del self._outstanding[key]
+            self._dispatch(key)
+
+    async def _run(self, key: BatchKey, items: list[_Item]) -> None:
+        deadlines = [i.deadline for i in items if i.deadline is not None]
+        queue_timeout_s = max(0.001, min(deadlines) - time.time()) if deadlines else None
+        self._on_request(key.model, len(items))
+        try:
+            inferences = await self._triton.infer_batch(
+                key.model,
+                [i.text for i in items],
+                model_version=key.version,
+                parameters=dict(key.parameters),
+                timeout_s=self._timeout_s,
+                queue_timeout_s=queue_timeout_s,
+                metadata=items[0].metadata,
+            )
+        except InferenceFailed as e:
+            if len(items) > 1 and not e.retryable:
+                # One bad input must not fail the tasks it happened to share a request with: send each alone.
+                log.info("a %d-item %s request failed (%s); sending its items one by one", len(items), key.model, e)
+                await asyncio.gather(*(self._run(key, [item]) for item in items))
+                return
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(e)
+        except Exception as e:  # a bug or an unexpected client error: every waiting task still gets an answer
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(e)
+        else:
+            for item, inference in zip(items, inferences, strict=True):
+                if not item.future.done():
+                    item.future.set_result(Batched(inference, len(items)))
+
+    async def close(self) -> None:
+        for request in list(self._requests):
+            request.cancel()
+        if self._requests:
+            await asyncio.wait(set(self._requests))

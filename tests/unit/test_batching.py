@@ -1,0 +1,107 @@
+"""Micro-batching in the worker, against a fake Triton at the TritonInference seam."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aimesh.v1 import result_pb2
+from aimesh.worker.batching import Batcher, BatchKey
+from aimesh.worker.inference import Inference, InferenceFailed
+
+
+class FakeTriton:
+    """Answers each text with itself; ``bad`` texts fail the whole request as invalid input."""
+
+    url = "fake:8001"
+
+    def __init__(self, *, bad: frozenset[str] = frozenset(), delay_s: float = 0.02) -> None:
+        self.requests: list[list[str]] = []
+        self.queue_timeouts: list[float | None] = []
+        self._bad = bad
+        self._delay_s = delay_s
+
+    async def infer_batch(
+        self, model: str, texts: list[str], *, queue_timeout_s: float | None = None, **_: object
+    ) -> list[Inference]:
+        self.requests.append(list(texts))
+        self.queue_timeouts.append(queue_timeout_s)
+        await asyncio.sleep(self._delay_s)
+        if self._bad & set(texts):
+            raise InferenceFailed(result_pb2.ERROR_CODE_INVALID_INPUT, "bad text", retryable=False)
+        out = []
+        for text in texts:
+            output = result_pb2.TaskOutput()
+            output.tensors.add(name="TEXT", datatype="BYTES", shape=[1], string_data=[text])
+            out.append(Inference(output=output, model_version="1"))
+        return out
+
+
+def batcher(triton: FakeTriton, *, max_batch_size: int = 8, max_concurrent: int = 1) -> Batcher:
+    return Batcher(triton, max_batch_size=max_batch_size, max_concurrent=max_concurrent, timeout_s=5)  # type: ignore[arg-type]
+
+
+KEY = BatchKey.of("sleep", "", {})
+
+
+async def test_a_lone_task_is_sent_at_once_and_waiting_ones_share_the_next_request() -> None:
+    triton = FakeTriton()
+    b = batcher(triton)
+    results = await asyncio.gather(*(b.infer(KEY, f"t{i}", deadline=None, metadata={}) for i in range(5)))
+    assert triton.requests == [["t0"], ["t1", "t2", "t3", "t4"]]
+    assert [r.inference.output.tensors[0].string_data[0] for r in results] == [f"t{i}" for i in range(5)]
+    assert [r.batch_items for r in results] == [1, 4, 4, 4, 4]
+
+
+async def test_requests_hold_at_most_max_batch_size_and_keys_do_not_mix() -> None:
+    triton = FakeTriton()
+    b = batcher(triton, max_batch_size=2)
+    other = BatchKey.of("sleep", "", {"delay_ms": "5"})
+    await asyncio.gather(
+        *(b.infer(KEY, f"a{i}", deadline=None, metadata={}) for i in range(5)),
+        b.infer(other, "b0", deadline=None, metadata={}),
+    )
+    assert max(len(r) for r in triton.requests) == 2
+    assert ["b0"] in triton.requests and all(r == ["b0"] or "b0" not in r for r in triton.requests)
+    assert sorted(t for r in triton.requests for t in r) == sorted([f"a{i}" for i in range(5)] + ["b0"])
+
+
+async def test_one_bad_input_does_not_fail_its_batch_neighbours() -> None:
+    triton = FakeTriton(bad=frozenset({"bad"}))
+    b = batcher(triton)
+    first = asyncio.ensure_future(b.infer(KEY, "first", deadline=None, metadata={}))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(b.infer(KEY, t, deadline=None, metadata={})) for t in ("x", "bad", "y")]
+    await first
+    done = await asyncio.gather(*rest, return_exceptions=True)
+    assert isinstance(done[1], InferenceFailed) and done[1].code == result_pb2.ERROR_CODE_INVALID_INPUT
+    assert not isinstance(done[0], BaseException) and not isinstance(done[2], BaseException)
+    assert ["x", "bad", "y"] in triton.requests and ["x"] in triton.requests and ["y"] in triton.requests
+
+
+async def test_a_cancelled_waiting_task_is_left_out_of_the_request() -> None:
+    triton = FakeTriton()
+    b = batcher(triton)
+    first = asyncio.ensure_future(b.infer(KEY, "first", deadline=None, metadata={}))
+    await asyncio.sleep(0)
+    gone = asyncio.ensure_future(b.infer(KEY, "gone", deadline=None, metadata={}))
+    kept = asyncio.ensure_future(b.infer(KEY, "kept", deadline=None, metadata={}))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await first
+    await kept
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert triton.requests == [["first"], ["kept"]]
+
+
+async def test_the_nearest_deadline_becomes_the_requests_queue_timeout() -> None:
+    import time
+
+    triton = FakeTriton()
+    b = batcher(triton)
+    await b.infer(KEY, "no deadline", deadline=None, metadata={})
+    await b.infer(KEY, "soon", deadline=time.time() + 2.0, metadata={})
+    assert triton.queue_timeouts[0] is None
+    assert triton.queue_timeouts[1] is not None and 1.0 < triton.queue_timeouts[1] <= 2.0
