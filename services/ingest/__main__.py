@@ -8,7 +8,8 @@ import os
 import socket
 
 from aimesh import runtime, tracing
-from aimesh.grpc_edge import GrpcServer
+from aimesh.auth import Authenticator
+from aimesh.grpc_edge import GrpcServer, ServerTls
 from aimesh.kafka import AsyncProducer, producer_config
 from aimesh.metrics import IngestMetrics, MetricsServer, new_registry
 from aimesh.settings import IngestSettings
@@ -22,10 +23,12 @@ log = logging.getLogger("aimesh.ingest")
 
 
 async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
+    authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
     config = producer_config(
         settings.kafka_bootstrap,
         client_id=f"aimesh-ingest-{socket.gethostname()}-{os.getpid()}",
         delivery_timeout_s=settings.publish_timeout_s,
+        extra=settings.kafka_client_config(),
     )
     metrics = IngestMetrics(new_registry(), models=settings.model_names)
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
@@ -39,13 +42,13 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
             idempotency=IdempotencyKeys(settings.idempotency_ttl_s),
             metrics=metrics,
         )
-        # Leave room for a full batch of maximum-size texts plus framing.
-        max_message = max(4 << 20, settings.max_text_bytes * 2 + (1 << 20))
         server = GrpcServer(
             settings.ingest_address,
             [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
-            max_message_bytes=max_message,
+            max_message_bytes=settings.max_message_bytes,
             interceptors=tracing.server_interceptors(),
+            auth=authenticator,
+            tls=ServerTls.from_settings(settings),
         )
         server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
         await server.start()

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.rpc import code_pb2
 
-from aimesh import events, runtime, tracing
+from aimesh import auth, events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, DeadlinePassed, InvalidTask, UnknownModel
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.kafka import AsyncProducer
@@ -120,17 +120,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return [o for o in outcomes if isinstance(o, ingest_pb2.SubmitTaskResponse)]
 
     async def _accept(self, request: ingest_pb2.SubmitTaskRequest) -> ingest_pb2.SubmitTaskResponse:
+        tenant = auth.current_tenant()
         if request.idempotency_key:
+            # Scoped per tenant: one tenant's key never returns another's task. A tenant name has no "/".
             accepted, duplicate = await self._idempotency.submit_once(
-                request.idempotency_key, lambda: self._publish(request)
+                f"{tenant}/{request.idempotency_key}", lambda: self._publish(request, tenant)
             )
         else:
-            accepted, duplicate = await self._publish(request), False
+            accepted, duplicate = await self._publish(request, tenant), False
         return ingest_pb2.SubmitTaskResponse(
             task_id=accepted.task_id, accepted_at=accepted.accepted_at, duplicate=duplicate
         )
 
-    async def _publish(self, request: ingest_pb2.SubmitTaskRequest) -> Accepted:
+    async def _publish(self, request: ingest_pb2.SubmitTaskRequest, tenant: str) -> Accepted:
         task_id = str(uuid.uuid4())
         runtime.task_id_var.set(task_id)  # this coroutine runs as its own asyncio task (gather)
         event = task_pb2.AITaskEvent(
@@ -142,6 +144,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             parameters=request.parameters,
             submitted_at=events.now_timestamp(),
             idempotency_key=request.idempotency_key,
+            tenant=tenant,
         )
         if request.HasField("deadline"):
             event.deadline.CopyFrom(request.deadline)

@@ -10,21 +10,23 @@ import socket
 from collections.abc import Awaitable
 
 from aimesh import runtime, tracing
-from aimesh.grpc_edge import GrpcServer
+from aimesh.auth import Authenticator
+from aimesh.grpc_edge import GrpcServer, ServerTls
 from aimesh.kafka import consumer_config
 from aimesh.metrics import MetricsServer, NotifierMetrics, new_registry
 from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
 from .feed import Decoded, Feed
-from .service import NotifierServicer
+from .service import NotifierServicer, StreamLimits
 from .store import TaskStore
 
 log = logging.getLogger("aimesh.notifier")
 
 
 async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
-    store = TaskStore(settings.retention_s)
+    authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
+    store = TaskStore(settings.retention_s, default_tenant=settings.default_tenant)
     metrics = NotifierMetrics(new_registry())
     metrics.tasks_known.set_function(lambda: len(store))
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
@@ -38,7 +40,9 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
 
     group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
     feed = Feed(
-        consumer_config(settings.kafka_bootstrap, group_id=group, client_id=group),
+        consumer_config(
+            settings.kafka_bootstrap, group_id=group, client_id=group, extra=settings.kafka_client_config()
+        ),
         tasks_topic=settings.tasks_topic,
         results_topic=settings.results_topic,
         history_s=settings.retention_s,
@@ -48,9 +52,17 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     server = GrpcServer(
         settings.notifier_address,
         [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name],
+        max_message_bytes=settings.max_message_bytes,
         interceptors=tracing.server_interceptors(),
+        auth=authenticator,
+        tls=ServerTls.from_settings(settings),
     )
-    servicer = NotifierServicer(store, ready=feed.caught_up, metrics=metrics)
+    limits = StreamLimits(
+        max_per_connection=settings.max_subscriptions_per_connection,
+        max_per_tenant=settings.max_subscriptions_per_tenant,
+        idle_timeout_s=settings.stream_idle_timeout_s,
+    )
+    servicer = NotifierServicer(store, ready=feed.caught_up, metrics=metrics, limits=limits)
     server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
     feed.start()
     await server.start()

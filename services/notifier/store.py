@@ -2,6 +2,11 @@
 
 Only the event loop touches the store. A task's first terminal result wins: a repeated terminal result
 (an at-least-once worker that ran a task twice) changes nothing, and no update moves a task backwards.
+
+Every task belongs to a tenant, learned from its task record (an empty tenant there: a record from before
+tenants, the default tenant's) or from a result that carries one (an empty tenant on a result says
+nothing). Only that tenant's watchers and lookups see the task. While the tenant is not known yet, nobody
+sees the task: watchers wait and get its state once it is; a watcher of another tenant then gets DENIED.
 """
 
 from __future__ import annotations
@@ -39,13 +44,29 @@ class Update:
     trace: SpanContext | None = None
 
 
+class Denied:
+    """Put in a watcher's queue instead of an update: the task belongs to another tenant."""
+
+
+DENIED = Denied()
+
+WatchItem = Update | Denied
+
+
+@dataclass(eq=False)
+class _Watcher:
+    tenant: str
+    queue: asyncio.Queue[WatchItem]
+
+
 @dataclass
 class _Record:
     state: notifier_pb2.TaskState
     touched_s: float
-    watchers: set[asyncio.Queue[Update]] = field(default_factory=set)
+    watchers: dict[asyncio.Queue[WatchItem], _Watcher] = field(default_factory=dict)
     # The span that read the task's latest result: deliveries to subscribers continue its trace.
     trace: SpanContext | None = None
+    tenant: str | None = None  # None: not learned yet
 
     @property
     def known(self) -> bool:
@@ -55,15 +76,19 @@ class _Record:
 class TaskStore:
     """Task states for ``retention_s`` after their last change, and the queues of their watchers."""
 
-    def __init__(self, retention_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, retention_s: float, *, default_tenant: str = "default", clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._retention_s = retention_s
+        self._default_tenant = default_tenant
         self._clock = clock
         self._records: dict[str, _Record] = {}
         self._known = 0  # records whose state is known, kept so len() is cheap
 
-    def get(self, task_id: str) -> notifier_pb2.TaskState | None:
+    def get(self, task_id: str, tenant: str | None = None) -> notifier_pb2.TaskState | None:
+        """The task's state if it is known and ``tenant``'s (``None``: the default tenant)."""
         record = self._records.get(task_id)
-        if record is None or not record.known:
+        if record is None or not record.known or record.tenant != (tenant or self._default_tenant):
             return None
         return _copy(record.state)
 
@@ -72,32 +97,39 @@ class TaskStore:
         state = record.state
         state.submitted_at.CopyFrom(task.submitted_at)
         state.model_name = task.model_name
+        learned = self._learn_tenant(record, task.tenant or self._default_tenant)
         if state.status == result_pb2.TASK_STATUS_UNSPECIFIED:
             self._change(record, result_pb2.TASK_STATUS_QUEUED, task.submitted_at, None)
+        elif learned:
+            self._notify(record)
 
     def apply_result(self, result: result_pb2.AIResultEvent, trace: SpanContext | None = None) -> None:
         record = self._record(result.task_id)
+        learned = bool(result.tenant) and self._learn_tenant(record, result.tenant)
         if _rank(result.status) <= _rank(record.state.status):
+            if learned:
+                self._notify(record)
             return
         if not record.state.model_name:
             record.state.model_name = result.model_name
         record.trace = trace
         self._change(record, result.status, result.produced_at, result)
 
-    def watch(self, task_id: str) -> asyncio.Queue[Update]:
-        """A queue that receives the task's current state (if known) and every later change."""
+    def watch(self, task_id: str, tenant: str | None = None) -> asyncio.Queue[WatchItem]:
+        """A queue that receives the task's current state (if known) and every later change, once the task is
+        known to be ``tenant``'s (``None``: the default tenant); DENIED, and nothing more, once it is known to
+        be another tenant's."""
         record = self._record(task_id)
-        queue: asyncio.Queue[Update] = asyncio.Queue()
-        if record.known:
-            queue.put_nowait(Update(_copy(record.state), record.trace))
-        record.watchers.add(queue)
-        return queue
+        watcher = _Watcher(tenant or self._default_tenant, asyncio.Queue())
+        record.watchers[watcher.queue] = watcher
+        self._send(record, watcher)
+        return watcher.queue
 
-    def unwatch(self, task_id: str, queue: asyncio.Queue[Update]) -> None:
+    def unwatch(self, task_id: str, queue: asyncio.Queue[WatchItem]) -> None:
         record = self._records.get(task_id)
         if record is None:
             return
-        record.watchers.discard(queue)
+        record.watchers.pop(queue, None)
         if not record.watchers and not record.known:
             del self._records[task_id]
 
@@ -132,8 +164,31 @@ class TaskStore:
         if result is not None:
             state.result.CopyFrom(result)
         record.touched_s = self._clock()
-        for queue in record.watchers:
-            queue.put_nowait(Update(_copy(state), record.trace))
+        self._notify(record)
+
+    @staticmethod
+    def _learn_tenant(record: _Record, tenant: str) -> bool:
+        """Record the task's tenant unless known already (the first source wins); whether it was learned now."""
+        if record.tenant is not None:
+            return False
+        record.tenant = tenant
+        return True
+
+    def _notify(self, record: _Record) -> None:
+        for watcher in list(record.watchers.values()):
+            self._send(record, watcher)
+
+    @staticmethod
+    def _send(record: _Record, watcher: _Watcher) -> None:
+        """The record's current state to ``watcher``, if it may see it; DENIED (once) if it may not."""
+        if record.tenant is None:
+            return  # held back until the tenant is known
+        if record.tenant != watcher.tenant:
+            # A denied watcher hears nothing more: it ends its stream on DENIED and unwatches.
+            del record.watchers[watcher.queue]
+            watcher.queue.put_nowait(DENIED)
+        elif record.known:
+            watcher.queue.put_nowait(Update(_copy(record.state), record.trace))
 
 
 def _copy(state: notifier_pb2.TaskState) -> notifier_pb2.TaskState:

@@ -1,10 +1,13 @@
-"""The gRPC edge shared by ingest and notifier: a grpc.aio server with health, reflection and a graceful
-stop, and the mapping of domain errors to rich gRPC statuses."""
+"""The gRPC edge shared by ingest and notifier: a grpc.aio server with health, reflection, API-key
+authentication, optional TLS or mutual TLS and a graceful stop, and the mapping of domain errors to rich
+gRPC statuses."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -15,18 +18,47 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from aimesh.auth import Authenticator, AuthInterceptor
 from aimesh.errors import InvalidTask
+from aimesh.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "aimesh.dev"
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files of a TLS server; with ``client_ca_file`` clients must present a certificate that CA signed."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> ServerTls | None:
+        if not settings.tls_cert_file:
+            return None
+        ca = Path(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+        return cls(Path(settings.tls_cert_file), Path(settings.tls_key_file), ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Read the files (at start: a renewed certificate takes a restart)."""
+        ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
 class GrpcServer:
     """A grpc.aio server bound to one address, with the standard health service and server reflection.
 
-    ``add_services`` registers servicers before ``start``; ``stop`` turns health to NOT_SERVING, lets
-    in-flight calls finish within the grace period and is safe to call twice.
+    Every call but health and reflection passes ``auth`` (default: authentication off, the default tenant);
+    with ``tls`` the port speaks only TLS. ``add`` registers servicers before ``start``; ``stop`` turns
+    health to NOT_SERVING, lets in-flight calls finish within the grace period and is safe to call twice.
+    A message over ``max_message_bytes`` is refused with RESOURCE_EXHAUSTED by gRPC itself.
     """
 
     def __init__(
@@ -36,11 +68,16 @@ class GrpcServer:
         *,
         max_message_bytes: int = 4 << 20,
         interceptors: Sequence[Any] = (),
+        auth: Authenticator | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self._address = address
         self._service_names = list(service_names)
+        self._tls = tls
+        auth = auth if auth is not None else Authenticator.disabled()
         self.server = grpc.aio.server(
-            interceptors=list(interceptors),
+            # After the tracing interceptors: a refused call still gets its SERVER span.
+            interceptors=[*interceptors, AuthInterceptor(auth)],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -58,12 +95,16 @@ class GrpcServer:
     async def start(self) -> None:
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(self._address)
+        if self._tls is not None:
+            self.port = self.server.add_secure_port(self._address, self._tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(self._address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self._address}")
         await self.server.start()
         await self.set_serving(True)
-        log.info("gRPC server listening on %s (port %d)", self._address, self.port)
+        security = "plaintext" if self._tls is None else "mutual TLS" if self._tls.client_ca_file else "TLS"
+        log.info("gRPC server listening on %s (port %d, %s)", self._address, self.port, security)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -21,13 +21,16 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, str | bytes | None]]
 
 
-def producer_config(bootstrap: str, *, client_id: str, delivery_timeout_s: float) -> dict[str, Any]:
+def producer_config(
+    bootstrap: str, *, client_id: str, delivery_timeout_s: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Settings for a producer whose delivery report means "durable".
 
     ``enable.idempotence`` implies ``acks=all`` and ordered, duplicate-free retries; a record that is not
     acknowledged within ``delivery_timeout_s`` fails its delivery report instead of waiting forever.
+    ``extra`` (``KafkaSettings.kafka_client_config()``: security.protocol, sasl.*, ssl.*) is merged last.
     """
-    return {
+    config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "client.id": client_id,
         "enable.idempotence": True,
@@ -39,6 +42,8 @@ def producer_config(bootstrap: str, *, client_id: str, delivery_timeout_s: float
         "message.timeout.ms": max(1, int(delivery_timeout_s * 1000)),
         "socket.connection.setup.timeout.ms": max(1000, int(delivery_timeout_s * 1000)),
     }
+    config.update(extra or {})
+    return config
 
 
 class AsyncProducer:
@@ -177,7 +182,8 @@ def consumer_config(
     """Settings for a consumer that commits only what it says is done.
 
     Auto-commit and the automatic offset store are off: offsets are committed explicitly after a task's
-    result is durable. Cooperative-sticky assignment moves only the partitions that must move.
+    result is durable. Cooperative-sticky assignment moves only the partitions that must move. ``extra``
+    (overrides, and ``KafkaSettings.kafka_client_config()``: security.protocol, sasl.*, ssl.*) is merged last.
     """
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,

@@ -6,10 +6,31 @@ upper case), then the default here. The README's configuration table lists every
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _CONFIG = SettingsConfigDict(env_prefix="AIMESH_", frozen=True, extra="ignore")
+
+# librdkafka properties aimesh sets itself because its guarantees rest on them (durable acknowledgements,
+# explicit commits, transactions); AIMESH_KAFKA_CONFIG may not override them.
+RESERVED_KAFKA_PROPERTIES = frozenset(
+    {
+        "bootstrap.servers",
+        "group.id",
+        "client.id",
+        "enable.idempotence",
+        "acks",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "isolation.level",
+        "transactional.id",
+    }
+)
+
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class KafkaSettings(BaseSettings):
@@ -30,9 +51,80 @@ class KafkaSettings(BaseSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="Address the Prometheus metrics endpoint binds (0.0.0.0: every interface)."
     )
+    kafka_config: SecretStr = Field(
+        SecretStr(""),
+        description="JSON object of extra librdkafka properties (security.protocol, sasl.*, ssl.*) merged into "
+        "every Kafka client config.",
+    )
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """The extra librdkafka properties of ``AIMESH_KAFKA_CONFIG`` (empty when unset).
+
+        Checked here, when a service builds its clients, rather than by a pydantic validator: a validation
+        error would print the input, passwords included. Raises ValueError.
+        """
+        return _parse_kafka_config(self.kafka_config.get_secret_value())
 
 
-class IngestSettings(KafkaSettings):
+def _parse_kafka_config(text: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"AIMESH_KAFKA_CONFIG is not JSON: {e.msg}") from None  # never echo the secrets
+    if not isinstance(parsed, dict):
+        raise ValueError("AIMESH_KAFKA_CONFIG must be a JSON object of librdkafka properties")
+    reserved = sorted(RESERVED_KAFKA_PROPERTIES & parsed.keys())
+    if reserved:
+        raise ValueError(f"AIMESH_KAFKA_CONFIG may not set {', '.join(reserved)}: aimesh sets them itself")
+    bad = sorted(k for k, v in parsed.items() if not isinstance(v, str | int | float | bool))
+    if bad:
+        raise ValueError(f"AIMESH_KAFKA_CONFIG values must be strings, numbers or booleans: {', '.join(bad)}")
+    return parsed
+
+
+class ServerSettings(KafkaSettings):
+    """What every gRPC server (ingest, notifier) shares: authentication, TLS and message size."""
+
+    auth: str = Field(
+        "on",
+        pattern="^(on|off)$",
+        description="on: every call needs an API key; off: no keys, every task in the default tenant "
+        "(local development only).",
+    )
+    api_keys_file: str = Field(
+        "", description="File of API key hashes, one `tenant:sha256hex` line each (# comments allowed)."
+    )
+    api_keys: str = Field("", description="More `tenant:sha256hex` entries, separated by commas or whitespace.")
+    default_tenant: str = Field(
+        "default", pattern=TENANT_PATTERN, description="The tenant of every task while auth is off."
+    )
+    tls_cert_file: str = Field("", description="PEM certificate chain of the gRPC server; with the key, TLS is on.")
+    tls_key_file: str = Field("", description="PEM private key of the gRPC server.")
+    tls_client_ca_file: str = Field(
+        "", description="PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."
+    )
+    max_message_bytes: int = Field(
+        4 << 20, ge=1024, description="Largest gRPC message received or sent; larger ones get RESOURCE_EXHAUSTED."
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_come_together(self) -> ServerSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("AIMESH_TLS_CERT_FILE and AIMESH_TLS_KEY_FILE are set together or not at all")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError(
+                "AIMESH_TLS_CLIENT_CA_FILE (mutual TLS) needs AIMESH_TLS_CERT_FILE and AIMESH_TLS_KEY_FILE"
+            )
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on"
+
+
+class IngestSettings(ServerSettings):
     """Settings of the ingest gRPC service."""
 
     ingest_address: str = Field("127.0.0.1:50051", description="host:port the ingest gRPC server binds.")
@@ -51,6 +143,14 @@ class IngestSettings(KafkaSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
 
+    @model_validator(mode="after")
+    def _largest_text_fits_a_message(self) -> IngestSettings:
+        if self.max_message_bytes <= self.max_text_bytes:
+            raise ValueError(
+                "AIMESH_MAX_MESSAGE_BYTES must exceed AIMESH_MAX_TEXT_BYTES, or no text that large could arrive"
+            )
+        return self
+
     @property
     def model_names(self) -> frozenset[str]:
         return frozenset(m.strip() for m in self.models.split(",") if m.strip())
@@ -63,9 +163,11 @@ class WorkerSettings(KafkaSettings):
     worker_group: str = Field("aimesh-workers", description="Kafka consumer group of the workers.")
     worker_id: str = Field("", description="Stable worker name; defaults to hostname-pid.")
     transactional_id: str = Field(
-        "", description="Kafka transactional.id; stable and unique per worker instance. Default: aimesh-worker-<worker_id>."
+        "", description="Kafka transactional.id, stable and unique per worker instance; default aimesh-worker-<id>."
     )
-    max_in_flight: int = Field(256, gt=0, description="Most tasks one worker holds at once; beyond it, fetching pauses.")
+    max_in_flight: int = Field(
+        256, gt=0, description="Most tasks one worker holds at once; beyond it, fetching pauses."
+    )
     max_batch_size: int = Field(64, gt=0, description="Most tasks the worker sends to Triton in one request.")
     transaction_timeout_s: float = Field(
         60.0, gt=0, description="Kafka transaction.timeout.ms; a transaction only spans publishing, never inference."
@@ -83,7 +185,7 @@ class WorkerSettings(KafkaSettings):
     metrics_port: int = Field(9102, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
 
 
-class NotifierSettings(KafkaSettings):
+class NotifierSettings(ServerSettings):
     """Settings of the notifier gRPC service."""
 
     notifier_address: str = Field("127.0.0.1:50052", description="host:port the notifier gRPC server binds.")
@@ -94,4 +196,13 @@ class NotifierSettings(KafkaSettings):
         3600.0, gt=0, description="How long a terminal result stays available to late subscribers."
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Grace period for open streams on SIGTERM.")
+    max_subscriptions_per_connection: int = Field(
+        1000, gt=0, description="Most open WatchTask streams on one client connection; more get RESOURCE_EXHAUSTED."
+    )
+    max_subscriptions_per_tenant: int = Field(
+        10000, gt=0, description="Most open WatchTask streams of one tenant; more get RESOURCE_EXHAUSTED."
+    )
+    stream_idle_timeout_s: float = Field(
+        600.0, gt=0, description="A WatchTask stream with no update for this long ends DEADLINE_EXCEEDED."
+    )
     metrics_port: int = Field(9103, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from aimesh.auth import hash_key, new_key
+from aimesh.devstack.ports import free_ports
 from aimesh.devstack.stack import Stack
 
 pytestmark = pytest.mark.e2e
@@ -25,9 +27,11 @@ def tool(name: str) -> str:
 
 
 def grpcurl(
-    address: str, method: str, body: dict | None = None, *, timeout_s: float = 60
+    address: str, method: str, body: dict | None = None, *, timeout_s: float = 60, headers: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
     argv = [tool("grpcurl"), "-plaintext", "-max-time", str(int(timeout_s))]
+    for header in headers:
+        argv += ["-H", header]
     if body is not None:
         argv += ["-d", json.dumps(body)]
     argv += [address, method]
@@ -152,3 +156,30 @@ def test_bad_input_gets_the_documented_status(mesh: Stack, service, method, body
     assert answer.returncode != 0
     assert f"Code: {code}" in answer.stderr, answer.stderr
     assert fragment in answer.stderr
+
+
+def test_an_ingest_with_api_keys_wants_one(mesh: Stack, tmp_path: Path) -> None:
+    """The session mesh runs with AIMESH_AUTH=off; a second ingest beside it turns keys on."""
+    key = new_key()
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"# e2e\nacme:{hash_key(key)}\n")
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    mesh.start_service(
+        "ingest-keys",
+        "aimesh.ingest",
+        {"AIMESH_AUTH": "on", "AIMESH_API_KEYS_FILE": str(keys_file), "AIMESH_INGEST_ADDRESS": address},
+    )
+    try:
+        mesh.wait_grpc_healthy(address, "ingest-keys")  # health needs no key
+        body = {"modelName": "sleep", "input": {"text": "keyed"}}
+        for headers in ((), ("authorization: Bearer aimesh_not-a-key",)):
+            refused = grpcurl(address, "aimesh.v1.IngestService/SubmitTask", body, headers=headers)
+            assert "Code: Unauthenticated" in refused.stderr, refused.stderr
+        accepted = grpcurl(
+            address, "aimesh.v1.IngestService/SubmitTask", body, headers=(f"authorization: Bearer {key}",)
+        )
+        assert accepted.returncode == 0, accepted.stderr
+        assert json.loads(accepted.stdout)["task_id"]
+    finally:
+        mesh.services.pop("ingest-keys").stop()

@@ -32,8 +32,8 @@ def task(task_id: str) -> task_pb2.AITaskEvent:
     return task_pb2.AITaskEvent(schema_version=1, task_id=task_id, model_name="sleep")
 
 
-def result(task_id: str, status: int) -> result_pb2.AIResultEvent:
-    return result_pb2.AIResultEvent(schema_version=1, task_id=task_id, status=status, worker_id="w")
+def result(task_id: str, status: int, tenant: str = "default") -> result_pb2.AIResultEvent:
+    return result_pb2.AIResultEvent(schema_version=1, task_id=task_id, status=status, worker_id="w", tenant=tenant)
 
 
 async def test_watch_streams_updates_and_ends_after_the_terminal_one(notifier) -> None:

@@ -1,0 +1,57 @@
+"""Kafka security settings (SASL, SSL) pass through AIMESH_KAFKA_CONFIG into every Kafka client config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aimesh.kafka import consumer_config, producer_config
+from aimesh.settings import KafkaSettings, NotifierSettings
+
+SASL_SSL = {
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanisms": "SCRAM-SHA-512",
+    "sasl.username": "aimesh",
+    "sasl.password": "s3cret-password",
+    "ssl.ca.location": "/etc/kafka/ca.pem",
+}
+
+
+def test_extra_properties_reach_producers_and_consumers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIMESH_KAFKA_CONFIG", json.dumps(SASL_SSL))
+    extra = NotifierSettings().kafka_client_config()
+    producer = producer_config("b:9092", client_id="p", delivery_timeout_s=5, extra=extra)
+    consumer = consumer_config("b:9092", group_id="g", client_id="c", extra=extra)
+    for config in (producer, consumer):
+        assert SASL_SSL.items() <= config.items()
+    assert producer["enable.idempotence"] is True and consumer["enable.auto.commit"] is False
+    assert KafkaSettings().kafka_client_config() == SASL_SSL  # every service's settings carry it
+
+
+def test_secrets_stay_out_of_reprs_and_errors() -> None:
+    settings = KafkaSettings(kafka_config=json.dumps(SASL_SSL))
+    assert "s3cret" not in repr(settings)
+    broken = KafkaSettings(kafka_config='{"sasl.password": "s3cret-password",')
+    with pytest.raises(ValueError, match="not JSON") as info:
+        broken.kafka_client_config()
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('["security.protocol"]', "JSON object"),
+        ('{"acks": "1", "enable.idempotence": false}', "acks, enable.idempotence"),
+        ('{"group.id": "mine"}', "group.id"),
+        ('{"ssl.keystore": {"nested": true}}', "strings, numbers or booleans"),
+    ],
+)
+def test_properties_aimesh_depends_on_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KafkaSettings(kafka_config=text).kafka_client_config()
+
+
+def test_unset_means_no_extra_properties() -> None:
+    assert KafkaSettings(kafka_config="").kafka_client_config() == {}
+    assert producer_config("b:9092", client_id="p", delivery_timeout_s=5)["bootstrap.servers"] == "b:9092"
