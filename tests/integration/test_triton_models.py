@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
+import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +27,8 @@ from aimesh.devstack.triton import TritonServer
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS = ("embed", "sentiment", "sleep", "summarize")
+MODELS = ("embed", "sentiment", "sleep", "summarize")  # the batched TEXT-in, tensors-out models
+STREAMING_MODELS = ("generate",)  # decoupled: one response per token, served over ModelStreamInfer only
 REFERENCE = json.loads((REPO_ROOT / "tests" / "data" / "minilm_reference.json").read_text())
 
 DOCUMENT = (
@@ -214,6 +219,26 @@ async def test_bad_parameter_fails_only_its_own_request(triton: TritonServer) ->
     assert len(_texts(bad_summaries[2], "SUMMARY")) == 1
 
 
+async def test_a_request_queue_timeout_rejects_what_would_start_too_late(triton: TritonServer) -> None:
+    """The worker sends a task's remaining time as the request's queue timeout; the models allow the override."""
+    async with _caller(triton) as caller:
+        # Both sleep instances busy for 1.5 s: a request behind them waits in the queue.
+        blockers = []
+        for _ in range(2):
+            blockers.append(asyncio.create_task(caller.infer("sleep", ["blocker"], {"delay_ms": "1500"})))
+            await asyncio.sleep(0.1)
+        text = InferInput("TEXT", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"late"]], dtype=np.object_))
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            await caller._client.infer("sleep", [text], timeout=200_000, client_timeout=30.0)
+        waited_s = time.monotonic() - started
+        await asyncio.gather(*blockers)
+    assert waited_s < 1.2, f"rejected only after {waited_s:.2f}s: the queue timeout was not applied"
+    assert "timeout" in str(info.value.message()).lower()
+    print(f"rejected after {waited_s:.2f}s: {info.value.status()} {info.value.message()}")
+
+
 async def test_invalid_utf8_fails_only_its_own_request(triton: TritonServer) -> None:
     async with _caller(triton) as caller:
         good: InferResult | BaseException
@@ -226,3 +251,174 @@ async def test_invalid_utf8_fails_only_its_own_request(triton: TritonServer) -> 
     assert isinstance(good, InferResult) and good.as_numpy("EMBEDDING").shape == (1, 384)
     assert isinstance(bad, InferenceServerException)
     assert bad.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+GENERATE_DIR = REPO_ROOT / "models" / "generate" / "1"
+
+
+def generator_corpus_lines() -> list[str]:
+    return (GENERATE_DIR / "corpus.txt").read_text().splitlines()
+
+
+def _load_generator() -> Any:
+    # The generate model's own module, to know what a seeded request must stream.
+    path = GENERATE_DIR / "ngram.py"
+    name = "_triton_model_generate_ngram"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module.TrigramModel.from_corpus()
+
+
+def _prompt(text: str) -> InferInput:
+    # The tensor the worker sends: [1, 1] BYTES.
+    tensor = InferInput("TEXT", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
+    return tensor
+
+
+class _Token:
+    def __init__(self, result: InferResult, arrived_s: float) -> None:
+        response = result.get_response()
+        self.request_id = response.id
+        self.array = result.as_numpy("TEXT")
+        self.text = self.array.reshape(-1)[0].decode()
+        # Triton marks every response of a decoupled stream with this parameter; true on the last one.
+        self.final = response.parameters["triton_final_response"].bool_param
+        self.arrived_s = arrived_s
+
+
+async def _stream(
+    server: TritonServer, requests: list[tuple[str, dict[str, str]]], *, cancel_after: int | None = None
+) -> tuple[list[_Token], list[InferenceServerException]]:
+    """Send ``requests`` (prompt, parameters) on one gRPC stream as request ids "0", "1", ...; collect every
+    response until Triton ends the stream (or, with ``cancel_after``, cancel it after that many tokens)."""
+    client = InferenceServerClient(server.grpc_url)
+    tokens: list[_Token] = []
+    errors: list[InferenceServerException] = []
+
+    async def request_iterator() -> AsyncIterator[dict[str, Any]]:
+        for i, (prompt, parameters) in enumerate(requests):
+            yield {
+                "model_name": "generate",
+                "inputs": [_prompt(prompt)],
+                "parameters": parameters,
+                "request_id": str(i),
+            }
+        # Returning half-closes the stream: Triton still sends every response, then ends it.
+
+    started = time.monotonic()
+    try:
+        responses = client.stream_infer(request_iterator(), stream_timeout=30.0)
+        async for result, error in responses:
+            if error is not None:
+                errors.append(error)
+                continue
+            tokens.append(_Token(result, time.monotonic() - started))
+            if cancel_after is not None and len(tokens) == cancel_after:
+                responses.cancel()
+                break
+    finally:
+        await client.close()
+    return tokens, errors
+
+
+async def test_generate_follows_the_streaming_contract(triton: TritonServer) -> None:
+    client = InferenceServerClient(triton.grpc_url)
+    try:
+        config = (await client.get_model_config("generate", as_json=True))["config"]
+        index = await client.get_model_repository_index(as_json=True)
+    finally:
+        await client.close()
+    assert sorted(m["name"] for m in index["models"]) == sorted(MODELS + STREAMING_MODELS)
+    assert config["model_transaction_policy"] == {"decoupled": True}
+    assert int(config["max_batch_size"]) == 1  # one prompt per request, shaped [1, 1] as the worker sends it
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("TEXT", "TYPE_STRING", ["1"])]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [("TEXT", "TYPE_STRING", ["1"])]
+
+
+async def test_generate_streams_one_token_per_response(triton: TritonServer) -> None:
+    prompt, parameters = "The worker", {"max_tokens": "6", "seed": "11", "token_delay_ms": "40"}
+    expected = list(_load_generator().generate(prompt, max_tokens=6, seed=11))
+    assert len(expected) == 6
+
+    tokens, errors = await _stream(triton, [(prompt, parameters)])
+
+    assert not errors
+    assert [t.text for t in tokens] == expected
+    assert all(t.array.shape == (1, 1) and t.request_id == "0" for t in tokens)
+    assert [t.final for t in tokens] == [False] * 5 + [True]  # the final flag rides on the last token
+    # One at a time: each token left the model 40 ms after the one before, not all together at the end.
+    assert tokens[-1].arrived_s - tokens[0].arrived_s >= 0.15
+    # The same seed streams the same text again.
+    again, _ = await _stream(triton, [(prompt, parameters)])
+    assert [t.text for t in again] == expected
+
+
+async def test_generate_serves_concurrent_streams_and_ends_every_one(triton: TritonServer) -> None:
+    # Three requests on one stream, told apart by request id. Each ends with exactly one final response,
+    # including a prompt the model ends at once (greedy decoding at the end of a paragraph of the docs: one
+    # final response with an empty TEXT), and the two slow ones run side by side, not one after the other.
+    generator = _load_generator()
+    expected = [list(generator.generate(p, max_tokens=8, seed=3)) for p in ("Kafka", "The notifier")]
+    assert min(map(len, expected)) >= 4, "the corpus changed: pick a seed that does not end the text that soon"
+    # A whole paragraph of the training text as prompt: greedy decoding may well end it right there.
+    ending = next(
+        line
+        for line in generator_corpus_lines()
+        if not list(generator.generate(line, max_tokens=1, temperature=0.0))
+    )
+    slow = {"max_tokens": "8", "seed": "3", "token_delay_ms": "50"}
+    tokens, errors = await _stream(
+        triton, [("Kafka", slow), ("The notifier", slow), (ending, {"temperature": "0"})]
+    )
+    assert not errors
+    by_request = {rid: [t for t in tokens if t.request_id == rid] for rid in ("0", "1", "2")}
+    for stream in by_request.values():
+        assert stream and [t.final for t in stream] == [False] * (len(stream) - 1) + [True]
+    assert [[t.text for t in by_request[rid]] for rid in ("0", "1")] == expected
+    assert [t.text for t in by_request["2"]] == [""]
+    assert by_request["1"][0].arrived_s < by_request["0"][-1].arrived_s
+
+
+async def test_generate_rejects_invalid_max_tokens(triton: TritonServer) -> None:
+    tokens, errors = await _stream(triton, [("The worker", {"max_tokens": "0"}), ("The worker", {"max_tokens": "2"})])
+    # In a gRPC stream an error is a message in the response, without a status code...
+    assert len(errors) == 1 and "parameter 'max_tokens' must be between 1 and 512" in str(errors[0].message())
+    assert [t.request_id for t in tokens] == ["1", "1"]  # ...and the stream serves the next request.
+    # Triton maps the model's INVALID_ARG to a status where it has one: HTTP generate_stream answers 400.
+    request = urllib.request.Request(
+        f"http://{triton.http_url}/v2/models/generate/generate_stream",
+        data=json.dumps({"TEXT": "The worker", "max_tokens": "lots"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+    assert raised.value.code == 400
+    assert "parameter 'max_tokens' must be an integer" in raised.value.read().decode()
+
+
+async def test_generate_stops_when_the_stream_is_cancelled(triton: TritonServer) -> None:
+    log_start = triton.log_path.stat().st_size
+    assert len(list(_load_generator().generate("Kafka", max_tokens=512, seed=1))) > 20
+    tokens, _ = await _stream(
+        triton, [("Kafka", {"max_tokens": "512", "seed": "1", "token_delay_ms": "50"})], cancel_after=3
+    )
+    assert len(tokens) == 3 and not tokens[-1].final
+    # The model notices before its next token and stops, instead of streaming the 100-odd tokens left.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        with triton.log_path.open("rb") as log:
+            log.seek(log_start)
+            if b"generate: stream cancelled after" in log.read():
+                break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the model did not report the cancellation in {triton.log_path}")
+    # And it still serves.
+    tokens, errors = await _stream(triton, [("Kafka", {"max_tokens": "2", "seed": "5"})])
+    assert not errors and tokens and tokens[-1].final

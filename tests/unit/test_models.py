@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,6 +33,7 @@ def _load(model: str, module: str) -> ModuleType:
 textrank = _load("summarize", "textrank")
 polarity = _load("sentiment", "polarity")
 minilm = _load("embed", "minilm")
+ngram = _load("generate", "ngram")
 
 DOCUMENT = (
     "The solar system has eight planets that orbit the sun. "
@@ -129,3 +131,105 @@ class TestEmbed:
 
     def test_empty_batch(self, encoder: Any) -> None:
         assert encoder.encode([]).shape == (0, minilm.EMBEDDING_DIM)
+
+
+@pytest.fixture(scope="module")
+def trigram() -> Any:
+    return ngram.TrigramModel.from_corpus()
+
+
+class TestGenerate:
+    def test_trains_on_the_shipped_corpus_quickly(self) -> None:
+        # Trained at model load: Triton's start-up (and every integration test's) waits for it.
+        started = time.monotonic()
+        model = ngram.TrigramModel.from_corpus()
+        assert time.monotonic() - started < 1.0
+        assert model.paragraphs > 20 and model.tokens > 1000
+
+    def test_same_seed_same_tokens(self, trigram: Any) -> None:
+        first = list(trigram.generate("The worker", max_tokens=20, seed=7))
+        assert first == list(trigram.generate("The worker", max_tokens=20, seed=7))
+        others = {tuple(trigram.generate("The worker", max_tokens=20, seed=s)) for s in range(8)}
+        assert len(others) > 1  # the seed matters
+
+    def test_respects_max_tokens(self, trigram: Any) -> None:
+        for seed in range(20):
+            assert len(list(trigram.generate("Kafka", max_tokens=5, seed=seed))) <= 5
+        assert list(trigram.generate("Kafka", max_tokens=0, seed=1)) == []
+        # A paragraph rarely ends within 5 tokens, so most runs use them all.
+        assert any(len(list(trigram.generate("Kafka", max_tokens=5, seed=s))) == 5 for s in range(20))
+
+    @pytest.mark.parametrize("temperature", [0.0, 1.0])
+    def test_continues_the_prompt(self, trigram: Any, temperature: float) -> None:
+        # Every three consecutive tokens of prompt and continuation occur in the training text: the model picks
+        # up from the prompt's last two words (which the docs contain), not from a fresh start.
+        prompt = "the worker asks"
+        pieces = list(trigram.generate(prompt, max_tokens=12, seed=2, temperature=temperature))
+        assert len(pieces) >= 3
+        trigrams = set()
+        for line in ngram.CORPUS.read_text().splitlines():
+            tokens = [t.lower() for t in ngram.tokenize(line)]
+            trigrams |= set(zip(tokens, tokens[1:], tokens[2:], strict=False))
+        tokens = [t.lower() for t in ngram.tokenize(prompt + "".join(pieces))]
+        assert set(zip(tokens, tokens[1:], tokens[2:], strict=False)) <= trigrams
+        assert pieces[0].startswith(" ")  # separated from the prompt
+        # A continuation reads as text: punctuation attaches to the word before it.
+        for seed in range(10):
+            text = "".join(trigram.generate("Each service", max_tokens=60, seed=seed))
+            assert not any(s in text for s in (" ,", " .", " )", "( ", "  ")), text
+
+    def test_tokens_are_pieces_of_text(self, trigram: Any) -> None:
+        assert ngram.tokenize("Kafka (127.0.0.1:9092), at-least-once.") == [
+            "Kafka", "(", "127.0.0.1:9092", ")", ",", "at-least-once", ".",
+        ]  # fmt: skip
+        assert "".join(trigram.generate("", max_tokens=3, seed=1))[:1] != " "  # nothing to separate from
+        model = ngram.TrigramModel(["The worker asks Triton (once), then stops."])
+        assert "".join(model.generate("The worker", max_tokens=20)) == " asks Triton (once), then stops."
+        assert next(model.generate("The worker ", max_tokens=1)) == "asks"  # the prompt has the space
+
+    @pytest.mark.parametrize("prompt", ["", "   ", "zebra quantum flux", "日本語のテキスト"])
+    def test_empty_or_unknown_prompt_starts_a_paragraph(self, trigram: Any, prompt: str) -> None:
+        pieces = list(trigram.generate(prompt, max_tokens=10, seed=5))
+        assert pieces and all(p.strip() for p in pieces)
+
+    def test_stops_at_the_end_of_a_paragraph(self) -> None:
+        model = ngram.TrigramModel(["the end comes here.", "a b c"])
+        assert list(model.generate("comes here.", max_tokens=10, temperature=0.0)) == []
+        assert list(model.generate("the end", max_tokens=10, temperature=0.0)) == [" comes", " here", "."]
+
+    def test_temperature_shapes_the_choice(self) -> None:
+        model = ngram.TrigramModel(["a b c", "a b c", "a b c", "a b d"])
+        assert "".join(model.generate("a b", max_tokens=1, temperature=0.0)) == " c"
+        drawn = [next(model.generate("a b", max_tokens=1, seed=s, temperature=0.2)) for s in range(200)]
+        assert drawn.count(" d") < 5  # (1/3) ** 5 of the weight: about 1 in 250
+        drawn = [next(model.generate("a b", max_tokens=1, seed=s, temperature=2.0)) for s in range(200)]
+        assert 40 < drawn.count(" d") < 110  # sqrt(1/3) of the weight: about 37 %
+
+    def test_parameters(self) -> None:
+        options = ngram.GenerationOptions.from_parameters({})
+        assert options == ngram.GenerationOptions(max_tokens=32, seed=None, temperature=1.0, token_delay_ms=0)
+        options = ngram.GenerationOptions.from_parameters(
+            {"max_tokens": "8", "seed": "42", "temperature": "0.5", "token_delay_ms": 10, "other": "x"}
+        )
+        assert options == ngram.GenerationOptions(max_tokens=8, seed=42, temperature=0.5, token_delay_ms=10)
+        assert ngram.GenerationOptions.from_parameters({}, default_token_delay_ms=25).token_delay_ms == 25
+
+    @pytest.mark.parametrize(
+        ("parameters", "message"),
+        [
+            ({"max_tokens": "0"}, "'max_tokens' must be between 1 and 512"),
+            ({"max_tokens": "513"}, "'max_tokens' must be between 1 and 512"),
+            ({"max_tokens": "many"}, "'max_tokens' must be an integer"),
+            ({"max_tokens": True}, "'max_tokens' must be an integer"),
+            ({"max_tokens": 3.5}, "'max_tokens' must be an integer"),
+            ({"seed": "-1"}, "'seed' must be between 0 and"),
+            ({"seed": "x"}, "'seed' must be an integer"),
+            ({"temperature": "3"}, "'temperature' must be between 0 and 2"),
+            ({"temperature": "nan"}, "'temperature' must be between 0 and 2"),
+            ({"temperature": "warm"}, "'temperature' must be a number"),
+            ({"token_delay_ms": "1001"}, "'token_delay_ms' must be between 0 and 1000"),
+        ],
+    )
+    def test_rejects_bad_parameters(self, parameters: dict[str, object], message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            ngram.GenerationOptions.from_parameters(parameters)
