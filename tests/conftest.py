@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import pytest
 
 from aimesh.devstack.otlp import OtlpReceiver
-from aimesh.devstack.ports import free_port_block, free_ports
 from aimesh.devstack.stack import Stack, StackSettings
 
 if importlib.util.find_spec("aimesh.v1.task_pb2") is None:  # pragma: no cover - a setup problem
@@ -30,25 +29,8 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
 def mesh(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
     """The whole mesh (real Kafka, real Triton, ingest, two workers, notifier) on free ports, once per session,
     exporting traces to a receiver the tests own."""
-    run_dir = tmp_path_factory.mktemp("mesh")
-    ports = free_ports(9)
-    kafka, controller, triton_grpc, triton_http, triton_metrics, ingest, notifier = ports[:7]
-    ingest_metrics, notifier_metrics = ports[7:]
-    settings = StackSettings(
-        run_dir=run_dir,
-        kafka_port=kafka,
-        kafka_controller_port=controller,
-        triton_grpc_port=triton_grpc,
-        triton_http_port=triton_http,
-        triton_metrics_port=triton_metrics,
-        ingest_port=ingest,
-        notifier_port=notifier,
-        ingest_metrics_port=ingest_metrics,
-        notifier_metrics_port=notifier_metrics,
-        worker_metrics_port=free_port_block(2, avoid=ports),  # worker i serves on this port + i
-        workers=2,
-        tasks_partitions=4,
-        results_partitions=4,
+    settings = StackSettings.on_free_ports(
+        tmp_path_factory.mktemp("mesh"), workers=2, tasks_partitions=4, results_partitions=4
     )
     tracing_env = {
         "OTEL_TRACES_EXPORTER": "otlp",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from confluent_kafka.admin import AdminClient
@@ -24,10 +25,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from aimesh.settings import KafkaSettings
 
 from .kafka import KafkaBroker, create_topics, ensure_kafka_jars
+from .ports import free_port_block, free_ports
 from .process import ManagedProcess, stop_pid
 from .triton import TritonServer
 
 log = logging.getLogger(__name__)
+
+_Part = TypeVar("_Part", KafkaBroker, TritonServer)
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -79,6 +83,30 @@ class StackSettings(BaseSettings):
         if clashes:
             raise ValueError(f"stack ports used twice: {clashes}")
         return self
+
+    @classmethod
+    def on_free_ports(cls, run_dir: Path, **overrides: object) -> StackSettings:
+        """Settings for a stack in ``run_dir`` whose every port was free a moment ago, so it runs beside others
+        (tests, parallel runs). ``overrides`` sets any other field (``workers``, ``tasks_partitions``, ...)."""
+        workers = overrides.get("workers", cls.model_fields["workers"].default)
+        if not isinstance(workers, int):
+            raise TypeError(f"workers must be an int, not {workers!r}")
+        ports = free_ports(9)
+        names = (
+            "kafka_port",
+            "kafka_controller_port",
+            "triton_grpc_port",
+            "triton_http_port",
+            "triton_metrics_port",
+            "ingest_port",
+            "notifier_port",
+            "ingest_metrics_port",
+            "notifier_metrics_port",
+        )
+        fields: dict[str, object] = dict(zip(names, ports, strict=True))
+        fields["worker_metrics_port"] = free_port_block(workers, avoid=ports)  # worker i serves on this port + i
+        fields.update(run_dir=run_dir, **overrides)
+        return cls.model_validate(fields)
 
 
 @dataclass
@@ -146,6 +174,8 @@ class Stack:
     def service_env(self) -> dict[str, str]:
         """The environment every service process gets: the documented AIMESH_* variables."""
         env = dict(os.environ)
+        # A loopback development stack: no API keys unless the caller's environment (or extra_env) asks for them.
+        env.setdefault("AIMESH_AUTH", "off")
         env.update(
             {
                 "AIMESH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
@@ -238,10 +268,11 @@ class Stack:
                     raise RuntimeError(f"{name} at {address} not healthy in time")
                 time.sleep(0.2)
 
-    def wait_workers(self, count: int, group: str = "aimesh-workers") -> None:
-        """Wait until ``count`` members of the worker group hold assignments."""
+    def wait_workers(self, count: int, group: str = "aimesh-workers", *, timeout_s: float | None = None) -> None:
+        """Wait until ``count`` members of the worker group hold assignments and the group is stable (at most
+        ``timeout_s``, default the stack's ready timeout)."""
         admin = AdminClient({"bootstrap.servers": self.kafka_bootstrap})
-        deadline = time.monotonic() + self.settings.ready_timeout_s
+        deadline = time.monotonic() + (self.settings.ready_timeout_s if timeout_s is None else timeout_s)
         while True:
             for name, process in self.services.items():
                 if name.startswith("worker") and not process.alive():
@@ -253,6 +284,63 @@ class Stack:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker group has {len(members)} of {count} members with partitions")
             time.sleep(0.5)
+
+    # --- faults: stop and start single parts of a running stack (the fault tests) ----------------------------
+    def kill_service(self, name: str) -> None:
+        """SIGKILL service process ``name`` (``ingest``, ``notifier``, ``worker-<i>``), as a crash would: no drain,
+        no commit, no goodbye to the consumer group. A no-op if it is not running."""
+        self.services[name].kill()
+
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL ``worker-<index>``; its partitions move once its group session times out."""
+        self.kill_service(f"worker-{index}")
+
+    def restart_worker(self, index: int) -> ManagedProcess:
+        """Start ``worker-<index>`` again with the same ``AIMESH_WORKER_ID`` (hence the same transactional id, which
+        fences a zombie of the previous instance), stopping it gracefully first if it still runs. Does not wait for
+        the group: a killed instance's membership lasts until its session times out."""
+        name = f"worker-{index}"
+        if name in self.services:
+            self.services[name].stop(timeout_s=40)
+        return self.start_worker(index)
+
+    def stop_triton(self, *, kill: bool = False) -> None:
+        """Stop Triton: gracefully (SIGTERM, in-flight requests finish), or with ``kill`` as a crash (SIGKILL)."""
+        triton = self._require(self.triton, "Triton")
+        if kill:
+            triton.kill()
+        else:
+            triton.stop()
+
+    def start_triton(self, *, wait: bool = True) -> None:
+        """Start Triton again on the same ports and repository; with ``wait``, return once every model is ready."""
+        triton = self._require(self.triton, "Triton")
+        triton.start()
+        if wait:
+            triton.wait_ready(self.settings.ready_timeout_s)
+
+    def stop_kafka(self, *, kill: bool = False) -> None:
+        """Stop the broker: a clean shutdown, or with ``kill`` a crash (SIGKILL). Its data folder stays, and a
+        restarted node is refused (DUPLICATE_BROKER_REGISTRATION) until the killed one's broker session expires."""
+        kafka = self._require(self.kafka, "Kafka")
+        if kill:
+            kafka.kill()
+        else:
+            kafka.stop()
+
+    def start_kafka(self, *, wait: bool = True) -> None:
+        """Start the broker again on the same data folder and ports: same topics, records and committed offsets.
+        With ``wait``, return once it is registered and answering metadata requests."""
+        kafka = self._require(self.kafka, "Kafka")
+        kafka.start()
+        if wait:
+            kafka.wait_ready(self.settings.ready_timeout_s)
+
+    @staticmethod
+    def _require(part: _Part | None, name: str) -> _Part:
+        if part is None:
+            raise RuntimeError(f"{name} is not part of this stack yet: call start() first")
+        return part
 
     def state(self) -> StackState:
         pids = {name: p.pid for name, p in self.services.items() if p.pid}

@@ -1,0 +1,83 @@
+"""The fault tests' own stack: they kill and restart its parts, so they never share the session ``mesh``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from integration.mesh_client import MeshClient
+
+from aimesh.devstack.stack import Stack, StackSettings
+
+WORKERS = 2
+WORKER_GROUP = "aimesh-workers"
+
+FAULT_ENV = {
+    # Ingest answers UNAVAILABLE soon while the broker is down.
+    "AIMESH_PUBLISH_TIMEOUT_S": "2",
+    # Retries of a Triton that is back are at most 1 s apart.
+    "AIMESH_RETRY_MAX_S": "1",
+    "AIMESH_LOG_FORMAT": "json",
+    # These tests are about faults, not callers: no API keys.
+    "AIMESH_AUTH": "off",
+}
+
+
+@pytest.fixture(scope="package")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Kafka, Triton, ingest, two workers and the notifier on free ports, for the fault tests of this package."""
+    settings = StackSettings.on_free_ports(
+        tmp_path_factory.mktemp("fault"), workers=WORKERS, tasks_partitions=6, results_partitions=6
+    )
+    stack = Stack(settings, extra_env=FAULT_ENV)
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()
+        raise
+    yield stack
+    stack.stop()
+    if os.environ.get("AIMESH_KEEP_LOGS"):
+        print(f"fault stack logs kept in {stack.log_dir}")
+
+
+@pytest.fixture
+def stack(fault_stack: Stack) -> Stack:
+    """The fault stack with every part running and every worker in the group: a test that failed half-way may
+    have left a part stopped, or a worker running outside its group."""
+    s = fault_stack
+    if s.kafka is not None and s.kafka.pid is None:
+        s.start_kafka()
+    if s.triton is not None and s.triton.pid is None:
+        s.start_triton()
+    for name in ("ingest", "notifier"):
+        if not s.services[name].alive():
+            s.services[name].start()
+            s.wait_grpc_healthy(s.ingest_address if name == "ingest" else s.notifier_address, name)
+    for index in range(WORKERS):
+        if not s.services[f"worker-{index}"].alive():
+            s.start_worker(index)
+    try:
+        s.wait_workers(WORKERS, WORKER_GROUP, timeout_s=30)
+    except RuntimeError:  # a worker stuck outside its group: start every worker afresh, fencing the old ones
+        for index in range(WORKERS):
+            s.kill_worker(index)
+            s.restart_worker(index)
+        s.wait_workers(WORKERS, WORKER_GROUP)
+    return s
+
+
+def assert_workers_rejoined(stack: Stack, timeout_s: float = 60.0) -> None:
+    """Every worker runs and holds partitions in a stable group: the fault left none stuck or outside."""
+    try:
+        stack.wait_workers(WORKERS, WORKER_GROUP, timeout_s=timeout_s)
+    except RuntimeError as e:
+        raise AssertionError(f"the workers did not all rejoin their group within {timeout_s:.0f} s: {e}") from e
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[MeshClient]:
+    c = MeshClient(stack.ingest_address, stack.notifier_address)
+    yield c
+    await c.close()
