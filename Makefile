@@ -7,7 +7,7 @@ BIN := .cache/bin
 GRPCURL_VERSION := v1.9.4
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup proto demo up down test test-unit lint bench clean tools
+.PHONY: setup proto demo up down test test-unit lint bench bench-tools clean tools
 
 # The virtual environment, the project (editable) and the generated protobuf code.
 $(VENV)/.installed: pyproject.toml
@@ -57,9 +57,19 @@ lint: setup
 	$(VENV)/bin/buf lint
 	bash scripts/buf_breaking.sh
 
-# Benchmarks: ratios measured in one run; results go to docs/benchmarks.md.
-bench: setup
-	$(PY) benchmarks/latency.py --markdown docs/benchmarks.md
+# Benchmarks: ratios measured in one run; results go to docs/benchmarks.md, plots to docs/*.png.
+# `make bench BENCH_ARGS=--quick` is a short smoke run (it still rewrites the measured sections).
+BENCH_ARGS ?=
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[models,dev,bench]'
+	touch $@
+
+# The Celery baseline's broker and result backend: Debian's redis-server (the benchmark starts its own).
+bench-tools:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+bench: setup bench-tools $(VENV)/.bench-installed
+	$(PY) benchmarks/run.py --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	rm -rf .run build *.egg-info src/aimesh/v1

@@ -1,173 +1,138 @@
-"""End-to-end latency at light load, as ratios measured in one run on one machine.
+"""End-to-end latency at light load, and the cost of tracing.
 
-For each configuration a fresh mesh is started on free ports, warmed up, then driven by one client that
-submits a task and waits for its terminal update on a WatchTask stream, alternating with a direct
-tritonclient call on the same model against the same Triton server. Reported per configuration: p50 and
-p99 of both, the mesh's overhead (mesh minus direct), and the tracing-on / tracing-off ratio. Each
-configuration runs ``--rounds`` times; the medians across rounds are the figures.
-
-    python benchmarks/latency.py [--tasks 200] [--rounds 3] [--model sentiment] [--markdown docs/benchmarks.md]
+For each configuration (tracing off, tracing on with OTLP/gRPC export) a fresh mesh is started, warmed up, then
+driven by one client that submits a task and waits for its terminal update on a WatchTask stream, alternating with
+a direct tritonclient call on the same model against the same Triton server. Reported per configuration: p50 and
+p99 of both, the mesh's overhead (mesh minus direct), and the tracing-on / tracing-off ratio; the medians across
+rounds are the figures. The latency distribution (all rounds pooled) goes to ``latency.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import sys
-import tempfile
-import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import grpc
 import numpy as np
-import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput
 
 from aimesh.devstack.otlp import OtlpReceiver
-from aimesh.devstack.ports import free_ports
-from aimesh.devstack.stack import Stack, StackSettings
-from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, task_pb2
+from benchmarks.common import (
+    DirectTriton,
+    MeshClient,
+    Section,
+    bench_stack,
+    log,
+    median,
+    new_figure,
+    plain_log_ticks,
+    quantile,
+    save_plot,
+    sequential,
+)
 
-TEXT = "The release went smoothly and everyone was pleased."
-
-
-@dataclass
-class Round:
-    mesh_ms: list[float]
-    direct_ms: list[float]
-
-
-def quantile(values: list[float], q: float) -> float:
-    return float(np.quantile(np.array(values), q))
-
-
-async def drive(stack: Stack, model: str, tasks: int, warmup: int) -> Round:
-    mesh_ms: list[float] = []
-    direct_ms: list[float] = []
-    async with (
-        grpc.aio.insecure_channel(stack.ingest_address) as ingest_channel,
-        grpc.aio.insecure_channel(stack.notifier_address) as notifier_channel,
-        triton_aio.InferenceServerClient(stack.triton_url) as triton,
-    ):
-        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
-        notifier = notifier_pb2_grpc.NotifierServiceStub(notifier_channel)
-        data = np.array([[TEXT.encode()]], dtype=np.object_)
-        tensor = InferInput("TEXT", [1, 1], "BYTES")
-        tensor.set_data_from_numpy(data)
-
-        async def through_mesh() -> float:
-            started = time.perf_counter()
-            reply = await ingest.SubmitTask(
-                ingest_pb2.SubmitTaskRequest(model_name=model, input=task_pb2.TaskInput(text=TEXT)), timeout=30
-            )
-            async for _ in notifier.WatchTask(notifier_pb2.WatchTaskRequest(task_id=reply.task_id), timeout=30):
-                pass  # the stream ends after the terminal update
-            return (time.perf_counter() - started) * 1000
-
-        async def direct() -> float:
-            started = time.perf_counter()
-            await triton.infer(model, [tensor], client_timeout=30)
-            return (time.perf_counter() - started) * 1000
-
-        for i in range(warmup + tasks):
-            m, d = await through_mesh(), await direct()
-            if i >= warmup:
-                mesh_ms.append(m)
-                direct_ms.append(d)
-    return Round(mesh_ms, direct_ms)
+TITLE = "End-to-end latency and the cost of tracing"
+METHOD = (
+    "For each configuration (tracing off; tracing on, exported over OTLP/gRPC to an in-process receiver) a "
+    "fresh mesh is started, then one client submits a task (`SubmitTask`) and follows its `WatchTask` stream to "
+    "the terminal update, alternating with a direct tritonclient grpc.aio call on the same model against the "
+    "same Triton. Overhead is the mesh's percentile minus the direct call's, per round. The plot is the "
+    "cumulative distribution of every sample, all rounds pooled."
+)
+CONFIGURATIONS = (("off", "tracing off"), ("on", "tracing on (OTLP/gRPC export)"))
+TARGET_P50_MS, TARGET_P99_MS = 10.0, 30.0
 
 
-def run_configuration(tracing: bool, args: argparse.Namespace) -> list[Round]:
-    rounds = []
+async def drive(stack: Any, model: str, tasks: int, warmup: int) -> dict[str, list[float]]:
+    async with MeshClient(stack) as mesh, DirectTriton(stack.triton_url) as direct:
+        mesh_ms, direct_ms = await sequential([lambda: mesh.run(model), lambda: direct.run(model)], tasks, warmup)
+    return {"mesh_ms": mesh_ms, "direct_ms": direct_ms}
+
+
+def measure(tracing: bool, args: argparse.Namespace) -> dict[str, list[float]]:
     receiver = OtlpReceiver() if tracing else None
+    env: dict[str, str] = {}
     if receiver:
         receiver.start()
+        env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        }
     try:
-        for _ in range(args.rounds):
-            ports = free_ports(7)
-            settings = StackSettings(
-                run_dir=Path(tempfile.mkdtemp(prefix="aimesh-bench-")),
-                kafka_port=ports[0],
-                kafka_controller_port=ports[1],
-                triton_grpc_port=ports[2],
-                triton_http_port=ports[3],
-                triton_metrics_port=ports[4],
-                ingest_port=ports[5],
-                notifier_port=ports[6],
-            )
-            env = {"AIMESH_LOG_LEVEL": "WARNING"}
-            if receiver:
-                env |= {
-                    "OTEL_TRACES_EXPORTER": "otlp",
-                    "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                    "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-                    "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                }
-            with Stack(settings, extra_env=env) as stack:
-                rounds.append(asyncio.run(drive(stack, args.model, args.tasks, args.warmup)))
-            print(f"  {'tracing on ' if tracing else 'tracing off'}: round {len(rounds)} done", file=sys.stderr)
+        with bench_stack(extra_env=env) as stack:
+            return asyncio.run(drive(stack, args.latency_model, args.latency_tasks, args.warmup))
     finally:
         if receiver:
             receiver.stop()
+
+
+def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each round: a fresh mesh per configuration."""
+    rounds = []
+    for i in range(args.rounds):
+        rounds.append({key: measure(key == "on", args) for key, _ in CONFIGURATIONS})
+        log(f"latency round {i + 1}/{args.rounds} done")
     return rounds
 
 
-def summarize(rounds: list[Round]) -> dict[str, float]:
-    def median_of(f: object) -> float:
-        return statistics.median(f(r) for r in rounds)  # type: ignore[operator]
+def summarize(rounds: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
+    def across(f: Any) -> float:
+        return median([f(r[key]) for r in rounds])
 
     return {
-        "mesh_p50": median_of(lambda r: quantile(r.mesh_ms, 0.5)),
-        "mesh_p99": median_of(lambda r: quantile(r.mesh_ms, 0.99)),
-        "direct_p50": median_of(lambda r: quantile(r.direct_ms, 0.5)),
-        "direct_p99": median_of(lambda r: quantile(r.direct_ms, 0.99)),
-        "overhead_p50": median_of(lambda r: quantile(r.mesh_ms, 0.5) - quantile(r.direct_ms, 0.5)),
-        "overhead_p99": median_of(lambda r: quantile(r.mesh_ms, 0.99) - quantile(r.direct_ms, 0.99)),
+        "mesh_p50": across(lambda r: quantile(r["mesh_ms"], 0.5)),
+        "mesh_p99": across(lambda r: quantile(r["mesh_ms"], 0.99)),
+        "direct_p50": across(lambda r: quantile(r["direct_ms"], 0.5)),
+        "direct_p99": across(lambda r: quantile(r["direct_ms"], 0.99)),
+        "overhead_p50": across(lambda r: quantile(r["mesh_ms"], 0.5) - quantile(r["direct_ms"], 0.5)),
+        "overhead_p99": across(lambda r: quantile(r["mesh_ms"], 0.99) - quantile(r["direct_ms"], 0.99)),
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--model", default="sentiment")
-    parser.add_argument("--markdown", type=Path, help="write the table into this file")
-    args = parser.parse_args()
-
-    off = summarize(run_configuration(False, args))
-    on = summarize(run_configuration(True, args))
+def report(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, plots: Path) -> Section:
+    summary = {key: summarize(rounds, key) for key, _ in CONFIGURATIONS}
     lines = [
-        f"Light-load latency, model `{args.model}`, {args.tasks} sequential tasks after {args.warmup} warm-up, "
-        f"median of {args.rounds} rounds (each round a fresh mesh). Milliseconds.",
+        f"Light-load latency, model `{args.latency_model}`, {args.latency_tasks} sequential tasks after "
+        f"{args.warmup} warm-up, median of {len(rounds)} rounds (each round a fresh mesh). Milliseconds.",
         "",
         "| configuration | mesh p50 | mesh p99 | direct Triton p50 | direct Triton p99 | overhead p50 | overhead p99 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, s in (("tracing off", off), ("tracing on (OTLP/gRPC export)", on)):
+    for key, name in CONFIGURATIONS:
+        s = summary[key]
         lines.append(
             f"| {name} | {s['mesh_p50']:.1f} | {s['mesh_p99']:.1f} | {s['direct_p50']:.1f} | {s['direct_p99']:.1f} "
             f"| {s['overhead_p50']:.1f} | {s['overhead_p99']:.1f} |"
         )
+    off, on = summary["off"], summary["on"]
+    met = off["overhead_p50"] < TARGET_P50_MS and off["overhead_p99"] < TARGET_P99_MS
     lines += [
         "",
         f"Ratios: mesh p50 / direct p50 = {off['mesh_p50'] / off['direct_p50']:.1f} (tracing off); "
         f"tracing on / tracing off, mesh p50 = {on['mesh_p50'] / off['mesh_p50']:.2f}, "
         f"mesh p99 = {on['mesh_p99'] / off['mesh_p99']:.2f}.",
+        "",
+        f"Target (tracing off): overhead p50 < {TARGET_P50_MS:g} ms and p99 < {TARGET_P99_MS:g} ms: "
+        f"{'met' if met else 'not met'}.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.markdown:
-        command = " ".join(["python", "benchmarks/latency.py", *sys.argv[1:]])
-        args.markdown.write_text(
-            "# Benchmarks\n\nMade by `make bench` on the project's 2-core machine, everything on loopback; absolute"
-            " times are noise there, the ratios are the figures.\n\n"
-            f"## End-to-end latency and the cost of tracing\n\nCommand: `{command}`\n\n{table}\n"
-        )
-    return 0
 
+    figure, axes = new_figure()
+    for key, name in CONFIGURATIONS:
+        for series, path, color in (("mesh_ms", "mesh", "C0"), ("direct_ms", "direct Triton", "C1")):
+            values = np.sort(np.concatenate([r[key][series] for r in rounds]))
+            fraction = np.arange(1, len(values) + 1) / len(values)
+            style = "-" if key == "off" else "--"
+            axes.step(values, fraction, style, color=color, where="post", label=f"{path}, {name}")
+    axes.set_xscale("log")
+    plain_log_ticks(axes.xaxis)
+    axes.set_xlabel("end-to-end latency, ms (log scale)")
+    axes.set_ylabel("fraction of tasks at or below")
+    axes.set_title(f"model {args.latency_model}, light load, {len(rounds)} rounds pooled")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="center")
+    save_plot(figure, plots / "latency.png")
 
-if __name__ == "__main__":
-    sys.exit(main())
+    return Section(TITLE, METHOD, "\n".join(lines), "latency.png")

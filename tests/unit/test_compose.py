@@ -241,7 +241,8 @@ def test_kafka_init_creates_the_topics_the_services_use(
     for name, cls in SERVICE_SETTINGS.items():
         settings = effective_settings(cls, services[name], monkeypatch)
         used |= {settings.tasks_topic, settings.results_topic}
-    assert used <= set(created), f"kafka-init does not create {sorted(used - set(created))}"
+    dead_letters = effective_settings(SERVICE_SETTINGS["worker"], services["worker"], monkeypatch).dead_letter_topic
+    assert used | {dead_letters} <= set(created), f"kafka-init does not create {sorted(used - set(created))}"
     replicas = int(services["worker"].get("deploy", {}).get("replicas", 1))
     for topic in used:
         assert created[topic] >= replicas, f"{topic} has fewer partitions than there are workers"

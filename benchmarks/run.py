@@ -1,0 +1,95 @@
+"""The benchmark suite (``make bench``): every figure a ratio of two measurements made in the same round on the
+same machine, each round repeated ``--rounds`` times and the median quoted.
+
+    python benchmarks/run.py [--only throughput blog celery ingest latency] [--rounds 3] [--quick]
+                             [--markdown docs/benchmarks.md] [--plots docs]
+
+Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on).
+The blog and Celery baselines are compared with the mesh's throughput in the same round, so they bring the
+throughput sweep along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import blog, celery_bench, ingest, latency, throughput  # noqa: E402
+from benchmarks.common import Section, Workers, bench_stack, log, write_markdown  # noqa: E402
+
+# In the order they are measured in a round and listed in the document.
+MESH_BENCHMARKS = {"throughput": throughput, "blog": blog, "celery": celery_bench, "ingest": ingest}
+ALL = [*MESH_BENCHMARKS, "latency"]
+ORDER = [throughput.TITLE, blog.TITLE, celery_bench.TITLE, ingest.TITLE, latency.TITLE]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=ALL, default=ALL, metavar="NAME", help=f"of {', '.join(ALL)}")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh meshes per benchmark; medians are quoted")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="sweep (default 1 8 32 64 128; quick: 1 8 64)")
+    parser.add_argument("--delay-ms", type=int, default=50, help="sleep model's cost per batch")
+    parser.add_argument("--seconds", type=float, default=3.0, help="throughput point length at Triton's best rate")
+    parser.add_argument("--ingest-requests", type=int, default=10_000)
+    parser.add_argument("--latency-tasks", type=int, default=200, help="sequential tasks per latency round")
+    parser.add_argument("--latency-model", default="sentiment")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, small counts")
+    parser.add_argument("--markdown", type=Path, help="write the sections measured into this file")
+    parser.add_argument("--plots", type=Path, default=Path("docs"), help="folder for throughput.png, latency.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.ingest_requests = 1, 1.0, 1000
+        args.latency_tasks, args.warmup = 30, 5
+    args.concurrency = sorted(args.concurrency or ([1, 8, 64] if args.quick else [1, 8, 32, 64, 128]))
+    if {"blog", "celery"} & set(args.only) and "throughput" not in args.only:
+        args.only = ["throughput", *args.only]
+    return args
+
+
+def mesh_rounds(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rounds = []
+    for i in range(args.rounds):
+        with bench_stack() as stack:
+            workers = Workers(stack)
+            measured: dict[str, Any] = {}
+            for name in names:
+                log(f"round {i + 1}/{args.rounds}: {name}")
+                measured[name] = MESH_BENCHMARKS[name].measure(workers, args)
+            rounds.append(measured)
+    return rounds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a stuck run is
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the meshes started are stopped
+    started = time.monotonic()
+    sections: list[Section] = []
+    names = [n for n in MESH_BENCHMARKS if n in args.only]
+    if names:
+        rounds = mesh_rounds(names, args)
+        sections += [MESH_BENCHMARKS[n].report(rounds, args, args.plots) for n in names]
+    if "latency" in args.only:
+        sections.append(latency.report(latency.run_rounds(args), args, args.plots))
+    for section in sections:
+        print(f"\n## {section.title}\n\n{section.results}")
+    command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.markdown:
+        write_markdown(args.markdown, sections, command, ORDER)
+        log(f"wrote {args.markdown}")
+    log(f"benchmarks took {(time.monotonic() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

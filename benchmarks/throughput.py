@@ -1,0 +1,198 @@
+"""Batched throughput: tasks per second through the mesh against a direct closed-loop Triton client, at the same
+concurrency, on the ``sleep`` model (a fixed cost per batch execution), swept over concurrency."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    SLEEP_MODEL,
+    SLEEP_PARALLELISM,
+    DirectTriton,
+    ResultReader,
+    Section,
+    Workers,
+    closed_loop,
+    log,
+    median,
+    median_ratio,
+    new_figure,
+    plain_log_ticks,
+    prefill,
+    save_plot,
+    sleep_parameters,
+    spread,
+    steady_rate,
+    tasks_for,
+)
+
+TITLE = "Batched throughput: mesh against direct Triton"
+METHOD = (
+    "The `sleep` model costs `delay_ms` per batch execution whatever the batch size (Triton's dynamic "
+    "batcher, `max_batch_size` 64, two instances), so throughput shows how well batches are filled. "
+    "**Mesh**: the tasks are submitted through ingest (`SubmitTasks`, 1000 a call) while no worker runs; "
+    "then workers start with a new consumer group whose committed offsets are set to where those tasks begin, "
+    "and `AIMESH_MAX_IN_FLIGHT` = concurrency / workers (2 workers, 1 for concurrency 1). A reader of the "
+    "results topic (read_committed) timestamps each terminal result as it arrives. **Direct**: a tritonclient "
+    "grpc.aio closed loop in the benchmark process keeps exactly `concurrency` one-row requests outstanding "
+    "against the same Triton. Throughput for both is the steady rate: completions between the 10th and 90th "
+    "percentile of their times (for the mesh, counted once its consumer group has all its members), so start-up "
+    "and the last partial batches do not count. Each point has enough tasks to keep Triton busy for `--seconds` "
+    "(default 3) at its best rate. The dotted line is that best rate, min(concurrency, 128) / `delay_ms`; the "
+    "plot also shows the blog and Celery baselines of the next sections."
+)
+
+
+def timeout_for(tasks: int, concurrency: int, delay_ms: int) -> float:
+    """Wait for a backlog up to 20 times longer than Triton's best rate would take, plus start-up."""
+    return 60 + 20 * tasks * (delay_ms / 1000) / min(concurrency, 128)
+
+
+def measure_backlog(
+    workers: Workers,
+    tasks: int,
+    *,
+    members: int,
+    concurrency: int,
+    delay_ms: int,
+    start: Callable[[str], None],
+    stop: Callable[[], None],
+) -> float:
+    """Prefill ``tasks`` sleep tasks through ingest, then let a new consumer group of ``members`` (started by
+    ``start(group)``) run that backlog; the steady rate at which terminal results reach the results topic, counted
+    once the group has all its members."""
+    stack = workers.stack
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    begin = workers.mark()
+    with ResultReader(stack.kafka_bootstrap, stack.topics.results_topic) as reader:
+        task_ids = asyncio.run(prefill(stack, tasks, sleep_parameters(delay_ms)))
+        reader.expect(task_ids)
+        workers.start_group_at(group, begin)
+        stable: Future[float] = workers.when_stable(members, group)
+        start(group)
+        try:
+            arrivals = reader.wait(timeout_for(tasks, concurrency, delay_ms))
+        finally:
+            stop()
+        inference = median(reader.inference_s)  # 0 for the blog consumer, which reports no timings
+        log(
+            f"  (by record timestamps: {steady_rate(list(reader.appended.values())):.1f}/s"
+            + (f"; inference p50 as the worker timed it: {1000 * inference:.0f} ms)" if inference else ")")
+        )
+    formed = stable.result(timeout=60)
+    steady = [t for t in arrivals if t >= formed]
+    if len(steady) < len(arrivals) // 2:
+        log(f"  only {len(steady)} of {len(arrivals)} results came after the group formed; counting all")
+        steady = arrivals
+    return steady_rate(steady)
+
+
+def mesh_rate(workers: Workers, concurrency: int, tasks: int, delay_ms: int, max_workers: int) -> float:
+    """The mesh with ``concurrency`` = workers x AIMESH_MAX_IN_FLIGHT, on a prefilled backlog."""
+    count = max(1, min(max_workers, concurrency))
+    in_flight = max(1, concurrency // count)
+    return measure_backlog(
+        workers,
+        tasks,
+        members=count,
+        concurrency=concurrency,
+        delay_ms=delay_ms,
+        start=lambda group: workers.start(count, in_flight, group),
+        stop=workers.stop,
+    )
+
+
+async def direct_rate(triton_url: str, concurrency: int, tasks: int, delay_ms: int) -> float:
+    """A closed-loop tritonclient grpc.aio generator: ``concurrency`` requests always outstanding."""
+    parameters = sleep_parameters(delay_ms)
+    async with DirectTriton(triton_url) as triton:
+        await closed_loop(lambda: triton.run(SLEEP_MODEL, parameters), total=concurrency, concurrency=concurrency)
+        completions = await closed_loop(
+            lambda: triton.run(SLEEP_MODEL, parameters), total=tasks, concurrency=concurrency
+        )
+    return steady_rate(completions)
+
+
+def measure(workers: Workers, args: argparse.Namespace) -> dict[str, Any]:
+    mesh: dict[int, float] = {}
+    direct: dict[int, float] = {}
+    workers.stop()
+    for c in args.concurrency:
+        tasks = tasks_for(c, args.seconds, args.delay_ms)
+        direct[c] = asyncio.run(direct_rate(workers.stack.triton_url, c, tasks, args.delay_ms))
+        mesh[c] = mesh_rate(workers, c, tasks, args.delay_ms, workers.stack.settings.workers)
+        log(f"  concurrency {c:>4}: {tasks} tasks, mesh {mesh[c]:8.1f}/s, direct {direct[c]:8.1f}/s")
+    return {"mesh": mesh, "direct": direct}
+
+
+def top(args: argparse.Namespace) -> int:
+    return int(max(args.concurrency))
+
+
+def mesh_at_top(rounds: Sequence[dict[str, Any]], args: argparse.Namespace) -> list[float]:
+    """The mesh's rate at the top concurrency in each round, for the baselines to be compared with."""
+    return [r["throughput"]["mesh"][top(args)] for r in rounds]
+
+
+def report(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, plots: Path) -> Section:
+    rows = [
+        "| concurrency | tasks | mesh tasks/s | direct Triton tasks/s | mesh / direct |",
+        "|---|---|---|---|---|",
+    ]
+    for c in args.concurrency:
+        mesh = [r["throughput"]["mesh"][c] for r in rounds]
+        direct = [r["throughput"]["direct"][c] for r in rounds]
+        rows.append(
+            f"| {c} | {tasks_for(c, args.seconds, args.delay_ms)} | {spread(mesh)} | {spread(direct)} "
+            f"| {median_ratio(mesh, direct):.2f} |"
+        )
+    c = top(args)
+    ratio = median_ratio(mesh_at_top(rounds, args), [r["throughput"]["direct"][c] for r in rounds])
+    verdict = "meets" if ratio >= 0.9 else "misses"
+    results = "\n".join(
+        [
+            f"Median of {len(rounds)} rounds (min-max in brackets), `delay_ms` = {args.delay_ms}.",
+            "",
+            *rows,
+            "",
+            f"At concurrency {c} the mesh reaches **{ratio:.2f}** of the direct client's throughput "
+            f"({verdict} the 0.9 target).",
+        ]
+    )
+
+    figure, axes = new_figure()
+    for name, style in (("mesh", "o-"), ("direct", "s--")):
+        values = [[r["throughput"][name][c] for r in rounds] for c in args.concurrency]
+        mids = [median(v) for v in values]
+        errors = [
+            [m - min(v) for m, v in zip(mids, values, strict=True)],
+            [max(v) - m for m, v in zip(mids, values, strict=True)],
+        ]
+        label = "mesh (ingest, Kafka, workers)" if name == "mesh" else "direct tritonclient (grpc.aio)"
+        axes.errorbar(args.concurrency, mids, yerr=errors, fmt=style, capsize=3, label=label)
+    for name, label, marker in (("blog", "blog consumer", "v"), ("celery", "Celery + Redis", "D")):
+        points = [r[name]["points"] for r in rounds if name in r]
+        if points:
+            concurrencies = sorted(points[0])
+            axes.plot(concurrencies, [median([p[k] for p in points]) for k in concurrencies], marker, label=label)
+    best = [min(c, SLEEP_PARALLELISM) / (args.delay_ms / 1000) for c in args.concurrency]
+    axes.plot(args.concurrency, best, ":", color="gray", label="Triton's best: full batches, both instances")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xticks(args.concurrency)
+    plain_log_ticks(axes.xaxis, minor=False)
+    plain_log_ticks(axes.yaxis)
+    axes.set_xlabel("concurrency (tasks in flight)")
+    axes.set_ylabel("tasks per second")
+    axes.set_title(f"sleep model, {args.delay_ms} ms per batch; median of {len(rounds)} rounds")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    save_plot(figure, plots / "throughput.png")
+
+    return Section(TITLE, METHOD, results, "throughput.png")

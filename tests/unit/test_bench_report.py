@@ -1,0 +1,43 @@
+"""The benchmark suite's arithmetic and report merging (benchmarks/common.py): the figures it quotes."""
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import Section, median_ratio, split_sections, steady_rate, tasks_for, write_markdown
+
+
+def test_steady_rate_counts_between_the_trim_quantiles() -> None:
+    # 11 completions, 10 ms apart, after a slow start and before a slow end: 100 per second in between.
+    times = [0.0] + [1.0 + 0.01 * i for i in range(11)] + [5.0]
+    assert steady_rate(times, trim=0.1) == pytest.approx(100.0, rel=0.05)
+    assert steady_rate([0.0, 0.5, 1.0], trim=0.0) == pytest.approx(2.0)
+
+
+def test_steady_rate_needs_two_completions() -> None:
+    with pytest.raises(ValueError):
+        steady_rate([1.0])
+
+
+def test_median_ratio_pairs_rounds_instead_of_dividing_medians() -> None:
+    # Round by round 0.5, 0.5, 2.0: median 0.5. The ratio of medians (20 / 20) would claim 1.0.
+    assert median_ratio([10, 20, 40], [20, 40, 20]) == 0.5
+
+
+def test_tasks_for_scales_with_what_triton_can_run_at_once() -> None:
+    assert tasks_for(8, seconds=2, delay_ms=50) == 320  # 8 per 50 ms for 2 s
+    assert tasks_for(1024, seconds=1, delay_ms=50) == 2560  # capped at 2 instances x batches of 64
+    assert tasks_for(1, seconds=0.1, delay_ms=50) == 20  # never fewer than 20
+
+
+def test_write_markdown_replaces_measured_sections_and_keeps_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\nold preamble\n\n## Latency\n\nold latency table\n\n## Gone\n\nkept\n")
+    write_markdown(
+        path, [Section("Throughput", "how", "| new |")], "python benchmarks/run.py", ["Throughput", "Latency"]
+    )
+    sections = split_sections(path.read_text())
+    assert list(sections) == ["Throughput", "Latency", "Gone"]
+    assert "| new |" in sections["Throughput"] and "python benchmarks/run.py" in sections["Throughput"]
+    assert "old latency table" in sections["Latency"] and "kept" in sections["Gone"]
+    assert "old preamble" not in path.read_text()
