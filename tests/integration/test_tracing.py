@@ -49,6 +49,12 @@ async def run_traced_task(mesh: Stack, model: str) -> tuple[str, str, list[int]]
     return f"{client_span.context.trace_id:032x}", f"{client_span.context.span_id:016x}", statuses
 
 
+def delivered_terminal(spans: list[ExportedSpan]) -> bool:
+    return any(
+        s.name == "deliver update" and s.attributes.get("aimesh.task.status") == "TASK_STATUS_SUCCEEDED" for s in spans
+    )
+
+
 def only(spans: list[ExportedSpan], name: str, service: str) -> ExportedSpan:
     found = [s for s in spans if s.name == name and s.service == service]
     assert found, f"no {name!r} span from {service}: {[(s.service, s.name) for s in spans]}"
@@ -60,7 +66,8 @@ async def test_a_task_is_one_trace_across_ingest_kafka_worker_triton_and_notifie
 ) -> None:
     trace_id, client_span_id, statuses = await run_traced_task(mesh, "sleep")
     assert statuses[-1] == result_pb2.TASK_STATUS_SUCCEEDED
-    spans = otlp_receiver.wait_for(trace_id, TASK_PATH | {"infer sleep"})
+    # Each process exports in batches: wait for the terminal delivery too, not just some "deliver update".
+    spans = otlp_receiver.wait_for(trace_id, TASK_PATH | {"infer sleep"}, until=delivered_terminal)
     assert {s.service for s in spans} == {"aimesh-ingest", "aimesh-worker", "aimesh-notifier"}
 
     server = only(spans, SUBMIT, "aimesh-ingest")

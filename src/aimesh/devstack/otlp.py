@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -79,11 +80,18 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self._lock:
             return [s for s in self._spans if s.trace_id == trace_id]
 
-    def wait_for(self, trace_id: str, names: set[str], timeout_s: float = 30.0) -> list[ExportedSpan]:
-        """The spans of one trace, once every span name in ``names`` has arrived (or the time is up)."""
+    def wait_for(
+        self,
+        trace_id: str,
+        names: set[str],
+        timeout_s: float = 30.0,
+        until: Callable[[list[ExportedSpan]], bool] = lambda spans: True,
+    ) -> list[ExportedSpan]:
+        """The spans of one trace, once every span name in ``names`` has arrived and ``until`` holds for them (or
+        the time is up)."""
         deadline = time.monotonic() + timeout_s
         while True:
             spans = self.trace(trace_id)
-            if names <= {s.name for s in spans} or time.monotonic() > deadline:
+            if (names <= {s.name for s in spans} and until(spans)) or time.monotonic() > deadline:
                 return spans
             time.sleep(0.1)
