@@ -30,7 +30,8 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
         settings.kafka_bootstrap,
         group_id=settings.worker_group,
         client_id=f"aimesh-worker-{worker_id}",
-        extra=kafka_extra,
+        # A fetch the broker holds open (no new records) delays the next one after a resume: keep it short.
+        extra={"fetch.wait.max.ms": 100, **kafka_extra},
     )
     metrics = WorkerMetrics(new_registry())
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 POLL_TIMEOUT_S = 0.1
 PAUSED_POLL_TIMEOUT_S = 0.02
 MAX_FETCH_BATCH = 500
+# Records fetched and waiting for a free slot are held up to max(AIMESH_MAX_IN_FLIGHT, this); fetching pauses when
+# the backlog is full and resumes when it is half empty. A finished task's slot is refilled from the backlog at
+# once: pausing and resuming per task would cost a fetch round trip (up to fetch.wait.max.ms) every time.
+MIN_BACKLOG = 100
 LAG_REFRESH_INTERVAL_S = 5.0
 # Bounds each broker query of a lag refresh, which holds up the consumer thread while it runs.
 LAG_QUERY_TIMEOUT_S = 1.0
@@ -103,6 +108,9 @@ class Worker:
         self._dead_letter_topic = dead_letter_topic
         self._worker_id = worker_id
         self._max_in_flight = max_in_flight
+        self._max_backlog = max(max_in_flight, MIN_BACKLOG)
+        self._backlog: deque[tuple[Record, Partition]] = deque()  # event loop only
+        self._backlog_size = 0  # written by the event loop, read by the consumer thread
         self._triton_retry = triton_retry
         self._grace_s = grace_s
         self._group = consumer_config["group.id"]
@@ -184,6 +192,8 @@ class Worker:
         """Stop fetching, give running tasks ``grace_s``, publish what finished, leave the group."""
         log.info("draining %d in-flight tasks for up to %.1fs", len(self._tasks), self._grace_s)
         self._stop_fetching.set()
+        self._backlog.clear()  # never started: left uncommitted, they run again on the partitions' next owner
+        self._backlog_size = 0
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace_s)
             for task in pending:
@@ -227,15 +237,20 @@ class Worker:
                 self._group_metadata = consumer.consumer_group_metadata()
                 pending = self._ledger.pending()
                 self._metrics.tasks_in_flight.set(pending)
-                capacity = self._max_in_flight - pending
-                pause = self._stop_fetching.is_set() or not self._triton_ok or capacity <= 0
+                backlog = self._backlog_size
+                # Hysteresis: pause at a full backlog, resume at half; also pause while Triton is down, while
+                # draining, and if finished work piles up unpublished (the broker is not keeping up).
+                full = backlog > self._max_backlog // 2 if self._paused else backlog >= self._max_backlog
+                piled_up = pending >= 2 * (self._max_in_flight + self._max_backlog)
+                pause = self._stop_fetching.is_set() or not self._triton_ok or full or piled_up
                 if pause != self._paused:
                     self._set_paused(pause)
                 if self._paused:
                     # Keep calling consume while paused: it serves rebalances and max.poll.interval.ms.
                     messages = consumer.consume(1, PAUSED_POLL_TIMEOUT_S)
                 else:
-                    messages = fetch(consumer, min(capacity, MAX_FETCH_BATCH), POLL_TIMEOUT_S)
+                    room = max(1, min(self._max_backlog - backlog, MAX_FETCH_BATCH))
+                    messages = fetch(consumer, room, POLL_TIMEOUT_S)
                 for message in messages:
                     if message.error():
                         log.warning("consumer error: %s", message.error())
@@ -243,7 +258,7 @@ class Worker:
                     record = Record.of(message)
                     partition = self._ledger.fetched((record.topic, record.partition), record.offset)
                     if partition is not None:
-                        self._loop.call_soon_threadsafe(self._start, record, partition)
+                        self._loop.call_soon_threadsafe(self._enqueue, record, partition)
                 if time.monotonic() - last_lag >= LAG_REFRESH_INTERVAL_S:
                     self._refresh_lag()
                     last_lag = time.monotonic()
@@ -420,21 +435,34 @@ class Worker:
         self._triton_ok = healthy
         self._metrics.triton_ready.set(1 if healthy else 0)
 
-    def _start(self, record: Record, partition: Partition) -> None:
-        task = asyncio.create_task(self._process(record, partition), name=f"task@{record.where()}")
-        self._tasks[task] = partition
-        task.add_done_callback(self._task_done)
+    def _enqueue(self, record: Record, partition: Partition) -> None:
+        self._backlog.append((record, partition))
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start backlog records while fewer than max_in_flight tasks run (none once the worker drains)."""
+        while self._backlog and len(self._tasks) < self._max_in_flight and not self._stop_fetching.is_set():
+            record, partition = self._backlog.popleft()
+            if partition.released:
+                continue  # its partition moved on while it waited: the new owner runs it
+            task = asyncio.create_task(self._process(record, partition), name=f"task@{record.where()}")
+            self._tasks[task] = partition
+            task.add_done_callback(self._task_done)
+        self._backlog_size = len(self._backlog)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s crashed", task.get_name(), exc_info=task.exception())
+        self._fill()
 
     def _cancel_tasks_of(self, partitions: list[Partition]) -> None:
-        """Stop the running tasks of released partitions: their new owner runs them."""
+        """Stop the running tasks of released partitions, and drop their backlog: their new owner runs them."""
         for task, partition in list(self._tasks.items()):
             if any(partition is p for p in partitions):
                 task.cancel()
+        self._backlog = deque((r, p) for r, p in self._backlog if not p.released)
+        self._backlog_size = len(self._backlog)
 
     async def _process(self, record: Record, partition: Partition) -> None:
         outcome = await self._handle(record)

@@ -166,7 +166,7 @@ class WorkerSettings(KafkaSettings):
         "", description="Kafka transactional.id, stable and unique per worker instance; default aimesh-worker-<id>."
     )
     max_in_flight: int = Field(
-        256, gt=0, description="Most tasks one worker holds at once; beyond it, fetching pauses."
+        256, gt=0, description="Most tasks one worker runs at once; fetched records beyond wait in a bounded backlog."
     )
     max_batch_size: int = Field(64, gt=0, description="Most tasks the worker sends to Triton in one request.")
     transaction_timeout_s: float = Field(
