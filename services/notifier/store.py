@@ -1,7 +1,8 @@
 """What the notifier knows of each task, and who is watching it.
 
 Only the event loop touches the store. A task's first terminal result wins: a repeated terminal result
-(an at-least-once worker that ran a task twice) changes nothing, and no update moves a task backwards.
+(which the transactional worker does not publish, but any other writer of the topic could) changes nothing,
+and no update moves a task backwards (a RUNNING event repeated after a worker crash arrives late, say).
 
 Every task belongs to a tenant, learned from its task record (an empty tenant there: a record from before
 tenants, the default tenant's) or from a result that carries one (an empty tenant on a result says
