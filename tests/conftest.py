@@ -39,21 +39,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OtlpReceiver) 
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
-    stack = Stack(
-        settings,
-        extra_env={
-            "AIMESH_MODELS": TEST_MODELS,
-            "AIMESH_LOG_LEVEL": "INFO",
-            "AIMESH_LOG_FORMAT": "json",
-            **tracing_env,
-        },
-    )
-    try:
-        stack.start()
-    except BaseException:
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
+    env = {"AIMESH_MODELS": TEST_MODELS, "AIMESH_LOG_LEVEL": "INFO", "AIMESH_LOG_FORMAT": "json", **tracing_env}
+    with Stack(settings, extra_env=env) as stack:  # stops what did start if the start fails
+        yield stack
     if os.environ.get("AIMESH_KEEP_LOGS"):
         print(f"mesh logs kept in {stack.log_dir}")

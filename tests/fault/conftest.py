@@ -30,14 +30,8 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = StackSettings.on_free_ports(
         tmp_path_factory.mktemp("fault"), workers=WORKERS, tasks_partitions=6, results_partitions=6
     )
-    stack = Stack(settings, extra_env=FAULT_ENV)
-    try:
-        stack.start()
-    except BaseException:
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
+    with Stack(settings, extra_env=FAULT_ENV) as stack:  # stops what did start if the start fails
+        yield stack
     if os.environ.get("AIMESH_KEEP_LOGS"):
         print(f"fault stack logs kept in {stack.log_dir}")
 

@@ -13,15 +13,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_ingest_service import RecordingProducer, req
+from test_ingest_service import RecordingProducer, req, start_ingest
 
 from aimesh import auth
 from aimesh.auth import AuthConfigError, Authenticator, Unauthenticated, hash_key
 from aimesh.events import decode_task
-from aimesh.grpc_edge import GrpcServer
-from aimesh.ingest.idempotency import IdempotencyKeys
-from aimesh.ingest.service import IngestServicer
-from aimesh.ingest.validation import Limits
 from aimesh.settings import IngestSettings
 from aimesh.v1 import ingest_pb2_grpc
 
@@ -34,25 +30,9 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
 
-async def start_ingest(authenticator: Authenticator) -> tuple[GrpcServer, RecordingProducer]:
-    producer = RecordingProducer()
-    servicer = IngestServicer(
-        producer,  # type: ignore[arg-type]
-        tasks_topic="tasks",
-        limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=64),
-        max_batch_tasks=3,
-        publish_timeout_s=1.0,
-        idempotency=IdempotencyKeys(60),
-    )
-    server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"], auth=authenticator)
-    server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
-    await server.start()
-    return server, producer
-
-
 @pytest.fixture
 async def ingest() -> AsyncIterator[tuple[grpc.aio.Channel, RecordingProducer]]:
-    server, producer = await start_ingest(KEYS)
+    server, producer = await start_ingest(auth=KEYS)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield channel, producer
     await server.stop(0)
@@ -158,7 +138,7 @@ async def test_health_and_reflection_need_no_key(ingest) -> None:
 
 
 async def test_with_auth_off_every_task_is_the_default_tenants() -> None:
-    server, producer = await start_ingest(Authenticator.disabled("dev"))
+    server, producer = await start_ingest(auth=Authenticator.disabled("dev"))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)

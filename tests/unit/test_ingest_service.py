@@ -10,6 +10,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from aimesh.auth import Authenticator
 from aimesh.errors import BrokerUnavailable
 from aimesh.events import decode_task
 from aimesh.grpc_edge import GrpcServer
@@ -33,20 +34,28 @@ class RecordingProducer:
         self.records.append((topic, key, value, list(headers or [])))
 
 
-@pytest.fixture
-async def ingest() -> AsyncIterator[tuple[ingest_pb2_grpc.IngestServiceStub, RecordingProducer]]:
+async def start_ingest(
+    *, auth: Authenticator | None = None, max_text_bytes: int = 64, max_message_bytes: int = 4 << 20
+) -> tuple[GrpcServer, RecordingProducer]:
+    """An ingest on port 0 accepting ``sentiment``, its producer replaced at the seam. Stop the server when done."""
     producer = RecordingProducer()
     servicer = IngestServicer(
         producer,  # type: ignore[arg-type]
         tasks_topic="tasks",
-        limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=64),
+        limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=max_text_bytes),
         max_batch_tasks=3,
         publish_timeout_s=1.0,
         idempotency=IdempotencyKeys(60),
     )
-    server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"])
+    server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"], auth=auth, max_message_bytes=max_message_bytes)
     server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
     await server.start()
+    return server, producer
+
+
+@pytest.fixture
+async def ingest() -> AsyncIterator[tuple[ingest_pb2_grpc.IngestServiceStub, RecordingProducer]]:
+    server, producer = await start_ingest()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield ingest_pb2_grpc.IngestServiceStub(channel), producer
     await server.stop(0)

@@ -12,13 +12,11 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from test_ingest_service import RecordingProducer, req
+from test_ingest_service import req, start_ingest
+from test_tenant_isolation import wait_watchers
 
 from aimesh.auth import Authenticator, hash_key
 from aimesh.grpc_edge import GrpcServer
-from aimesh.ingest.idempotency import IdempotencyKeys
-from aimesh.ingest.service import IngestServicer
-from aimesh.ingest.validation import Limits
 from aimesh.notifier.service import NotifierServicer, StreamLimits
 from aimesh.notifier.store import TaskStore
 from aimesh.settings import IngestSettings
@@ -30,17 +28,7 @@ GLOBEX = (("authorization", "Bearer globex-key"),)
 
 
 async def test_a_message_over_the_limit_is_resource_exhausted() -> None:
-    servicer = IngestServicer(
-        RecordingProducer(),  # type: ignore[arg-type]
-        tasks_topic="tasks",
-        limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=1 << 20),
-        max_batch_tasks=3,
-        publish_timeout_s=1.0,
-        idempotency=IdempotencyKeys(60),
-    )
-    server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"], max_message_bytes=16 << 10)
-    server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
-    await server.start()
+    server, _ = await start_ingest(max_text_bytes=1 << 20, max_message_bytes=16 << 10)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
@@ -82,14 +70,6 @@ async def refusal(stream) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-de
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stream.read()
     return info.value
-
-
-async def wait_watchers(store: TaskStore, count: int) -> None:
-    for _ in range(100):
-        if store.watcher_count() == count:
-            return
-        await asyncio.sleep(0.02)
-    assert store.watcher_count() == count
 
 
 async def test_open_streams_are_limited_per_connection_and_per_tenant(notifier) -> None:
