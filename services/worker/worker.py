@@ -23,9 +23,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from opentelemetry.trace import Span
 
 from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
@@ -476,14 +478,7 @@ class Worker:
         except UndecodableRecord as e:
             return self._undecodable(record, e)
         runtime.task_id_var.set(task.task_id)
-        with tracing.process_span(
-            record.topic,
-            key=task.task_id,
-            partition=record.partition,
-            offset=record.offset,
-            group=self._group,
-            headers=record.headers,
-        ):
+        with self._process_span(record, task.task_id):
             try:
                 result, attempts = await self._run(task)
             except Exception as e:
@@ -514,18 +509,22 @@ class Worker:
 
         return Outcome(tuple(records), committed)
 
-    def _undecodable(self, record: Record, e: UndecodableRecord) -> Outcome:
-        """A record this worker cannot read: dead-letter it, and answer its task if its id is readable."""
-        self._metrics.undecodable_records.labels(e.reason).inc()
-        key = e.task_id or (record.key or b"").decode("utf-8", "replace")
-        with tracing.process_span(
+    def _process_span(self, record: Record, key: str) -> AbstractContextManager[Span]:
+        """The CONSUMER span of processing ``record``, continuing the trace its producer put in its headers."""
+        return tracing.process_span(
             record.topic,
             key=key,
             partition=record.partition,
             offset=record.offset,
             group=self._group,
             headers=record.headers,
-        ):
+        )
+
+    def _undecodable(self, record: Record, e: UndecodableRecord) -> Outcome:
+        """A record this worker cannot read: dead-letter it, and answer its task if its id is readable."""
+        self._metrics.undecodable_records.labels(e.reason).inc()
+        key = e.task_id or (record.key or b"").decode("utf-8", "replace")
+        with self._process_span(record, key):
             tracing.fail(f"undecodable record dead-lettered: {e}")
             log.error("dead-lettering undecodable record %s: %s", record.where(), e)
             records = [self._dead_letter_record(record, reason=e.reason, error=str(e), attempts=0, task_id=e.task_id)]
@@ -675,15 +674,8 @@ class Worker:
     def _announce_running(self, task: task_pb2.AITaskEvent) -> None:
         """Best effort, outside transactions: a lost RUNNING update costs a subscriber a progress step, never
         the result; a repeated one (a task run again after a crash) changes nothing for the notifier."""
-        running = result_pb2.AIResultEvent(
-            schema_version=events.SCHEMA_VERSION,
-            task_id=task.task_id,
-            status=result_pb2.TASK_STATUS_RUNNING,
-            model_name=task.model_name,
-            worker_id=self._worker_id,
-            produced_at=events.now_timestamp(),
-            tenant=task.tenant,
-        )
+        running = self._result(task, result_pb2.TASK_STATUS_RUNNING)
+        running.produced_at.CopyFrom(events.now_timestamp())
         headers = events.result_headers()
         try:
             with tracing.send_span(self._results_topic, task.task_id, headers):
