@@ -15,6 +15,13 @@ SCHEMA_VERSION = 1
 CONTENT_TYPE_HEADER = "content-type"
 TASK_CONTENT_TYPE = b"application/x-protobuf; messageType=aimesh.v1.AITaskEvent"
 RESULT_CONTENT_TYPE = b"application/x-protobuf; messageType=aimesh.v1.AIResultEvent"
+CANCEL_CONTENT_TYPE = b"application/x-protobuf; messageType=aimesh.v1.AICancelEvent"
+
+# Sequence numbers of a task's updates (AIResultEvent.sequence): QUEUED, RUNNING, then partial outputs from
+# FIRST_PARTIAL_SEQUENCE on, and the terminal result one past the last partial output.
+QUEUED_SEQUENCE = 1
+RUNNING_SEQUENCE = 2
+FIRST_PARTIAL_SEQUENCE = 3
 
 M = TypeVar("M", bound=pb_message.Message)
 
@@ -46,6 +53,11 @@ def task_headers() -> Headers:
 def result_headers() -> Headers:
     """Headers of a new results-topic record."""
     return [(CONTENT_TYPE_HEADER, RESULT_CONTENT_TYPE)]
+
+
+def cancel_headers() -> Headers:
+    """Headers of a new cancellations-topic record."""
+    return [(CONTENT_TYPE_HEADER, CANCEL_CONTENT_TYPE)]
 
 
 def is_terminal(status: int) -> bool:
@@ -86,6 +98,18 @@ def decode_result(value: bytes | None) -> result_pb2.AIResultEvent:
         )
     if not event.task_id:
         raise UndecodableRecord("result record has no task_id", reason="missing_task_id")
+    return event
+
+
+def decode_cancel(value: bytes | None) -> task_pb2.AICancelEvent:
+    """Parse a cancellations-topic record value; raise UndecodableRecord if it is not one this version reads."""
+    event = _parse(task_pb2.AICancelEvent, value)
+    if event.schema_version != SCHEMA_VERSION:
+        raise UndecodableRecord(
+            f"unknown cancel schema version {event.schema_version}", reason="unknown_schema_version"
+        )
+    if not event.task_id:
+        raise UndecodableRecord("cancel record has no task_id", reason="missing_task_id")
     return event
 
 

@@ -93,7 +93,7 @@ class RetryPolicy:
 
         return AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, AimeshError) and e.retryable),
-            wait=wait_exponential_jitter(initial=self.initial_s, exp_base=self.multiplier, max=self.max_s),
+            wait=wait_exponential_jitter(multiplier=self.initial_s, exp_base=self.multiplier, max=self.max_s),
             stop=stop_any(*stops) if stops else stop_never,
             before_sleep=before_sleep,
             reraise=True,

@@ -40,6 +40,12 @@ class KafkaSettings(BaseSettings):
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated.")
     tasks_topic: str = Field("aimesh.tasks", description="Topic that carries AITaskEvent records.")
+    batch_tasks_topic: str = Field(
+        "aimesh.tasks.batch", description="Topic that carries the AITaskEvent records of batch-priority tasks."
+    )
+    cancel_topic: str = Field(
+        "aimesh.tasks.cancel", description="Topic that carries AICancelEvent records (cancellation requests)."
+    )
     results_topic: str = Field("aimesh.results", description="Topic that carries AIResultEvent records.")
     dead_letter_topic: str = Field(
         "aimesh.tasks.dlq", description="Topic that receives task records the worker cannot process, with the reason."

@@ -180,6 +180,8 @@ class Stack:
             {
                 "AIMESH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
                 "AIMESH_TASKS_TOPIC": self.topics.tasks_topic,
+                "AIMESH_BATCH_TASKS_TOPIC": self.topics.batch_tasks_topic,
+                "AIMESH_CANCEL_TOPIC": self.topics.cancel_topic,
                 "AIMESH_RESULTS_TOPIC": self.topics.results_topic,
                 "AIMESH_DEAD_LETTER_TOPIC": self.topics.dead_letter_topic,
                 "AIMESH_TRITON_URL": self.triton_url,
@@ -223,6 +225,8 @@ class Stack:
             self.kafka_bootstrap,
             {
                 self.topics.tasks_topic: s.tasks_partitions,
+                self.topics.batch_tasks_topic: s.tasks_partitions,
+                self.topics.cancel_topic: 1,
                 self.topics.results_topic: s.results_partitions,
                 self.topics.dead_letter_topic: 1,
             },
