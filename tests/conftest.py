@@ -12,9 +12,9 @@ from aimesh.devstack.stack import Stack, StackSettings
 if importlib.util.find_spec("aimesh.v1.task_pb2") is None:  # pragma: no cover - a setup problem
     raise RuntimeError("generated protobuf code is missing: run `make setup` (or `make proto`)")
 
-# Models ingest accepts in the test stack: the repository's four, plus one Triton does not serve, so the
+# Models ingest accepts in the test stack: the repository's five, plus one Triton does not serve, so the
 # worker's handling of a model that vanished from the repository is testable.
-TEST_MODELS = "summarize,sentiment,embed,sleep,ghost"
+TEST_MODELS = "summarize,sentiment,embed,sleep,generate,ghost"
 
 
 @pytest.fixture(scope="session")

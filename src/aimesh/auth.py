@@ -26,11 +26,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from aimesh.grpc_handlers import Behavior, rewrap
 from aimesh.settings import TENANT_PATTERN, ServerSettings
+
+if TYPE_CHECKING:
+    from aimesh.grpc_handlers import Handler
 
 # Services a caller may reach without a key: load balancers and grpcurl need them before anything else.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -142,11 +146,6 @@ class Authenticator:
         return found
 
 
-Behavior = Callable[..., Any]
-if TYPE_CHECKING:  # generic only in the type stubs
-    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call but health checks and reflection; handlers read ``current_tenant()``."""
 
@@ -164,8 +163,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             tenant = self._auth.tenant_of(handler_call_details.invocation_metadata)
         except Unauthenticated as e:
-            return _rewrap(handler, _denied(str(e)))
-        return _rewrap(handler, lambda behavior: _with_tenant(behavior, tenant))
+            return rewrap(handler, _denied(str(e)))
+        return rewrap(handler, lambda behavior: _with_tenant(behavior, tenant))
 
 
 def _with_tenant(behavior: Behavior, tenant: str) -> Behavior:
@@ -205,22 +204,6 @@ def _denied(message: str) -> Callable[[Behavior], Behavior]:
         return deny
 
     return wrap
-
-
-def _rewrap(handler: Handler, wrap: Callable[[Behavior], Behavior]) -> Handler:
-    """The same method handler with its behavior passed through ``wrap``."""
-    kinds: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
-        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    }
-    attribute, make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        wrap(getattr(handler, attribute)),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

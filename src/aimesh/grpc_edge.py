@@ -4,15 +4,16 @@ gRPC statuses."""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,6 +21,7 @@ from grpc_status import rpc_status
 
 from aimesh.auth import Authenticator, AuthInterceptor
 from aimesh.errors import InvalidTask
+from aimesh.grpc_handlers import Behavior, rewrap
 from aimesh.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,76 @@ class ServerTls:
         )
 
 
+if TYPE_CHECKING:
+    from aimesh.grpc_handlers import Handler
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """What a request body that does not parse deserializes to, so the call can answer for it."""
+
+    message_type: str
+    error: str
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT (with google.rpc.BadRequest) for a request body that is not the method's
+    message, instead of gRPC's own UNKNOWN: a malformed request is the caller's error, and says so."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        parse = handler.request_deserializer if handler is not None else None
+        if handler is None or parse is None or handler.request_streaming:
+            return handler
+        message_type = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        name = message_type.full_name if message_type is not None else "request message"
+
+        def safe_parse(body: bytes) -> Any:
+            try:
+                return parse(body)
+            except DecodeError as e:
+                return _Malformed(name, str(e))
+
+        return rewrap(handler, _refuse_malformed, request_deserializer=safe_parse)
+
+
+def _refuse_malformed(behavior: Behavior) -> Behavior:
+    """``behavior``, or INVALID_ARGUMENT when the request did not parse; keeps its kind (coroutine or async
+    generator)."""
+
+    async def refuse(request: _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field="", description=f"not a valid {request.message_type}: {request.error}"
+        )
+        await abort_with(
+            context,
+            code_pb2.INVALID_ARGUMENT,
+            f"the request body is not a valid {request.message_type}",
+            [error_details_pb2.BadRequest(field_violations=[violation])],
+        )
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Malformed):
+            await refuse(request, context)
+        return await behavior(request, context)
+
+    return call
+
+
 class GrpcServer:
     """A grpc.aio server bound to one address, with the standard health service and server reflection.
 
@@ -77,11 +149,11 @@ class GrpcServer:
         auth = auth if auth is not None else Authenticator.disabled()
         self.server = grpc.aio.server(
             # After the tracing interceptors: a refused call still gets its SERVER span.
-            interceptors=[*interceptors, AuthInterceptor(auth)],
+            interceptors=[*interceptors, AuthInterceptor(auth), MalformedRequestInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
-            ]
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
