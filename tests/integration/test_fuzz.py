@@ -3,9 +3,9 @@
 Hypothesis throws random and malformed requests at each method: arbitrary bytes as the request body, and
 structured requests with random field values (strings, task ids, parameters, deadlines with out-of-range
 nanoseconds, unknown enum numbers). A body that does not parse is INVALID_ARGUMENT (grpc_edge's
-MalformedRequestInterceptor; gRPC alone would answer UNKNOWN). Every answer must be a status the method documents in its proto
-comment (OK included); after the run every service still answers its health check and a real task still
-succeeds.
+MalformedRequestInterceptor; gRPC alone would answer UNKNOWN). Every answer must be a status the method
+documents in its proto comment (OK included); after the run every service still answers its health check
+and a real task still succeeds.
 """
 
 from __future__ import annotations
