@@ -43,9 +43,27 @@ REJECT_INVALID_ARGUMENT = "invalid_argument"
 REJECT_MODEL_NOT_FOUND = "model_not_found"
 REJECT_DEADLINE_PASSED = "deadline_passed"
 REJECT_BROKER_UNAVAILABLE = "broker_unavailable"
-REJECT_REASONS = (REJECT_INVALID_ARGUMENT, REJECT_MODEL_NOT_FOUND, REJECT_DEADLINE_PASSED, REJECT_BROKER_UNAVAILABLE)
+REJECT_BACKLOG_TOO_LONG = "backlog_too_long"
+REJECT_TENANT_RATE_LIMITED = "tenant_rate_limited"
+REJECT_TENANT_CONCURRENCY_LIMITED = "tenant_concurrency_limited"
+REJECT_REASONS = (
+    REJECT_INVALID_ARGUMENT,
+    REJECT_MODEL_NOT_FOUND,
+    REJECT_DEADLINE_PASSED,
+    REJECT_BROKER_UNAVAILABLE,
+    REJECT_BACKLOG_TOO_LONG,
+    REJECT_TENANT_RATE_LIMITED,
+    REJECT_TENANT_CONCURRENCY_LIMITED,
+)
 
 TERMINAL_STATUS_LABELS = ("succeeded", "failed", "expired")
+
+# What the notifier's CancelTask answered.
+CANCEL_REQUESTED = "requested"
+CANCEL_ALREADY_ENDED = "already_ended"
+CANCEL_NOT_FOUND = "not_found"
+CANCEL_UNAVAILABLE = "unavailable"
+CANCEL_OUTCOMES = (CANCEL_REQUESTED, CANCEL_ALREADY_ENDED, CANCEL_NOT_FOUND, CANCEL_UNAVAILABLE)
 
 
 def new_registry() -> CollectorRegistry:
@@ -88,8 +106,9 @@ class IngestMetrics:
         )
         self.tasks_rejected = Counter(
             "aimesh_ingest_tasks_rejected_total",
-            "Tasks turned away, by reason: invalid_argument, model_not_found, deadline_passed (every task of the "
-            "rejected request counts), broker_unavailable (tasks Kafka did not acknowledge in time).",
+            "Tasks turned away, by reason: invalid_argument, model_not_found, deadline_passed, backlog_too_long, "
+            "tenant_rate_limited, tenant_concurrency_limited (every task of the rejected request counts), "
+            "broker_unavailable (tasks Kafka did not acknowledge in time).",
             ["reason"],
             registry=self.registry,
         )
@@ -98,6 +117,26 @@ class IngestMetrics:
             "Time from producing a task record to its delivery report; outcome ok or error.",
             ["outcome"],
             buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.backlog_records = Gauge(
+            "aimesh_ingest_backlog_records",
+            "Tasks of a tasks topic (one per priority class) the worker group has not committed, as admission "
+            "control last measured them.",
+            ["topic"],
+            registry=self.registry,
+        )
+        self.estimated_wait_seconds = Gauge(
+            "aimesh_ingest_estimated_wait_seconds",
+            "Admission control's estimate of how long a task published to a tasks topic now would wait: backlog "
+            "over drain rate (+Inf while no worker has been seen draining a large backlog).",
+            ["topic"],
+            registry=self.registry,
+        )
+        self.admission_monitor_errors = Counter(
+            "aimesh_ingest_admission_monitor_errors_total",
+            "Backlog measurements that failed (broker unreachable); admission control admits every task while its "
+            "estimates are stale.",
             registry=self.registry,
         )
         # Series that exist before their first event, so rate() sees them start from zero.
@@ -206,7 +245,7 @@ class NotifierMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.active_subscriptions = Gauge(
             "aimesh_notifier_active_subscriptions",
-            "Open WatchTask streams.",
+            "Tasks watched on open WatchTask and WatchTasks streams (a WatchTasks stream counts each task).",
             registry=self.registry,
         )
         self.end_to_end_seconds = Histogram(
@@ -230,6 +269,15 @@ class NotifierMetrics:
         )
         for status in ("queued", "running", *TERMINAL_STATUS_LABELS):
             self.updates_delivered.labels(status)
+        self.cancel_requests = Counter(
+            "aimesh_notifier_cancel_requests_total",
+            "CancelTask calls answered, by outcome: requested (published), already_ended, not_found, unavailable "
+            "(the broker did not acknowledge).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in CANCEL_OUTCOMES:
+            self.cancel_requests.labels(outcome)
 
 
 class MetricsServer:

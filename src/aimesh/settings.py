@@ -7,6 +7,7 @@ upper case), then the default here. The README's configuration table lists every
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
@@ -135,7 +136,7 @@ class IngestSettings(ServerSettings):
 
     ingest_address: str = Field("127.0.0.1:50051", description="host:port the ingest gRPC server binds.")
     models: str = Field(
-        "summarize,sentiment,embed,sleep",
+        "summarize,sentiment,embed,sleep,generate",
         description="Comma-separated model names that ingest accepts; others get NOT_FOUND.",
     )
     max_text_bytes: int = Field(1_000_000, gt=0, description="Largest accepted input text, UTF-8 bytes.")
@@ -148,6 +149,38 @@ class IngestSettings(ServerSettings):
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
+    worker_group: str = Field(
+        "aimesh-workers", description="Kafka consumer group of the workers, whose backlog admission control measures."
+    )
+    admission_max_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description="Longest estimated wait of a priority class's backlog before new tasks of that class get "
+        "RESOURCE_EXHAUSTED (BACKLOG_TOO_LONG); 0 turns admission control off.",
+    )
+    admission_interval_s: float = Field(
+        1.0, gt=0, description="How often ingest measures the workers' backlog and drain rate."
+    )
+    admission_stalled_backlog: int = Field(
+        10_000,
+        ge=0,
+        description="While no drain rate has been observed yet, a backlog above this many tasks counts as too long.",
+    )
+    tenant_rate_per_s: float = Field(
+        0.0, ge=0, description="Tasks per second each tenant may submit (a token bucket); 0 means unlimited."
+    )
+    tenant_rate_burst: int = Field(
+        0, ge=0, description="Tasks a tenant may submit at once above its rate; 0 means one second's worth."
+    )
+    tenant_rate_overrides: str = Field(
+        "", description="Per-tenant rate quotas, `tenant=rate[:burst]` separated by commas, e.g. `a=50:200,b=5`."
+    )
+    tenant_max_concurrent: int = Field(
+        0, ge=0, description="Tasks a tenant may have accepted and not yet finished; 0 means unlimited."
+    )
+    tenant_max_concurrent_overrides: str = Field(
+        "", description="Per-tenant concurrency quotas, `tenant=count` separated by commas, e.g. `a=500,b=10`."
+    )
 
     @model_validator(mode="after")
     def _largest_text_fits_a_message(self) -> IngestSettings:
@@ -160,6 +193,49 @@ class IngestSettings(ServerSettings):
     @property
     def model_names(self) -> frozenset[str]:
         return frozenset(m.strip() for m in self.models.split(",") if m.strip())
+
+    @property
+    def rate_overrides(self) -> dict[str, tuple[float, int]]:
+        """``AIMESH_TENANT_RATE_OVERRIDES`` as tenant -> (rate per second, burst; 0: one second's worth)."""
+        overrides = {}
+        for tenant, value in _tenant_entries(self.tenant_rate_overrides, "AIMESH_TENANT_RATE_OVERRIDES").items():
+            rate, _, burst = value.partition(":")
+            try:
+                overrides[tenant] = (float(rate), int(burst or 0))
+            except ValueError:
+                raise ValueError(f"AIMESH_TENANT_RATE_OVERRIDES: {tenant}={value} is not rate[:burst]") from None
+            if overrides[tenant][0] < 0 or overrides[tenant][1] < 0:
+                raise ValueError(f"AIMESH_TENANT_RATE_OVERRIDES: {tenant}={value} is negative")
+        return overrides
+
+    @property
+    def max_concurrent_overrides(self) -> dict[str, int]:
+        """``AIMESH_TENANT_MAX_CONCURRENT_OVERRIDES`` as tenant -> most tasks in flight (0: unlimited)."""
+        overrides = {}
+        entries = _tenant_entries(self.tenant_max_concurrent_overrides, "AIMESH_TENANT_MAX_CONCURRENT_OVERRIDES")
+        for tenant, value in entries.items():
+            if not value.isdigit():
+                raise ValueError(f"AIMESH_TENANT_MAX_CONCURRENT_OVERRIDES: {tenant}={value} is not a count")
+            overrides[tenant] = int(value)
+        return overrides
+
+    @model_validator(mode="after")
+    def _quota_overrides_parse(self) -> IngestSettings:
+        self.rate_overrides  # noqa: B018 - raises ValueError on a malformed entry, at start
+        self.max_concurrent_overrides  # noqa: B018
+        return self
+
+
+def _tenant_entries(text: str, variable: str) -> dict[str, str]:
+    entries = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        tenant, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or not re.fullmatch(TENANT_PATTERN, tenant):
+            raise ValueError(f"{variable}: {entry!r} is not tenant=value")
+        entries[tenant] = value
+    return entries
 
 
 class WorkerSettings(KafkaSettings):
@@ -188,6 +264,12 @@ class WorkerSettings(KafkaSettings):
     retry_initial_s: float = Field(0.1, gt=0, description="First retry wait; doubles up to retry_max_s.")
     retry_max_s: float = Field(5.0, gt=0, description="Longest wait between two retries.")
     shutdown_grace_s: float = Field(20.0, ge=0, description="Grace period for in-flight tasks on SIGTERM.")
+    cancel_window_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How far back a starting worker reads the cancellations topic, and how long it remembers a "
+        "cancelled task id.",
+    )
     metrics_port: int = Field(9102, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
 
 
@@ -203,12 +285,24 @@ class NotifierSettings(ServerSettings):
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Grace period for open streams on SIGTERM.")
     max_subscriptions_per_connection: int = Field(
-        1000, gt=0, description="Most open WatchTask streams on one client connection; more get RESOURCE_EXHAUSTED."
+        1000,
+        gt=0,
+        description="Most watched tasks (a WatchTask stream, or one task of a WatchTasks stream) on one client "
+        "connection; more get RESOURCE_EXHAUSTED.",
     )
     max_subscriptions_per_tenant: int = Field(
-        10000, gt=0, description="Most open WatchTask streams of one tenant; more get RESOURCE_EXHAUSTED."
+        10000, gt=0, description="Most watched tasks of one tenant; more get RESOURCE_EXHAUSTED."
     )
     stream_idle_timeout_s: float = Field(
-        600.0, gt=0, description="A WatchTask stream with no update for this long ends DEADLINE_EXCEEDED."
+        600.0, gt=0, description="A WatchTask or WatchTasks stream with no update for this long ends DEADLINE_EXCEEDED."
+    )
+    max_updates_per_task: int = Field(
+        10_000,
+        ge=2,
+        description="Most updates kept per task for resuming watchers (after_sequence); past it the oldest are "
+        "forgotten.",
+    )
+    publish_timeout_s: float = Field(
+        5.0, gt=0, description="How long CancelTask waits for the broker before answering UNAVAILABLE."
     )
     metrics_port: int = Field(9103, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
