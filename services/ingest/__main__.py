@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from contextlib import AsyncExitStack
 
 from aimesh import runtime, tracing
 from aimesh.auth import Authenticator
@@ -15,7 +16,9 @@ from aimesh.metrics import IngestMetrics, MetricsServer, new_registry
 from aimesh.settings import IngestSettings
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc
 
+from .admission import Admission, AdmissionMonitor, KafkaLagSource
 from .idempotency import IdempotencyKeys
+from .quotas import InFlightTasks, RateLimit, RateQuotas, ResultsReader
 from .service import IngestServicer
 from .validation import Limits
 
@@ -32,15 +35,47 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
     )
     metrics = IngestMetrics(new_registry(), models=settings.model_names)
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
-    async with AsyncProducer(config) as producer, metrics_server:
+    kafka = {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_client_config()}
+    # Estimates older than a few measurements are not used: admission fails open while the broker is unreachable.
+    admission = Admission(settings.admission_max_wait_s, stale_after_s=max(3 * settings.admission_interval_s, 3.0))
+    in_flight = InFlightTasks(settings.tenant_max_concurrent, settings.max_concurrent_overrides)
+    rate_quotas = RateQuotas(
+        RateLimit.of(settings.tenant_rate_per_s, settings.tenant_rate_burst),
+        {tenant: RateLimit.of(rate, burst) for tenant, (rate, burst) in settings.rate_overrides.items()},
+    )
+    async with AsyncExitStack() as running:
+        producer = await running.enter_async_context(AsyncProducer(config))
+        await running.enter_async_context(metrics_server)
+        if admission.enabled:
+            source = KafkaLagSource({**kafka, "client.id": f"{config['client.id']}-admission"}, settings.worker_group)
+            topics = [settings.tasks_topic, settings.batch_tasks_topic]
+            monitor = AdmissionMonitor(
+                source,
+                admission,
+                topics,
+                interval_s=settings.admission_interval_s,
+                stalled_backlog=settings.admission_stalled_backlog,
+                metrics=metrics,
+                window_s=max(10.0, 5 * settings.admission_interval_s),
+            )
+            await running.enter_async_context(monitor)
+        if in_flight.enabled:
+            reader = ResultsReader(
+                {**kafka, "client.id": f"{config['client.id']}-results"}, settings.results_topic, in_flight
+            )
+            await running.enter_async_context(reader)
         servicer = IngestServicer(
             producer,
             tasks_topic=settings.tasks_topic,
+            batch_tasks_topic=settings.batch_tasks_topic,
             limits=Limits(models=settings.model_names, max_text_bytes=settings.max_text_bytes),
             max_batch_tasks=settings.max_batch_tasks,
             publish_timeout_s=settings.publish_timeout_s,
             idempotency=IdempotencyKeys(settings.idempotency_ttl_s),
             metrics=metrics,
+            admission=admission,
+            rate_quotas=rate_quotas,
+            in_flight=in_flight,
         )
         server = GrpcServer(
             settings.ingest_address,

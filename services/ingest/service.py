@@ -4,34 +4,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.rpc import code_pb2
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2
 
 from aimesh import auth, events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, DeadlinePassed, InvalidTask, UnknownModel
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.kafka import AsyncProducer
 from aimesh.metrics import (
+    REJECT_BACKLOG_TOO_LONG,
     REJECT_BROKER_UNAVAILABLE,
     REJECT_DEADLINE_PASSED,
     REJECT_INVALID_ARGUMENT,
     REJECT_MODEL_NOT_FOUND,
+    REJECT_TENANT_CONCURRENCY_LIMITED,
+    REJECT_TENANT_RATE_LIMITED,
     IngestMetrics,
 )
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
 
+from .admission import Admission
 from .idempotency import Accepted, IdempotencyKeys
+from .quotas import InFlightTasks, RateQuotas, Reservation
 from .validation import Limits, validate
 
 log = logging.getLogger(__name__)
 
+# A tenant over its concurrency quota is told to retry after this long: when its tasks finish is not known.
+CONCURRENCY_RETRY_S = 2.0
+
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    """Accepts tasks; a task id is only returned after Kafka acknowledged the task."""
+    """Accepts tasks; a task id is only returned after Kafka acknowledged the task.
+
+    Batch-priority tasks go to ``batch_tasks_topic`` (default: the tasks topic), the others to ``tasks_topic``.
+    ``admission``, ``rate_quotas`` and ``in_flight`` (the concurrency quota) are optional: without them nothing
+    is turned away for load.
+    """
 
     def __init__(
         self,
@@ -43,20 +58,36 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         publish_timeout_s: float,
         idempotency: IdempotencyKeys,
         metrics: IngestMetrics | None = None,
+        batch_tasks_topic: str | None = None,
+        admission: Admission | None = None,
+        rate_quotas: RateQuotas | None = None,
+        in_flight: InFlightTasks | None = None,
     ) -> None:
         self._producer = producer
         self._topic = tasks_topic
+        self._batch_topic = batch_tasks_topic or tasks_topic
         self._limits = limits
         self._max_batch_tasks = max_batch_tasks
         self._publish_timeout_s = publish_timeout_s
         self._idempotency = idempotency
         self._metrics = metrics if metrics is not None else IngestMetrics()
+        self._admission = admission
+        self._rate_quotas = rate_quotas
+        self._in_flight = in_flight if in_flight is not None and in_flight.enabled else None
+
+    def topic_of(self, request: ingest_pb2.SubmitTaskRequest) -> str:
+        return self._batch_topic if request.priority == task_pb2.PRIORITY_BATCH else self._topic
 
     async def SubmitTask(
         self, request: ingest_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.SubmitTaskResponse:
         await self._validate_or_abort(context, [request], lambda _: "")
-        return (await self._accept_or_abort(context, [request]))[0]
+        reservation = await self._admit_or_abort(context, [request])
+        try:
+            return (await self._accept_or_abort(context, [request], reservation))[0]
+        finally:
+            if reservation is not None:
+                reservation.release()
 
     async def SubmitTasks(
         self, request: ingest_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -68,7 +99,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 context, InvalidTask([("tasks", f"must hold 1 to {self._max_batch_tasks} tasks, not {count}")])
             )
         await self._validate_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
-        return ingest_pb2.SubmitTasksResponse(tasks=await self._accept_or_abort(context, request.tasks))
+        reservation = await self._admit_or_abort(context, request.tasks)
+        try:
+            return ingest_pb2.SubmitTasksResponse(
+                tasks=await self._accept_or_abort(context, request.tasks, reservation)
+            )
+        finally:
+            if reservation is not None:
+                reservation.release()
 
     async def _validate_or_abort(
         self,
@@ -97,10 +135,96 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
             await abort_invalid(context, InvalidTask(violations))
 
-    async def _accept_or_abort(
+    async def _admit_or_abort(
         self, context: grpc.aio.ServicerContext[Any, Any], requests: Sequence[ingest_pb2.SubmitTaskRequest]
+    ) -> Reservation | None:
+        """Abort with RESOURCE_EXHAUSTED when the backlog or the tenant's quotas turn the call away; else return
+        the concurrency slots held for its tasks (None when no concurrency quota applies). All or nothing: every
+        task of a batch counts. Tasks whose idempotency key was accepted before publish nothing and are not
+        counted.
+
+        Runs without awaiting between the checks and the taking of tokens and slots, so concurrent calls on the
+        event loop cannot both pass one check.
+        """
+        tenant = auth.current_tenant()
+        fresh = [
+            r for r in requests if not (r.idempotency_key and self._idempotency.lookup(f"{tenant}/{r.idempotency_key}"))
+        ]
+        if not fresh:
+            return None
+        count = len(requests)
+        if self._admission is not None:
+            now = time.time()
+            for request in fresh:
+                to_deadline = events.timestamp_s(request.deadline) - now if request.HasField("deadline") else None
+                rejection = self._admission.check(self.topic_of(request), seconds_to_deadline=to_deadline)
+                if rejection is not None:
+                    self._metrics.tasks_rejected.labels(REJECT_BACKLOG_TOO_LONG).inc(count)
+                    await abort_with(
+                        context,
+                        code_pb2.RESOURCE_EXHAUSTED,
+                        f"{rejection.message}; nothing was accepted",
+                        [
+                            _retry_info(rejection.retry_after_s),
+                            error_info(
+                                "BACKLOG_TOO_LONG",
+                                topic=rejection.topic,
+                                backlog=str(rejection.backlog),
+                                estimated_wait_s=f"{rejection.wait_s:.1f}",
+                            ),
+                        ],
+                    )
+        if self._in_flight is not None:
+            limit = self._in_flight.limit(tenant)
+            held = self._in_flight.count(tenant)
+            if limit > 0 and held + len(fresh) > limit:
+                self._metrics.tasks_rejected.labels(REJECT_TENANT_CONCURRENCY_LIMITED).inc(count)
+                await abort_with(
+                    context,
+                    code_pb2.RESOURCE_EXHAUSTED,
+                    f"tenant {tenant} has {held} tasks unfinished; its limit is {limit} and this call adds "
+                    f"{len(fresh)}; nothing was accepted",
+                    [
+                        _retry_info(CONCURRENCY_RETRY_S),
+                        error_info("TENANT_CONCURRENCY_LIMITED", tenant=tenant, limit=str(limit), in_flight=str(held)),
+                        _quota_failure(tenant, f"at most {limit} tasks accepted and not yet finished"),
+                    ],
+                )
+        if self._rate_quotas is not None:
+            wait_s = self._rate_quotas.take(tenant, len(fresh))
+            if wait_s > 0:
+                quota = self._rate_quotas.limit(tenant)
+                self._metrics.tasks_rejected.labels(REJECT_TENANT_RATE_LIMITED).inc(count)
+                await abort_with(
+                    context,
+                    code_pb2.RESOURCE_EXHAUSTED,
+                    f"tenant {tenant} is over its rate of {quota.rate_per_s:g} tasks/s (burst {quota.burst}); "
+                    "nothing was accepted",
+                    [
+                        _retry_info(wait_s),
+                        error_info(
+                            "TENANT_RATE_LIMITED",
+                            tenant=tenant,
+                            rate_per_s=f"{quota.rate_per_s:g}",
+                            burst=str(quota.burst),
+                        ),
+                        _quota_failure(tenant, f"at most {quota.rate_per_s:g} tasks/s, bursts of {quota.burst}"),
+                    ],
+                )
+        if self._in_flight is not None and self._in_flight.limit(tenant) > 0:
+            reservation = self._in_flight.reserve(tenant, len(fresh))
+            if reservation is None:  # pragma: no cover - checked above with no await in between
+                raise RuntimeError("concurrency slots vanished between check and reservation")
+            return reservation
+        return None
+
+    async def _accept_or_abort(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        requests: Sequence[ingest_pb2.SubmitTaskRequest],
+        reservation: Reservation | None,
     ) -> list[ingest_pb2.SubmitTaskResponse]:
-        submissions = [self._accept(request) for request in requests]
+        submissions = [self._accept(request, reservation) for request in requests]
         outcomes = await asyncio.gather(*submissions, return_exceptions=True)
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
@@ -119,20 +243,24 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             raise first
         return [o for o in outcomes if isinstance(o, ingest_pb2.SubmitTaskResponse)]
 
-    async def _accept(self, request: ingest_pb2.SubmitTaskRequest) -> ingest_pb2.SubmitTaskResponse:
+    async def _accept(
+        self, request: ingest_pb2.SubmitTaskRequest, reservation: Reservation | None
+    ) -> ingest_pb2.SubmitTaskResponse:
         tenant = auth.current_tenant()
         if request.idempotency_key:
             # Scoped per tenant: one tenant's key never returns another's task. A tenant name has no "/".
             accepted, duplicate = await self._idempotency.submit_once(
-                f"{tenant}/{request.idempotency_key}", lambda: self._publish(request, tenant)
+                f"{tenant}/{request.idempotency_key}", lambda: self._publish(request, tenant, reservation)
             )
         else:
-            accepted, duplicate = await self._publish(request, tenant), False
+            accepted, duplicate = await self._publish(request, tenant, reservation), False
         return ingest_pb2.SubmitTaskResponse(
             task_id=accepted.task_id, accepted_at=accepted.accepted_at, duplicate=duplicate
         )
 
-    async def _publish(self, request: ingest_pb2.SubmitTaskRequest, tenant: str) -> Accepted:
+    async def _publish(
+        self, request: ingest_pb2.SubmitTaskRequest, tenant: str, reservation: Reservation | None
+    ) -> Accepted:
         task_id = str(uuid.uuid4())
         runtime.task_id_var.set(task_id)  # this coroutine runs as its own asyncio task (gather)
         event = task_pb2.AITaskEvent(
@@ -145,16 +273,37 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             submitted_at=events.now_timestamp(),
             idempotency_key=request.idempotency_key,
             tenant=tenant,
+            priority=request.priority or task_pb2.PRIORITY_INTERACTIVE,
         )
         if request.HasField("deadline"):
             event.deadline.CopyFrom(request.deadline)
+        topic = self.topic_of(request)
         headers = events.task_headers()
-        with tracing.send_span(self._topic, task_id, headers):
-            delivery: Awaitable[object] = self._producer.produce(
-                self._topic, key=task_id, value=event.SerializeToString(), headers=headers
-            )
-            with self._metrics.time_publish():
-                await asyncio.wait_for(delivery, self._publish_timeout_s + 1.0)
+        if reservation is not None:
+            reservation.bind(task_id)  # before producing: its result, however fast, finds it tracked
+        try:
+            with tracing.send_span(topic, task_id, headers):
+                delivery: Awaitable[object] = self._producer.produce(
+                    topic, key=task_id, value=event.SerializeToString(), headers=headers
+                )
+                with self._metrics.time_publish():
+                    await asyncio.wait_for(delivery, self._publish_timeout_s + 1.0)
+        except BaseException:
+            if reservation is not None:
+                reservation.unbind(task_id)
+            raise
         self._metrics.tasks_accepted.labels(request.model_name).inc()
         log.debug("accepted task %s for model %s", task_id, request.model_name)
         return Accepted(task_id=task_id, accepted_at=event.submitted_at)
+
+
+def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1_000_000, int(delay_s * 1e9)))  # a positive delay, at least 1 ms
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def _quota_failure(tenant: str, description: str) -> error_details_pb2.QuotaFailure:
+    return error_details_pb2.QuotaFailure(
+        violations=[error_details_pb2.QuotaFailure.Violation(subject=f"tenant:{tenant}", description=description)]
+    )

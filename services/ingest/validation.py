@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aimesh.errors import DeadlinePassed, InvalidTask, UnknownModel
 from aimesh.events import timestamp_s
-from aimesh.v1 import ingest_pb2
+from aimesh.v1 import ingest_pb2, task_pb2
 
 PARAMETER_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_PARAMETERS = 32
@@ -65,6 +65,8 @@ def validate(request: ingest_pb2.SubmitTaskRequest, limits: Limits, *, prefix: s
 
     if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
         bad("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    if request.priority not in task_pb2.Priority.values():
+        bad("priority", f"unknown priority {request.priority}: use PRIORITY_INTERACTIVE or PRIORITY_BATCH")
     if request.HasField("deadline") and (request.deadline.nanos < 0 or request.deadline.nanos >= 1_000_000_000):
         bad("deadline", "nanos must be within [0, 1e9)")
 

@@ -35,17 +35,25 @@ class RecordingProducer:
 
 
 async def start_ingest(
-    *, auth: Authenticator | None = None, max_text_bytes: int = 64, max_message_bytes: int = 4 << 20
+    *,
+    auth: Authenticator | None = None,
+    max_text_bytes: int = 64,
+    max_message_bytes: int = 4 << 20,
+    **servicer_options: object,
 ) -> tuple[GrpcServer, RecordingProducer]:
-    """An ingest on port 0 accepting ``sentiment``, its producer replaced at the seam. Stop the server when done."""
+    """An ingest on port 0 accepting ``sentiment``, its producer replaced at the seam, batch tasks on the topic
+    ``batch-tasks``. ``servicer_options`` (admission, rate_quotas, in_flight, metrics, max_batch_tasks) go to the
+    servicer. Stop the server when done."""
     producer = RecordingProducer()
+    options: dict[str, object] = {"max_batch_tasks": 3, **servicer_options}
     servicer = IngestServicer(
         producer,  # type: ignore[arg-type]
         tasks_topic="tasks",
+        batch_tasks_topic="batch-tasks",
         limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=max_text_bytes),
-        max_batch_tasks=3,
         publish_timeout_s=1.0,
         idempotency=IdempotencyKeys(60),
+        **options,  # type: ignore[arg-type]
     )
     server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"], auth=auth, max_message_bytes=max_message_bytes)
     server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
@@ -131,3 +139,39 @@ async def test_batch_is_all_or_nothing(ingest) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.SubmitTasks(ingest_pb2.SubmitTasksRequest(tasks=[req()] * 4))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_priority_travels_in_the_event_and_picks_the_topic(ingest) -> None:
+    stub, producer = ingest
+    unspecified = await stub.SubmitTask(req())
+    interactive = await stub.SubmitTask(req(priority=task_pb2.PRIORITY_INTERACTIVE))
+    batch = await stub.SubmitTask(req(priority=task_pb2.PRIORITY_BATCH))
+    published = {key: (topic, decode_task(value).priority) for topic, key, value, _ in producer.records}
+    assert published == {
+        unspecified.task_id: ("tasks", task_pb2.PRIORITY_INTERACTIVE),
+        interactive.task_id: ("tasks", task_pb2.PRIORITY_INTERACTIVE),
+        batch.task_id: ("batch-tasks", task_pb2.PRIORITY_BATCH),
+    }
+
+
+async def test_a_batch_may_mix_priorities_and_idempotency_still_holds(ingest) -> None:
+    stub, producer = ingest
+    tasks = [req(priority=task_pb2.PRIORITY_BATCH, idempotency_key="b"), req(), req(priority=task_pb2.PRIORITY_BATCH)]
+    reply = await stub.SubmitTasks(ingest_pb2.SubmitTasksRequest(tasks=tasks))
+    topics = {key: topic for topic, key, _, _ in producer.records}
+    assert [topics[r.task_id] for r in reply.tasks] == ["batch-tasks", "tasks", "batch-tasks"]
+    again = await stub.SubmitTask(req(priority=task_pb2.PRIORITY_BATCH, idempotency_key="b"))
+    assert again.duplicate and again.task_id == reply.tasks[0].task_id
+    assert len(producer.records) == 3
+
+
+async def test_an_unknown_priority_number_is_invalid_argument(ingest) -> None:
+    stub, producer = ingest
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTasks(ingest_pb2.SubmitTasksRequest(tasks=[req(), req(priority=7)]))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(info.value)
+    bad_request = error_details_pb2.BadRequest()
+    assert status is not None and status.details[0].Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == ["tasks[1].priority"]
+    assert producer.records == []

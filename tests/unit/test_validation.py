@@ -56,3 +56,10 @@ def test_deadline_in_the_past_is_rejected() -> None:
     with pytest.raises(DeadlinePassed):
         validate(request(deadline=past), LIMITS)
     validate(request(deadline=Timestamp(seconds=int(time.time()) + 60)), LIMITS)
+
+
+def test_priority_must_be_a_known_class() -> None:
+    for known in (task_pb2.PRIORITY_UNSPECIFIED, task_pb2.PRIORITY_INTERACTIVE, task_pb2.PRIORITY_BATCH):
+        validate(request(priority=known), LIMITS)
+    assert violations(request(priority=3), prefix="tasks[2].") == ["tasks[2].priority"]
+    assert violations(request(priority=-1)) == ["priority"]
