@@ -12,13 +12,13 @@ from collections.abc import Awaitable
 from aimesh import runtime, tracing
 from aimesh.auth import Authenticator
 from aimesh.grpc_edge import GrpcServer, ServerTls
-from aimesh.kafka import consumer_config
+from aimesh.kafka import AsyncProducer, consumer_config, producer_config
 from aimesh.metrics import MetricsServer, NotifierMetrics, new_registry
 from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
 from .feed import Decoded, Feed
-from .service import NotifierServicer, StreamLimits
+from .service import Cancellations, NotifierServicer, StreamLimits
 from .store import TaskStore
 
 log = logging.getLogger("aimesh.notifier")
@@ -26,7 +26,11 @@ log = logging.getLogger("aimesh.notifier")
 
 async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
-    store = TaskStore(settings.retention_s, default_tenant=settings.default_tenant)
+    store = TaskStore(
+        settings.retention_s,
+        default_tenant=settings.default_tenant,
+        max_updates_per_task=settings.max_updates_per_task,
+    )
     metrics = NotifierMetrics(new_registry())
     metrics.tasks_known.set_function(lambda: len(store))
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
@@ -43,7 +47,7 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         consumer_config(
             settings.kafka_bootstrap, group_id=group, client_id=group, extra=settings.kafka_client_config()
         ),
-        tasks_topic=settings.tasks_topic,
+        tasks_topics=(settings.tasks_topic, settings.batch_tasks_topic),
         results_topic=settings.results_topic,
         history_s=settings.retention_s,
         deliver=deliver,
@@ -62,8 +66,19 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         max_per_tenant=settings.max_subscriptions_per_tenant,
         idle_timeout_s=settings.stream_idle_timeout_s,
     )
-    servicer = NotifierServicer(store, ready=feed.caught_up, metrics=metrics, limits=limits)
+    # Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack.
+    producer = AsyncProducer(
+        producer_config(
+            settings.kafka_bootstrap,
+            client_id=f"{group}-cancel",
+            delivery_timeout_s=settings.publish_timeout_s,
+            extra=settings.kafka_client_config(),
+        )
+    )
+    cancels = Cancellations(producer, settings.cancel_topic, settings.publish_timeout_s)
+    servicer = NotifierServicer(store, ready=feed.caught_up, metrics=metrics, limits=limits, cancels=cancels)
     server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
+    producer.start()
     feed.start()
     await server.start()
     # NOT_SERVING until the history is read: GetTask would otherwise deny tasks it has not reached yet.
@@ -84,6 +99,7 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         await server.stop(settings.shutdown_grace_s)
+        await producer.stop()
         await feed.stop()
         await metrics_server.stop()
 

@@ -1,6 +1,6 @@
-"""Reads the tasks and results topics into the TaskStore.
+"""Reads the tasks topics (interactive and batch) and the results topic into the TaskStore.
 
-The notifier keeps no state of its own: at start it reads every partition of both topics from
+The notifier keeps no state of its own: at start it reads every partition of these topics from
 ``retention_s`` ago (``offsets_for_times``), so a restarted notifier rebuilds what late subscribers need.
 It uses no consumer-group offsets; every notifier replica reads everything. One thread does all the
 Kafka calls; decoded events reach the event loop in batches.
@@ -36,6 +36,7 @@ class Decoded:
     event: Event
     trace: SpanContext | None = None
 
+
 CATCH_UP_LIMIT_S = 60.0
 
 
@@ -48,7 +49,7 @@ class Feed:
         self,
         consumer_config: dict[str, Any],
         *,
-        tasks_topic: str,
+        tasks_topics: tuple[str, ...],
         results_topic: str,
         history_s: float,
         deliver: Callable[[list[Decoded]], None],
@@ -56,8 +57,8 @@ class Feed:
     ) -> None:
         self._config = consumer_config
         self._group = str(consumer_config["group.id"])
-        self._tasks_topic = tasks_topic
-        self._results_topic = results_topic
+        self._tasks_topics = frozenset(tasks_topics)
+        self._topics = (*dict.fromkeys(tasks_topics), results_topic)  # each once, in order
         self._history_s = history_s
         self._deliver = deliver
         self._loop = loop
@@ -109,7 +110,7 @@ class Feed:
     def _start_positions(self, consumer: Consumer) -> list[TopicPartition]:
         since_ms = int((time.time() - self._history_s) * 1000)
         wanted: list[TopicPartition] = []
-        for topic in (self._tasks_topic, self._results_topic):
+        for topic in self._topics:
             while not self._stopping.is_set():
                 metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
                 if metadata is not None and metadata.error is None and metadata.partitions:
@@ -146,7 +147,7 @@ class Feed:
             return None
         record = Record.of(message)
         try:
-            if record.topic == self._tasks_topic:
+            if record.topic in self._tasks_topics:
                 return Decoded(events.decode_task(record.value))
             with tracing.process_span(
                 record.topic,
