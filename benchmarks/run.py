@@ -1,10 +1,11 @@
 """The benchmark suite (``make bench``): every figure a ratio of two measurements made in the same round on the
 same machine, each round repeated ``--rounds`` times and the median quoted.
 
-    python benchmarks/run.py [--only throughput blog celery ingest latency] [--rounds 3] [--quick]
+    python benchmarks/run.py [--only throughput blog celery ingest latency ttft] [--rounds 3] [--quick]
                              [--markdown docs/benchmarks.md] [--plots docs]
 
-Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on).
+Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on),
+and so does ttft (time to first token of a streaming model).
 The blog and Celery baselines are compared with the mesh's throughput in the same round, so they bring the
 throughput sweep along.
 """
@@ -23,13 +24,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import blog, celery_bench, ingest, latency, throughput  # noqa: E402
+from benchmarks import blog, celery_bench, ingest, latency, throughput, ttft  # noqa: E402
 from benchmarks.common import Section, Workers, bench_stack, log, write_markdown  # noqa: E402
 
 # In the order they are measured in a round and listed in the document.
 MESH_BENCHMARKS = {"throughput": throughput, "blog": blog, "celery": celery_bench, "ingest": ingest}
-ALL = [*MESH_BENCHMARKS, "latency"]
-ORDER = [throughput.TITLE, blog.TITLE, celery_bench.TITLE, ingest.TITLE, latency.TITLE]
+ALL = [*MESH_BENCHMARKS, "latency", "ttft"]
+ORDER = [throughput.TITLE, blog.TITLE, celery_bench.TITLE, ingest.TITLE, latency.TITLE, ttft.TITLE]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ingest-requests", type=int, default=10_000)
     parser.add_argument("--latency-tasks", type=int, default=200, help="sequential tasks per latency round")
     parser.add_argument("--latency-model", default="sentiment")
+    parser.add_argument("--ttft-tasks", type=int, default=100, help="sequential streaming tasks per ttft round")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, small counts")
     parser.add_argument("--markdown", type=Path, help="write the sections measured into this file")
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.ingest_requests = 1, 1.0, 1000
-        args.latency_tasks, args.warmup = 30, 5
+        args.latency_tasks, args.ttft_tasks, args.warmup = 30, 30, 5
     args.concurrency = sorted(args.concurrency or ([1, 8, 64] if args.quick else [1, 8, 32, 64, 128]))
     if {"blog", "celery"} & set(args.only) and "throughput" not in args.only:
         args.only = ["throughput", *args.only]
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         sections += [MESH_BENCHMARKS[n].report(rounds, args, args.plots) for n in names]
     if "latency" in args.only:
         sections.append(latency.report(latency.run_rounds(args), args, args.plots))
+    if "ttft" in args.only:
+        sections.append(ttft.report(ttft.run_rounds(args), args))
     for section in sections:
         print(f"\n## {section.title}\n\n{section.results}")
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])

@@ -33,6 +33,13 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
         # A fetch the broker holds open (no new records) delays the next one after a resume: keep it short.
         extra={"fetch.wait.max.ms": 100, **kafka_extra},
     )
+    # The cancellations reader assigns every partition itself and commits nothing: the group id is never joined.
+    cancel_cfg = consumer_config(
+        settings.kafka_bootstrap,
+        group_id=f"aimesh-worker-cancels-{worker_id}",
+        client_id=f"aimesh-worker-{worker_id}-cancels",
+        extra={"fetch.wait.max.ms": 100, **kafka_extra},
+    )
     metrics = WorkerMetrics(new_registry())
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
     txn_config = transactional_config(
@@ -61,6 +68,10 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
                 health_interval_s=settings.triton_health_interval_s,
                 grace_s=settings.shutdown_grace_s,
                 metrics=metrics,
+                batch_tasks_topic=settings.batch_tasks_topic,
+                cancel_topic=settings.cancel_topic,
+                cancel_consumer_config=cancel_cfg,
+                cancel_window_s=settings.cancel_window_s,
             )
             try:
                 await worker.run(stop)

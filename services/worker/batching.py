@@ -5,6 +5,10 @@ There is no timer: a task is sent at once when fewer than ``max_concurrent`` req
 outstanding (so a lone task waits for nothing), and otherwise joins the queue that the next request takes
 whole, up to ``max_batch_size`` rows. Under load, requests fill up by themselves while earlier ones run;
 Triton's dynamic batcher can merge them further.
+
+Tasks of different priority classes never share a request (the priority is part of the key, and Triton's
+request priority is per request), and a task cancelled by its client while it waits is dropped when the next
+request is formed: it fails with ``CancelledByClient`` instead of joining.
 """
 
 from __future__ import annotations
@@ -21,17 +25,23 @@ from .inference import Inference, InferenceFailed, TritonInference
 log = logging.getLogger(__name__)
 
 
+class CancelledByClient(Exception):
+    """The task was cancelled while it waited to join a request: it was never sent to Triton."""
+
+
 @dataclass(frozen=True)
 class BatchKey:
-    """Tasks that may share a request: same model, version and request parameters."""
+    """Tasks that may share a request: same model, version, request parameters and Triton request priority
+    (0: the model's default)."""
 
     model: str
     version: str = ""
     parameters: tuple[tuple[str, str], ...] = ()
+    priority: int = 0
 
     @classmethod
-    def of(cls, model: str, version: str, parameters: dict[str, str]) -> BatchKey:
-        return cls(model, version, tuple(sorted(parameters.items())))
+    def of(cls, model: str, version: str, parameters: dict[str, str], priority: int = 0) -> BatchKey:
+        return cls(model, version, tuple(sorted(parameters.items())), priority)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class _Item:
     text: str
     deadline: float | None  # epoch seconds
     metadata: dict[str, str]
+    cancelled: Callable[[], bool]
     future: asyncio.Future[Batched] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -67,9 +78,18 @@ class Batcher:
         self._outstanding: dict[BatchKey, int] = {}
         self._requests: set[asyncio.Task[None]] = set()
 
-    async def infer(self, key: BatchKey, text: str, *, deadline: float | None, metadata: dict[str, str]) -> Batched:
-        """This text's inference, run in whichever request it joins. Raises InferenceFailed."""
-        item = _Item(text, deadline, metadata)
+    async def infer(
+        self,
+        key: BatchKey,
+        text: str,
+        *,
+        deadline: float | None,
+        metadata: dict[str, str],
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Batched:
+        """This text's inference, run in whichever request it joins. Raises InferenceFailed, or CancelledByClient
+        when ``cancelled()`` is true as the task is about to join a request."""
+        item = _Item(text, deadline, metadata, cancelled)
         self._queues.setdefault(key, deque()).append(item)
         self._dispatch(key)
         try:
@@ -84,8 +104,12 @@ class Batcher:
             items: list[_Item] = []
             while queue and len(items) < self._max_batch_size:
                 item = queue.popleft()
-                if not item.future.done():
-                    items.append(item)
+                if item.future.done():
+                    continue
+                if item.cancelled():
+                    item.future.set_exception(CancelledByClient("cancelled before it joined a request"))
+                    continue
+                items.append(item)
             if not items:
                 break
             self._outstanding[key] = self._outstanding.get(key, 0) + 1
@@ -117,6 +141,7 @@ class Batcher:
                 timeout_s=self._timeout_s,
                 queue_timeout_s=queue_timeout_s,
                 metadata=items[0].metadata,
+                priority=key.priority,
             )
         except InferenceFailed as e:
             if len(items) > 1 and not e.retryable:

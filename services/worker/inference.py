@@ -3,7 +3,9 @@ every transport error becomes an InferenceFailed that says whether a retry could
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,10 @@ from aimesh.v1 import result_pb2
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "TEXT"
+# What a streaming (decoupled) model's responses carry: one TEXT tensor of the new text, and on the last one the
+# response parameter Triton names its final-response flag with.
+STREAM_OUTPUT_NAME = "TEXT"
+FINAL_RESPONSE_PARAMETER = "triton_final_response"
 
 _RETRYABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE.name: result_pb2.ERROR_CODE_UNAVAILABLE,
@@ -52,6 +58,23 @@ class Inference:
     model_version: str
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the worker needs of a model's configuration, asked of Triton once per model and version."""
+
+    decoupled: bool  # model_transaction_policy { decoupled: true }: served over the streaming API, one task a request
+    priority_levels: int  # dynamic_batching priority_levels (0: none): request priorities are only sent when >= 2
+
+
+@dataclass(frozen=True)
+class Token:
+    """One response of a streaming model: the text it adds, and whether Triton flagged it as the last."""
+
+    text: str
+    final: bool
+    model_version: str
+
+
 def _classify(e: InferenceServerException) -> InferenceFailed:
     status = (e.status() or "").removeprefix("StatusCode.")
     message = e.message() or str(e)
@@ -62,6 +85,30 @@ def _classify(e: InferenceServerException) -> InferenceFailed:
         return InferenceFailed(result_pb2.ERROR_CODE_MODEL_NOT_FOUND, message, retryable=False)
     if status in _PERMANENT_CODES:
         return InferenceFailed(_PERMANENT_CODES[status], message, retryable=False)
+    return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
+
+
+def _classify_rpc(e: grpc.aio.AioRpcError) -> InferenceFailed:
+    """A stream cut by a gRPC status (the connection lost, the deadline reached)."""
+    name = e.code().name
+    message = e.details() or name
+    if name in _RETRYABLE_CODES:
+        return InferenceFailed(_RETRYABLE_CODES[name], message, retryable=True)
+    if name in _PERMANENT_CODES:
+        return InferenceFailed(_PERMANENT_CODES[name], message, retryable=False)
+    return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
+
+
+def _classify_stream_error(message: str, *, tokens: int) -> InferenceFailed:
+    """An error response inside a stream. Triton passes only the message, not the model's error code: an error
+    before the first token is the model refusing the request (its parameters, say), one naming an unknown model is
+    MODEL_NOT_FOUND, a model unloading (Triton stopping) is worth retrying, anything else is a model error."""
+    if "unknown model" in message or "is not found" in message:
+        return InferenceFailed(result_pb2.ERROR_CODE_MODEL_NOT_FOUND, message, retryable=False)
+    if "unloading" in message or "unavailable" in message.lower():
+        return InferenceFailed(result_pb2.ERROR_CODE_UNAVAILABLE, message, retryable=True)
+    if tokens == 0:
+        return InferenceFailed(result_pb2.ERROR_CODE_INVALID_INPUT, message, retryable=False)
     return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
 
 
@@ -86,6 +133,7 @@ class TritonInference:
     def __init__(self, url: str) -> None:
         self.url = url
         self._client: triton_aio.InferenceServerClient | None = None
+        self._models: dict[tuple[str, str], ModelInfo] = {}
 
     async def __aenter__(self) -> TritonInference:
         self._client = triton_aio.InferenceServerClient(self.url)
@@ -115,10 +163,12 @@ class TritonInference:
         timeout_s: float,
         queue_timeout_s: float | None = None,
         metadata: dict[str, str] | None = None,
+        priority: int = 0,
     ) -> list[Inference]:
         """Run ``texts`` through a model as one request (one row each, in order); raise InferenceFailed on any
         error. ``queue_timeout_s`` asks Triton to drop the request if it waits that long in the model's queue
-        (models that allow the override), which is how a near deadline reaches the server."""
+        (models that allow the override), which is how a near deadline reaches the server. ``priority`` is Triton's
+        request priority (1 is the highest; 0: the model's default level), for models with priority levels."""
         data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
         tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
@@ -130,6 +180,7 @@ class TritonInference:
                 model_version=model_version,
                 parameters=dict(parameters or {}),
                 timeout=queue_timeout_us,
+                priority=priority,
                 client_timeout=timeout_s,
                 headers=metadata if metadata is not None else tracing.grpc_metadata(),
             )
@@ -148,6 +199,109 @@ class TritonInference:
             for row, output in zip(array, outputs, strict=True):
                 output.tensors.append(to_output_tensor(meta.name, meta.datatype, row))
         return [Inference(output=output, model_version=response.model_version) for output in outputs]
+
+    async def model_info(self, model_name: str, model_version: str = "", *, timeout_s: float = 10.0) -> ModelInfo:
+        """The model's configuration as far as the worker cares, asked of Triton once and cached. Raises
+        InferenceFailed (MODEL_NOT_FOUND for a model Triton does not serve, UNAVAILABLE when it cannot be asked)."""
+        key = (model_name, model_version)
+        info = self._models.get(key)
+        if info is None:
+            try:
+                answer = await self._require().get_model_config(
+                    model_name, model_version, as_json=True, client_timeout=timeout_s
+                )
+            except InferenceServerException as e:
+                raise _classify(e) from e
+            config = answer.get("config", {}) if isinstance(answer, dict) else {}
+            batching = config.get("dynamic_batching") or {}
+            info = ModelInfo(
+                decoupled=bool((config.get("model_transaction_policy") or {}).get("decoupled", False)),
+                priority_levels=int(batching.get("priority_levels", 0) or 0),
+            )
+            self._models[key] = info
+        return info
+
+    async def stream(
+        self,
+        model_name: str,
+        text: str,
+        *,
+        model_version: str = "",
+        parameters: dict[str, str] | None = None,
+        timeout_s: float,
+        stop: asyncio.Event,
+        metadata: dict[str, str] | None = None,
+    ) -> AsyncGenerator[Token, None]:
+        """Run one prompt through a decoupled model over Triton's gRPC stream, yielding each response's new text.
+
+        Ends after the response flagged final, or, once ``stop`` is set, at once with the request cancelled in
+        Triton (the gRPC stream is cancelled; the model sees ``is_cancelled()``). ``timeout_s`` bounds the whole
+        stream (gRPC deadline: DEADLINE_EXCEEDED, retryable). Raises InferenceFailed."""
+        data = np.array([[text.encode("utf-8")]], dtype=np.object_)
+        tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        finished = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": model_name,
+                "inputs": [tensor],
+                "model_version": model_version,
+                "parameters": dict(parameters or {}),
+            }
+            # Keep the request side open until the answer is complete: a half-closed stream is not needed by Triton,
+            # but nothing is gained by closing it early either.
+            await finished.wait()
+
+        try:
+            responses = self._require().stream_infer(
+                requests(),
+                stream_timeout=timeout_s,
+                headers=metadata if metadata is not None else tracing.grpc_metadata(),
+            )
+        except InferenceServerException as e:
+            raise _classify(e) from e
+        tokens = 0
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                following = asyncio.ensure_future(responses.__anext__())
+                await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    responses.cancel()
+                    return
+                try:
+                    result, error = following.result()
+                except StopAsyncIteration:
+                    raise InferenceFailed(
+                        result_pb2.ERROR_CODE_UNAVAILABLE, "the stream ended without a final response", retryable=True
+                    ) from None
+                except grpc.aio.AioRpcError as e:
+                    raise _classify_rpc(e) from e
+                if error is not None:
+                    raise _classify_stream_error(error.message() or str(error), tokens=tokens)
+                assert result is not None
+                response = result.get_response()
+                array = result.as_numpy(STREAM_OUTPUT_NAME)
+                piece = (
+                    ""
+                    if array is None
+                    else "".join(
+                        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                        for v in array.reshape(-1).tolist()
+                    )
+                )
+                final_parameter = response.parameters.get(FINAL_RESPONSE_PARAMETER)
+                final = final_parameter is not None and final_parameter.bool_param
+                tokens += 1
+                yield Token(piece, final, response.model_version)
+                if final:
+                    return
+        finally:
+            stopped.cancel()
+            finished.set()
+            responses.cancel()
 
     def _require(self) -> triton_aio.InferenceServerClient:
         if self._client is None:

@@ -13,18 +13,35 @@ Three threads, each with one job:
   work under the transaction lock);
 - the publisher thread owns the transactional producer and publishes whatever is ready;
 - the event loop runs tasks: decoding, micro-batched Triton calls with retries, building outcomes.
+A fourth thread (``cancellation.CancellationReader``) reads the cancellations topic into ``Cancellations``.
+
+Priority classes: the worker consumes the tasks topic (interactive) and the batch tasks topic, with a backlog and
+pause/resume of its own for each, so a backlog full of batch records never stops interactive records being fetched,
+and a free slot always goes to an interactive task first. Requests to models with Triton priority levels carry
+priority 1 (interactive) or 2 (batch), so interactive requests also overtake batch ones in Triton's queue.
+
+Streaming models (decoupled in Triton) run one task per streaming request; each response becomes a partial RUNNING
+update (sequence 3, 4, ...) sent like the RUNNING one through the non-transactional progress producer, and the
+terminal result (in the transaction, like every terminal result) holds the whole text and the sequence one past
+the last partial update.
+
+Cancellation: a task whose cancellation the worker knows is not run when it is taken from the backlog or about to
+join a Triton request: it ends CANCELLED, published like an EXPIRED one. A running streaming task is cancelled in
+Triton and ends CANCELLED with the text so far. A unary request already sent to Triton is left to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from typing import Any
+from contextlib import AbstractContextManager, aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from opentelemetry.trace import Span
@@ -36,9 +53,10 @@ from aimesh.metrics import WorkerMetrics, error_code_label, status_label
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
-from .batching import Batcher, BatchKey
+from .batching import Batcher, BatchKey, CancelledByClient
+from .cancellation import CancellationReader, Cancellations
 from .health import TritonHealth
-from .inference import Inference, InferenceFailed, TritonInference
+from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, TritonInference
 from .ledger import Ledger, Outcome, OutRecord, Partition, Ready, TopicPartitionKey
 from .transactions import TransactionAborted, TransactionalPublisher, TransactionFatal
 
@@ -68,6 +86,38 @@ MAX_FENCES, FENCE_WINDOW_S = 3, 60.0
 PUBLISH_WEDGED_S = 45.0
 # How long a revoke waits for a publish in progress before letting the partitions go unpublished.
 REVOKE_LOCK_TIMEOUT_S = 20.0
+# Before a streaming task's terminal result is handed to the ledger, its partial updates get this long to be
+# acknowledged, so that a watcher usually sees them before the terminal one (best effort: they are progress).
+PARTIALS_FLUSH_S = 5.0
+# Triton request priorities (for models with dynamic_batching priority_levels >= 2): 1 is served first.
+INTERACTIVE_TRITON_PRIORITY, BATCH_TRITON_PRIORITY = 1, 2
+# The seed the worker gives a streaming model when the client gave none (derived from the task id: a rerun emits
+# the same tokens with the same sequence numbers). Request parameter name, and the model's largest seed.
+SEED_PARAMETER = "seed"
+MAX_SEED = 2**63 - 1
+
+PriorityClass = Literal["interactive", "batch"]
+CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")  # in the order free slots are given
+
+
+def derived_seed(task_id: str) -> int:
+    """A stable seed for a task that has none: the same task id always gives the same one."""
+    return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "big") & MAX_SEED
+
+
+@dataclass
+class _Run:
+    """What one task's processing has done so far: the partial updates its current attempt sent, and their text."""
+
+    batch: bool = False
+    partials: int = 0
+    text: list[str] | None = None
+    last_partial: asyncio.Future[Any] | None = None
+
+
+UNARY_MODEL = ModelInfo(decoupled=False, priority_levels=0)
+# What a streaming attempt returns when the client cancelled the task while it streamed.
+_STOPPED = Inference(output=result_pb2.TaskOutput(), model_version="")
 
 
 class ProducerWedged(RuntimeError):
@@ -100,19 +150,26 @@ class Worker:
         health_interval_s: float,
         grace_s: float,
         metrics: WorkerMetrics | None = None,
+        batch_tasks_topic: str = "",
+        cancel_topic: str = "",
+        cancel_consumer_config: dict[str, Any] | None = None,
+        cancel_window_s: float = 3600.0,
     ) -> None:
         self._consumer_config = consumer_config
         self._publisher = publisher
         self._progress = progress
         self._triton = triton
         self._tasks_topic = tasks_topic
+        self._batch_tasks_topic = batch_tasks_topic
         self._results_topic = results_topic
         self._dead_letter_topic = dead_letter_topic
         self._worker_id = worker_id
         self._max_in_flight = max_in_flight
         self._max_backlog = max(max_in_flight, MIN_BACKLOG)
-        self._backlog: deque[tuple[Record, Partition]] = deque()  # event loop only
-        self._backlog_size = 0  # written by the event loop, read by the consumer thread
+        # One backlog per priority class (event loop only), and their sizes (written by the event loop, read by the
+        # consumer thread).
+        self._backlogs: dict[PriorityClass, deque[tuple[Record, Partition]]] = {c: deque() for c in CLASSES}
+        self._backlog_sizes: dict[PriorityClass, int] = dict.fromkeys(CLASSES, 0)
         self._triton_retry = triton_retry
         self._grace_s = grace_s
         self._group = consumer_config["group.id"]
@@ -125,7 +182,23 @@ class Worker:
             timeout_s=inference_timeout_s,
             on_request=lambda model, items: self._metrics.inference_batch_items.labels(model).observe(items),
         )
+        self._inference_timeout_s = inference_timeout_s
         self._health = TritonHealth(triton.is_ready, interval_s=health_interval_s, on_change=self._on_health)
+        self._cancellations = Cancellations(cancel_window_s)
+        self._cancel_reader = (
+            CancellationReader(
+                cancel_consumer_config,
+                cancel_topic,
+                self._cancellations,
+                window_s=cancel_window_s,
+                on_cancel=self._cancel_arrived,
+            )
+            if cancel_topic and cancel_consumer_config is not None
+            else None
+        )
+        self._stop_cancel_reader = threading.Event()
+        # Running streaming tasks: task id -> (tenant, the event that stops its stream). Event loop only.
+        self._streams: dict[str, tuple[str, asyncio.Event]] = {}
         self._tasks: dict[asyncio.Task[None], Partition] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Consumer | None = None
@@ -140,7 +213,7 @@ class Worker:
         self._wedged = threading.Event()
         self._publishing_since: float | None = None
         self._triton_ok = True
-        self._paused = False  # consumer thread only
+        self._paused: dict[PriorityClass, bool] = dict.fromkeys(CLASSES, False)  # consumer thread only
         # The consumer's group metadata (generation, member id) for send_offsets_to_transaction. Read on the consumer
         # thread only: Consumer.consumer_group_metadata() blocks while another thread is inside consume().
         self._group_metadata: Any = None
@@ -157,13 +230,12 @@ class Worker:
         self._crashed = asyncio.Event()
         await asyncio.to_thread(self._publisher.start)
         self._consumer = Consumer(self._consumer_config, logger=log)
-        self._consumer.subscribe(
-            [self._tasks_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        topics = [self._tasks_topic] + ([self._batch_tasks_topic] if self._batch_tasks_topic else [])
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info(
             "worker %s consuming %s as group %s (transactional id %s)",
             self._worker_id,
-            self._tasks_topic,
+            " and ".join(topics),
             self._group,
             self._publisher.transactional_id,
         )
@@ -173,6 +245,13 @@ class Worker:
         ]
         for thread in threads:
             thread.start()
+        cancel_thread: threading.Thread | None = None
+        if self._cancel_reader is not None:
+            # Not guarded: the worker can run without it (cancellations then only wait), and it retries its own setup.
+            cancel_thread = threading.Thread(
+                target=self._cancel_reader.run, args=(self._stop_cancel_reader,), name="kafka-cancels", daemon=True
+            )
+            cancel_thread.start()
         health = asyncio.create_task(self._health.run(), name="triton-health")
         try:
             waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._crashed.wait())}
@@ -181,6 +260,9 @@ class Worker:
                 w.cancel()
         finally:
             await self._drain(threads)
+            self._stop_cancel_reader.set()
+            if cancel_thread is not None:
+                await asyncio.to_thread(cancel_thread.join, 5.0)
             health.cancel()
             await self._batcher.close()
             if not self._wedged.is_set():  # a wedged producer is abandoned: its thread may never return
@@ -194,8 +276,9 @@ class Worker:
         """Stop fetching, give running tasks ``grace_s``, publish what finished, leave the group."""
         log.info("draining %d in-flight tasks for up to %.1fs", len(self._tasks), self._grace_s)
         self._stop_fetching.set()
-        self._backlog.clear()  # never started: left uncommitted, they run again on the partitions' next owner
-        self._backlog_size = 0
+        for c in CLASSES:  # never started: left uncommitted, they run again on the partitions' next owner
+            self._backlogs[c].clear()
+            self._backlog_sizes[c] = 0
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace_s)
             for task in pending:
@@ -239,20 +322,24 @@ class Worker:
                 self._group_metadata = consumer.consumer_group_metadata()
                 pending = self._ledger.pending()
                 self._metrics.tasks_in_flight.set(pending)
-                backlog = self._backlog_size
-                # Hysteresis: pause at a full backlog, resume at half; also pause while Triton is down, while
-                # draining, and if finished work piles up unpublished (the broker is not keeping up).
-                full = backlog > self._max_backlog // 2 if self._paused else backlog >= self._max_backlog
-                piled_up = pending >= 2 * (self._max_in_flight + self._max_backlog)
-                pause = self._stop_fetching.is_set() or not self._triton_ok or full or piled_up
-                if pause != self._paused:
-                    self._set_paused(pause)
-                if self._paused:
+                # Each priority class pauses and resumes on its own backlog. Hysteresis: pause at a full backlog,
+                # resume at half; both also pause while Triton is down, while draining, and if finished work piles
+                # up unpublished (the broker is not keeping up).
+                piled_up = pending >= 2 * (self._max_in_flight + 2 * self._max_backlog)
+                room = MAX_FETCH_BATCH
+                for c in CLASSES:
+                    backlog = self._backlog_sizes[c]
+                    full = backlog > self._max_backlog // 2 if self._paused[c] else backlog >= self._max_backlog
+                    pause = self._stop_fetching.is_set() or not self._triton_ok or full or piled_up
+                    if pause != self._paused[c]:
+                        self._set_paused(c, pause)
+                    if not self._paused[c]:
+                        room = min(room, self._max_backlog - backlog)  # a fetch may be all of one class
+                if all(self._paused.values()):
                     # Keep calling consume while paused: it serves rebalances and max.poll.interval.ms.
                     messages = consumer.consume(1, PAUSED_POLL_TIMEOUT_S)
                 else:
-                    room = max(1, min(self._max_backlog - backlog, MAX_FETCH_BATCH))
-                    messages = fetch(consumer, room, POLL_TIMEOUT_S)
+                    messages = fetch(consumer, max(1, room), POLL_TIMEOUT_S)
                 for message in messages:
                     if message.error():
                         log.warning("consumer error: %s", message.error())
@@ -268,12 +355,15 @@ class Worker:
             # Leaves the group; the revoke callback this triggers publishes everything finished.
             consumer.close()
 
-    def _set_paused(self, paused: bool) -> None:
+    def _class_of(self, topic: str) -> PriorityClass:
+        return "batch" if self._batch_tasks_topic and topic == self._batch_tasks_topic else "interactive"
+
+    def _set_paused(self, priority_class: PriorityClass, paused: bool) -> None:
         assert self._consumer is not None
-        partitions = [TopicPartition(t, p) for t, p in self._ledger.owned()]
+        partitions = [TopicPartition(t, p) for t, p in self._ledger.owned() if self._class_of(t) == priority_class]
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
-        self._paused = paused
+        self._paused[priority_class] = paused
 
     def _rewind_to_committed(self) -> None:
         """After a fatal producer error dropped all unpublished work: fetch again from the committed offsets."""
@@ -291,8 +381,9 @@ class Worker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._group_metadata = consumer.consumer_group_metadata()
         self._ledger.assign([(p.topic, p.partition) for p in partitions])
-        if self._paused and partitions:
-            consumer.pause(partitions)
+        paused = [p for p in partitions if self._paused[self._class_of(p.topic)]]
+        if paused:
+            consumer.pause(paused)
         log.info("assigned %s", [p.partition for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -438,19 +529,22 @@ class Worker:
         self._metrics.triton_ready.set(1 if healthy else 0)
 
     def _enqueue(self, record: Record, partition: Partition) -> None:
-        self._backlog.append((record, partition))
+        self._backlogs[self._class_of(record.topic)].append((record, partition))
         self._fill()
 
     def _fill(self) -> None:
-        """Start backlog records while fewer than max_in_flight tasks run (none once the worker drains)."""
-        while self._backlog and len(self._tasks) < self._max_in_flight and not self._stop_fetching.is_set():
-            record, partition = self._backlog.popleft()
+        """Start backlog records while fewer than max_in_flight tasks run (none once the worker drains): interactive
+        ones first, batch ones only when no interactive record waits."""
+        interactive, batch = self._backlogs["interactive"], self._backlogs["batch"]
+        while (interactive or batch) and len(self._tasks) < self._max_in_flight and not self._stop_fetching.is_set():
+            record, partition = (interactive or batch).popleft()
             if partition.released:
                 continue  # its partition moved on while it waited: the new owner runs it
             task = asyncio.create_task(self._process(record, partition), name=f"task@{record.where()}")
             self._tasks[task] = partition
             task.add_done_callback(self._task_done)
-        self._backlog_size = len(self._backlog)
+        for c in CLASSES:
+            self._backlog_sizes[c] = len(self._backlogs[c])
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -463,8 +557,23 @@ class Worker:
         for task, partition in list(self._tasks.items()):
             if any(partition is p for p in partitions):
                 task.cancel()
-        self._backlog = deque((r, p) for r, p in self._backlog if not p.released)
-        self._backlog_size = len(self._backlog)
+        for c in CLASSES:
+            self._backlogs[c] = deque((r, p) for r, p in self._backlogs[c] if not p.released)
+            self._backlog_sizes[c] = len(self._backlogs[c])
+
+    def _cancel_arrived(self, task_id: str, tenant: str) -> None:
+        """A cancellation was read (on the reader's thread): stop the task's stream if it is streaming here."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_stream, task_id, tenant)
+
+    def _stop_stream(self, task_id: str, tenant: str) -> None:
+        stream = self._streams.get(task_id)
+        if stream is not None and stream[0] == tenant:
+            log.info("cancelling the stream of task %s", task_id)
+            stream[1].set()
+
+    def _is_cancelled(self, task: task_pb2.AITaskEvent) -> bool:
+        return self._cancellations.is_cancelled(task.task_id, task.tenant)
 
     async def _process(self, record: Record, partition: Partition) -> None:
         outcome = await self._handle(record)
@@ -478,9 +587,10 @@ class Worker:
         except UndecodableRecord as e:
             return self._undecodable(record, e)
         runtime.task_id_var.set(task.task_id)
+        run = _Run(batch=self._class_of(record.topic) == "batch" or task.priority == task_pb2.PRIORITY_BATCH)
         with self._process_span(record, task.task_id):
             try:
-                result, attempts = await self._run(task)
+                result, attempts = await self._run(task, run)
             except Exception as e:
                 # A bug or an error type nobody expected: the client still gets an answer, and the partition is
                 # not blocked behind a task that never finishes.
@@ -491,6 +601,9 @@ class Worker:
                     result_pb2.TaskError(code=result_pb2.ERROR_CODE_INTERNAL, message=f"internal error: {e!r}")
                 )
                 attempts = 0
+            # One past the last partial update of the attempt that produced the result (none: FIRST_PARTIAL_SEQUENCE).
+            result.sequence = events.FIRST_PARTIAL_SEQUENCE + run.partials
+            await self._flush_partials(run)
             records = [self._result_record(result)]
             dead_letter = self._dead_letter_reason(result)
             if dead_letter:
@@ -536,17 +649,20 @@ class Worker:
                     worker_id=self._worker_id,
                     produced_at=events.now_timestamp(),
                     error=result_pb2.TaskError(code=result_pb2.ERROR_CODE_BAD_TASK, message=str(e)),
+                    sequence=events.FIRST_PARTIAL_SEQUENCE,
                 )
                 records.insert(0, self._result_record(result))
         reason = e.reason
         return Outcome(tuple(records), lambda: self._metrics.dead_lettered.labels(reason).inc())
 
-    async def _run(self, task: task_pb2.AITaskEvent) -> tuple[result_pb2.AIResultEvent, int]:
+    async def _run(self, task: task_pb2.AITaskEvent, run: _Run) -> tuple[result_pb2.AIResultEvent, int]:
         """The task's terminal result, and how many times inference was tried."""
         started = time.time()
         deadline = events.timestamp_s(task.deadline) if task.HasField("deadline") else None
         if deadline is not None and deadline <= started:
             return self._expired(task, started, "the task's deadline passed before a worker reached it"), 0
+        if self._is_cancelled(task):
+            return self._cancelled(task, started, "the task was cancelled by the client before it ran"), 0
         if task.input.WhichOneof("kind") != "text":
             result = self._result(task, result_pb2.TASK_STATUS_FAILED)
             result.error.CopyFrom(
@@ -573,11 +689,26 @@ class Worker:
             ):
                 with attempt:
                     attempts += 1
-                    inference = await self._infer(task, deadline)
+                    if self._is_cancelled(task):  # learned while it waited for a retry
+                        raise CancelledByClient("cancelled before it was sent to Triton")
+                    info = await self._model_info(task)
+                    if info.decoupled:
+                        inference = await self._stream(task, deadline, run)
+                    else:
+                        inference = await self._infer(task, deadline, info, run)
+        except CancelledByClient:
+            self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
+            cancelled = self._cancelled(task, started, "the task was cancelled by the client before it ran")
+            if run.text is not None:  # between two attempts of a stream: what the last one had sent
+                cancelled.output.CopyFrom(self._text_output("".join(run.text)))
+            return cancelled, attempts
         except InferenceFailed as e:
             self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
             if e.retryable and deadline is not None and time.time() >= deadline:
-                return self._expired(task, started, f"the task's deadline passed during inference: {e}"), attempts
+                expired = self._expired(task, started, f"the task's deadline passed during inference: {e}")
+                if run.text is not None:  # a stream stopped by the deadline: what it had sent so far
+                    expired.output.CopyFrom(self._text_output("".join(run.text)))
+                return expired, attempts
             result.status = result_pb2.TASK_STATUS_FAILED
             result.error.CopyFrom(e.to_proto())
             tracing.fail(
@@ -587,20 +718,115 @@ class Worker:
         self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
         result.output.CopyFrom(inference.output)
         result.model_version = inference.model_version
+        if inference is _STOPPED:
+            # A stream cancelled by the client: CANCELLED, with the text it had streamed.
+            result.status = result_pb2.TASK_STATUS_CANCELLED
+            result.output.CopyFrom(self._text_output("".join(run.text or [])))
+            result.error.CopyFrom(result_pb2.TaskError(message="the task was cancelled by the client while it ran"))
+            tracing.fail("cancelled by the client while streaming")
         return self._finish(result, task, started, time.time()), attempts
 
-    async def _infer(self, task: task_pb2.AITaskEvent, deadline: float | None) -> Inference:
+    async def _model_info(self, task: task_pb2.AITaskEvent) -> ModelInfo:
+        """How to call the task's model. A model whose configuration Triton refuses (an unknown model) is called
+        like a unary one, so the task fails the way any inference call on it fails, inside an ``infer`` span."""
+        try:
+            return await self._triton.model_info(task.model_name, task.model_version)
+        except InferenceFailed as e:
+            if e.retryable:
+                raise
+            return UNARY_MODEL
+
+    async def _infer(self, task: task_pb2.AITaskEvent, deadline: float | None, info: ModelInfo, run: _Run) -> Inference:
+        priority = 0
+        if info.priority_levels >= 2:
+            priority = BATCH_TRITON_PRIORITY if run.batch else INTERACTIVE_TRITON_PRIORITY
         with tracing.infer_span(
             task.model_name, server_address=self._triton.url, batch_items=1, task_id=task.task_id
         ) as span:
             batched = await self._batcher.infer(
-                BatchKey.of(task.model_name, task.model_version, dict(task.parameters)),
+                BatchKey.of(task.model_name, task.model_version, dict(task.parameters), priority),
                 task.input.text,
                 deadline=deadline,
                 metadata=tracing.grpc_metadata(),
+                cancelled=lambda: self._is_cancelled(task),
             )
             span.set_attribute("aimesh.inference.batch_items", batched.batch_items)
             return batched.inference
+
+    async def _stream(self, task: task_pb2.AITaskEvent, deadline: float | None, run: _Run) -> Inference:
+        """One attempt at a streaming model: each response is sent as a partial update (sequence 3, 4, ... from the
+        start of every attempt: a retried stream repeats the same tokens, seeded, under the same numbers). Returns
+        the whole text, or ``_STOPPED`` when the client cancelled the task meanwhile (the text so far in ``run``)."""
+        run.partials, run.text = 0, []
+        parameters = dict(task.parameters)
+        parameters.setdefault(SEED_PARAMETER, str(derived_seed(task.task_id)))
+        timeout_s = self._inference_timeout_s
+        if deadline is not None:
+            timeout_s = min(timeout_s, max(0.001, deadline - time.time()))
+        stop = asyncio.Event()
+        self._streams[task.task_id] = (task.tenant, stop)
+        if self._is_cancelled(task):
+            stop.set()
+        version, final = "", False
+        try:
+            with tracing.infer_span(
+                task.model_name, server_address=self._triton.url, batch_items=1, task_id=task.task_id
+            ) as span:
+                tokens = self._triton.stream(
+                    task.model_name,
+                    task.input.text,
+                    model_version=task.model_version,
+                    parameters=parameters,
+                    timeout_s=timeout_s,
+                    stop=stop,
+                    metadata=tracing.grpc_metadata(),
+                )
+                async with aclosing(tokens):  # an attempt that ends early (cancelled task) cancels the stream
+                    async for token in tokens:
+                        version, final = token.model_version, token.final
+                        if token.text:
+                            run.text.append(token.text)
+                            self._send_partial(task, events.FIRST_PARTIAL_SEQUENCE + run.partials, token.text, run)
+                            run.partials += 1
+                span.set_attribute("aimesh.inference.stream_responses", run.partials)
+        finally:
+            self._streams.pop(task.task_id, None)
+        if not final:
+            return _STOPPED
+        return Inference(output=self._text_output("".join(run.text)), model_version=version)
+
+    @staticmethod
+    def _text_output(text: str) -> result_pb2.TaskOutput:
+        output = result_pb2.TaskOutput()
+        output.tensors.add(name=STREAM_OUTPUT_NAME, datatype="BYTES", shape=[1], string_data=[text])
+        return output
+
+    def _send_partial(self, task: task_pb2.AITaskEvent, sequence: int, text: str, run: _Run) -> None:
+        """A partial output, through the progress producer like RUNNING updates: in order per task (one key, one
+        idempotent producer), best effort (the terminal result holds the whole text)."""
+        partial = self._result(task, result_pb2.TASK_STATUS_RUNNING)
+        partial.produced_at.CopyFrom(events.now_timestamp())
+        partial.sequence = sequence
+        partial.partial = True
+        partial.output.CopyFrom(self._text_output(text))
+        try:
+            future = self._progress.produce_nowait(
+                self._results_topic,
+                key=task.task_id,
+                value=partial.SerializeToString(),
+                headers=events.result_headers(),
+            )
+        except BrokerUnavailable as e:
+            log.debug("partial update %d of %s not queued: %s", sequence, task.task_id, e)
+            return
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        run.last_partial = future
+
+    @staticmethod
+    async def _flush_partials(run: _Run) -> None:
+        """Give the task's partial updates a moment to be acknowledged before its terminal result is published."""
+        if run.last_partial is not None and not run.last_partial.done():
+            await asyncio.wait({run.last_partial}, timeout=PARTIALS_FLUSH_S)
 
     async def _backoff(self, wait_s: float, deadline: float | None) -> None:
         """Sleep the backoff, then, if Triton is down, wait for it to come back (up to the task's deadline)."""
@@ -624,6 +850,12 @@ class Worker:
             worker_id=self._worker_id,
             tenant=task.tenant,
         )
+
+    def _cancelled(self, task: task_pb2.AITaskEvent, started: float, why: str) -> result_pb2.AIResultEvent:
+        result = self._result(task, result_pb2.TASK_STATUS_CANCELLED)
+        result.error.CopyFrom(result_pb2.TaskError(message=why))
+        tracing.fail(f"cancelled: {why}")
+        return self._finish(result, task, started, time.time())
 
     def _expired(self, task: task_pb2.AITaskEvent, started: float, why: str) -> result_pb2.AIResultEvent:
         result = self._result(task, result_pb2.TASK_STATUS_EXPIRED)
@@ -676,6 +908,7 @@ class Worker:
         the result; a repeated one (a task run again after a crash) changes nothing for the notifier."""
         running = self._result(task, result_pb2.TASK_STATUS_RUNNING)
         running.produced_at.CopyFrom(events.now_timestamp())
+        running.sequence = events.RUNNING_SEQUENCE
         headers = events.result_headers()
         try:
             with tracing.send_span(self._results_topic, task.task_id, headers):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import grpc
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
@@ -256,3 +256,59 @@ def wait_caught_up(bootstrap: str, group: str, topic: str, timeout_s: float = 60
             time.sleep(0.5)
     finally:
         consumer.close()
+
+
+def produce_raw(bootstrap: str, topic: str, records: Iterable[tuple[str, bytes]]) -> None:
+    """Write (key, value) records straight onto ``topic``, as ingest or the notifier would, and wait for them."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
+def task_record(model: str, text: str, *, tenant: str = "default", **fields: object) -> tuple[str, bytes]:
+    """A new task as ingest writes it (its own random id), as a (key, value) record."""
+    task = task_pb2.AITaskEvent(
+        schema_version=events.SCHEMA_VERSION,
+        task_id=str(uuid.uuid4()),
+        model_name=model,
+        input=task_pb2.TaskInput(text=text),
+        tenant=tenant,
+        **fields,  # type: ignore[arg-type]
+    )
+    task.submitted_at.GetCurrentTime()
+    return task.task_id, task.SerializeToString()
+
+
+def cancel_record(task_id: str, *, tenant: str = "default") -> tuple[str, bytes]:
+    """A cancellation request as the notifier's CancelTask writes it, as a (key, value) record."""
+    cancel = task_pb2.AICancelEvent(schema_version=events.SCHEMA_VERSION, task_id=task_id, tenant=tenant)
+    cancel.requested_at.GetCurrentTime()
+    return task_id, cancel.SerializeToString()
+
+
+def task_updates(
+    reader: TopicReader,
+    task_ids: Collection[str],
+    *,
+    until: Callable[[dict[str, list[result_pb2.AIResultEvent]]], bool] | None = None,
+    timeout_s: float = 60.0,
+) -> dict[str, list[result_pb2.AIResultEvent]]:
+    """Read ``reader``'s results topic until ``until(updates)`` holds (default: every task has a terminal result);
+    return each task's result records in topic order."""
+    wanted = set(task_ids)
+    updates: dict[str, list[result_pb2.AIResultEvent]] = {t: [] for t in wanted}
+
+    def done(u: dict[str, list[result_pb2.AIResultEvent]]) -> bool:
+        return all(any(events.is_terminal(e.status) for e in u[t]) for t in wanted)
+
+    check = until or done
+    deadline = time.monotonic() + timeout_s
+    while not check(updates):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"results of {len(wanted)} tasks not complete in {timeout_s:.0f} s: {updates}")
+        for message in reader.poll():
+            event = events.decode_result(message.value())
+            if event.task_id in wanted:
+                updates[event.task_id].append(event)
+    return updates
