@@ -1,0 +1,101 @@
+"""How the CLI shows tasks to a person: output tensors as lines, a live status line, streamed tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TextIO
+
+from aimesh.v1 import notifier_pb2, result_pb2
+
+MAX_NUMBERS_SHOWN = 8
+
+
+def status_name(status: int) -> str:
+    return result_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_")  # type: ignore[arg-type]
+
+
+def partial_text(state: notifier_pb2.TaskState) -> str | None:
+    """The tokens a partial output of a streaming model adds, or None if ``state`` is not one."""
+    if not state.result.partial:
+        return None
+    return "".join(s for t in state.result.output.tensors if t.name == "TEXT" for s in t.string_data)
+
+
+def output_lines(result: result_pb2.AIResultEvent) -> list[str]:
+    """``NAME: value`` for each output tensor; long numeric tensors shortened."""
+    lines = []
+    for tensor in result.output.tensors:
+        if tensor.string_data:
+            value = tensor.string_data[0] if len(tensor.string_data) == 1 else list(tensor.string_data)
+            lines.append(f"{tensor.name}: {value}")
+            continue
+        numbers: list[float] | list[int] = list(tensor.float_data) or list(tensor.int_data)
+        shown = ", ".join(f"{n:.4g}" if isinstance(n, float) else str(n) for n in numbers[:MAX_NUMBERS_SHOWN])
+        more = f", ... ({len(numbers)} values)" if len(numbers) > MAX_NUMBERS_SHOWN else ""
+        lines.append(f"{tensor.name}: [{shown}{more}]")
+    return lines
+
+
+def text_output(result: result_pb2.AIResultEvent) -> str | None:
+    for tensor in result.output.tensors:
+        if tensor.name == "TEXT" and tensor.string_data:
+            return "".join(tensor.string_data)
+    return None
+
+
+def failure_line(state: notifier_pb2.TaskState) -> str:
+    """One line saying how a task that did not succeed ended."""
+    line = f"task {state.task_id} {status_name(state.status)}"
+    error = state.result.error
+    if error.code or error.message:
+        code = result_pb2.ErrorCode.Name(error.code).removeprefix("ERROR_CODE_")
+        retry = " (retryable)" if error.retryable else ""
+        line += f": {code}: {error.message}{retry}"
+    return line
+
+
+class StatusLine:
+    """A status line on a terminal (rewritten in place, with the time since it started ticking), or one
+    line per change on anything else."""
+
+    def __init__(self, stream: TextIO, task_id: str) -> None:
+        self._stream = stream
+        self._task_id = task_id
+        self._live = stream.isatty()
+        self._status = ""
+        self._shown = False
+        self._started = time.monotonic()
+        self._ticker: asyncio.Task[None] | None = None
+
+    def set(self, status: str) -> None:
+        if status == self._status:
+            return
+        self._status = status
+        if self._live:
+            self._draw()
+            if self._ticker is None:
+                self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        else:
+            print(f"{status} {self._task_id}", file=self._stream, flush=True)
+
+    def clear(self) -> None:
+        """Erase the line (before tokens or the final output) and stop ticking."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self._live and self._shown:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+            self._shown = False
+
+    def _draw(self) -> None:
+        elapsed = time.monotonic() - self._started
+        self._stream.write(f"\r\033[K{self._status} {self._task_id} {elapsed:.1f} s")
+        self._stream.flush()
+        self._shown = True
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self._draw()
