@@ -275,9 +275,10 @@ class KafkaLagSource:
     """Measures a consumer group's backlog with a consumer that never joins the group: ``committed`` (an
     OffsetFetch to the group coordinator) and the partitions' watermarks.
 
-    Not the admin API's ``list_consumer_group_offsets``: in confluent-kafka 2.16 it crashed the ingest process
-    (SIGSEGV) while the group coordinator was still loading (COORDINATOR_LOAD_IN_PROGRESS), as in
-    confluentinc/confluent-kafka-python#1982.
+    Not the admin API's ``list_consumer_group_offsets``: with it the ingest process died of SIGSEGV twice in
+    development, each time just after the call had failed with COORDINATOR_LOAD_IN_PROGRESS on a new broker (not
+    reproduced on purpose; upstream reports the same call crashing on error paths,
+    confluentinc/confluent-kafka-python#1982). A consumer's ``committed`` is the long-used path.
     """
 
     def __init__(self, config: Mapping[str, Any], group: str) -> None:
