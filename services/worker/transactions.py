@@ -85,6 +85,24 @@ class TransactionalPublisher:
         )
         self._producer = producer
 
+    def fence(self, timeout_s: float) -> bool:
+        """Register the transactional id anew with a throwaway producer while this publisher's own producer is stuck
+        in a call (from another thread: the stuck producer is not touched). The broker answers only once the
+        transaction the stuck producer left open is resolved, committed if its commit had reached the coordinator,
+        else aborted, and fences the stuck producer. True if that happened within ``timeout_s``."""
+        producer = Producer(self._config, logger=log)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                producer.init_transactions(max(0.1, deadline - time.monotonic()))
+                return True
+            except KafkaException as e:
+                error: KafkaError = e.args[0]
+                if not error.retriable() or time.monotonic() >= deadline:
+                    log.error("could not fence transactional id %s: %s", self.transactional_id, error.str())
+                    return False
+                time.sleep(RETRY_WAIT_S)
+
     def recreate(self) -> None:
         self.close()
         self.start()

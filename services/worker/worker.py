@@ -86,6 +86,8 @@ MAX_FENCES, FENCE_WINDOW_S = 3, 60.0
 PUBLISH_WEDGED_S = 45.0
 # How long a revoke waits for a publish in progress before letting the partitions go unpublished.
 REVOKE_LOCK_TIMEOUT_S = 20.0
+# How long a revoke waits for the broker to resolve a stuck transaction (by fencing it) before letting partitions go.
+FENCE_STUCK_TIMEOUT_S = 60.0
 # Before a streaming task's terminal result is handed to the ledger, its partial updates get this long to be
 # acknowledged, so that a watcher usually sees them before the terminal one (best effort: they are progress).
 PARTIALS_FLUSH_S = 5.0
@@ -400,7 +402,11 @@ class Worker:
                 self._txn_lock.release()
         else:
             # A publish is stuck: let the partitions go with nothing published; their new owner runs the work again.
-            log.warning("revoking %s without publishing: a transaction in progress does not return", keys)
+            # Not before the stuck transaction is resolved, though: its commit may still land, and a new owner that
+            # read the committed offsets before it would publish those tasks' results a second time.
+            log.warning("revoking %s without publishing: a transaction in progress does not return; fencing it", keys)
+            if not self._publisher.fence(FENCE_STUCK_TIMEOUT_S):
+                log.error("the stuck transaction was not fenced: %s may have results published twice", keys)
             self._forget(keys)
         log.info("revoked %s", [p.partition for p in partitions])
 
