@@ -47,12 +47,8 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         producer = await running.enter_async_context(AsyncProducer(config))
         await running.enter_async_context(metrics_server)
         if admission.enabled:
-            groups = {
-                settings.tasks_topic: settings.worker_group,
-                settings.batch_tasks_topic: settings.batch_worker_group,
-            }
-            source = KafkaLagSource({**kafka, "client.id": f"{config['client.id']}-admission"}, groups)
-            topics = list(groups)
+            source = KafkaLagSource({**kafka, "client.id": f"{config['client.id']}-admission"}, settings.worker_group)
+            topics = [settings.tasks_topic, settings.batch_tasks_topic]
             monitor = AdmissionMonitor(
                 source,
                 admission,

@@ -272,9 +272,8 @@ class AdmissionMonitor(BackgroundThread):
 
 
 class KafkaLagSource:
-    """Measures, for each tasks topic, the backlog of the consumer group that reads it (``groups``: topic to group),
-    with one consumer per group that never joins it: ``committed`` (an OffsetFetch to the group coordinator) and
-    the partitions' watermarks.
+    """Measures a consumer group's backlog with a consumer that never joins the group: ``committed`` (an
+    OffsetFetch to the group coordinator) and the partitions' watermarks.
 
     Not the admin API's ``list_consumer_group_offsets``: with it the ingest process died of SIGSEGV twice in
     development, each time just after the call had failed with COORDINATOR_LOAD_IN_PROGRESS on a new broker (not
@@ -282,54 +281,48 @@ class KafkaLagSource:
     confluentinc/confluent-kafka-python#1982). A consumer's ``committed`` is the long-used path.
     """
 
-    def __init__(self, config: Mapping[str, Any], groups: Mapping[str, str]) -> None:
-        self._groups = dict(groups)
-        self._consumers = {
-            group: Consumer(
-                {
-                    **config,
-                    "group.id": group,  # only to read its committed offsets: never subscribes, joins or commits
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                },
-                logger=log,
-            )
-            for group in set(self._groups.values())
-        }
+    def __init__(self, config: Mapping[str, Any], group: str) -> None:
+        self._consumer = Consumer(
+            {
+                **config,
+                "group.id": group,  # only to read its committed offsets: never subscribes, joins or commits
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+            },
+            logger=log,
+        )
 
     def measure(self, topics: Sequence[str]) -> dict[str, BacklogSample]:
         try:
-            return {
-                topic: sample
-                for topic in topics
-                if topic in self._groups
-                for sample in self._measure(self._consumers[self._groups[topic]], topic)
-            }
+            return self._measure(topics)
         except KafkaException as e:
             raise LagUnavailable(str(e)) from e
 
     def close(self) -> None:
-        for consumer in self._consumers.values():
-            consumer.close()
+        self._consumer.close()
 
-    @staticmethod
-    def _measure(consumer: Consumer, topic: str) -> list[BacklogSample]:
-        """The topic's sample, or none when the topic is not there (yet)."""
-        metadata = consumer.list_topics(topic, timeout=MEASURE_TIMEOUT_S).topics.get(topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
-            return []
-        partitions = [TopicPartition(topic, p) for p in metadata.partitions]
+    def _measure(self, topics: Sequence[str]) -> dict[str, BacklogSample]:
+        metadata = self._consumer.list_topics(timeout=MEASURE_TIMEOUT_S)
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in metadata.topics and metadata.topics[topic].error is None
+            for p in metadata.topics[topic].partitions
+        ]
+        if not partitions:
+            return {}
         committed = {
-            tp.partition: tp.offset
-            for tp in consumer.committed(partitions, timeout=MEASURE_TIMEOUT_S)
+            (tp.topic, tp.partition): tp.offset
+            for tp in self._consumer.committed(partitions, timeout=MEASURE_TIMEOUT_S)
             if tp.error is None
         }
-        backlog = position = 0
+        backlog: dict[str, int] = {}
+        position: dict[str, int] = {}
         for tp in partitions:
-            start, end = consumer.get_watermark_offsets(tp, timeout=MEASURE_TIMEOUT_S, cached=False)
+            start, end = self._consumer.get_watermark_offsets(tp, timeout=MEASURE_TIMEOUT_S, cached=False)
             # A partition the group never committed is read from its log start (auto.offset.reset=earliest).
-            at = committed.get(tp.partition, -1)
+            at = committed.get((tp.topic, tp.partition), -1)
             at = at if at >= 0 else start
-            backlog += max(0, end - at)
-            position += at
-        return [BacklogSample(backlog, position)]
+            backlog[tp.topic] = backlog.get(tp.topic, 0) + max(0, end - at)
+            position[tp.topic] = position.get(tp.topic, 0) + at
+        return {topic: BacklogSample(backlog[topic], position[topic]) for topic in backlog}

@@ -6,9 +6,6 @@ import asyncio
 import logging
 import os
 import socket
-import threading
-from collections.abc import Coroutine
-from typing import Any
 
 from aimesh import runtime
 from aimesh.kafka import AsyncProducer, consumer_config, producer_config
@@ -16,22 +13,25 @@ from aimesh.metrics import MetricsServer, WorkerMetrics, new_registry
 from aimesh.retry import RetryPolicy
 from aimesh.settings import WorkerSettings
 
-from .cancellation import CancellationReader, Cancellations
 from .inference import TritonInference
-from .slots import PriorityClass, Slots
 from .transactions import TransactionalPublisher, transactional_config
 from .worker import ProducerWedged, Worker
 
 log = logging.getLogger("aimesh.worker")
 
 
-async def serve(settings: WorkerSettings, stop: asyncio.Event) -> list[Worker]:
-    """One Worker per priority class, sharing the process's task slots, Triton client, progress producer and
-    cancellations: the tasks topic in ``worker_group``, the batch tasks topic in ``batch_worker_group``."""
+async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     kafka_extra = settings.kafka_client_config()
     producer_cfg = producer_config(
         settings.kafka_bootstrap, client_id=f"aimesh-worker-{worker_id}", delivery_timeout_s=30.0, extra=kafka_extra
+    )
+    consumer_cfg = consumer_config(
+        settings.kafka_bootstrap,
+        group_id=settings.worker_group,
+        client_id=f"aimesh-worker-{worker_id}",
+        # A fetch the broker holds open (no new records) delays the next one after a resume: keep it short.
+        extra={"fetch.wait.max.ms": 100, **kafka_extra},
     )
     # The cancellations reader assigns every partition itself and commits nothing: the group id is never joined.
     cancel_cfg = consumer_config(
@@ -42,43 +42,20 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> list[Worker]:
     )
     metrics = WorkerMetrics(new_registry())
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
-    slots = Slots(settings.max_in_flight)
-    cancellations = Cancellations(settings.cancel_window_s)
-    workers: dict[PriorityClass, Worker] = {}
-
-    def cancel_arrived(task_id: str, tenant: str) -> None:  # on the reader's thread
-        for worker in list(workers.values()):
-            worker.cancel_arrived(task_id, tenant)
-
-    reader = CancellationReader(
-        cancel_cfg, settings.cancel_topic, cancellations, window_s=settings.cancel_window_s, on_cancel=cancel_arrived
+    txn_config = transactional_config(
+        producer_cfg,
+        transactional_id=settings.transactional_id or f"aimesh-worker-{worker_id}",
+        transaction_timeout_s=settings.transaction_timeout_s,
     )
-    stop_reader = threading.Event()
-    reader_thread = threading.Thread(target=reader.run, args=(stop_reader,), name="kafka-cancels", daemon=True)
-
-    async def keep_running(priority_class: PriorityClass, topic: str, group: str, suffix: str) -> int:
-        """Run this class's Worker until ``stop``; start over with a new one after a wedged producer. Returns how
-        many tasks it processed."""
-        consumer_cfg = consumer_config(
-            settings.kafka_bootstrap,
-            group_id=group,
-            client_id=f"aimesh-worker-{worker_id}{suffix}",
-            # A fetch the broker holds open (no new records) delays the next one after a resume: keep it short.
-            extra={"fetch.wait.max.ms": 100, **kafka_extra},
-        )
-        txn_config = transactional_config(
-            producer_cfg,
-            transactional_id=(settings.transactional_id or f"aimesh-worker-{worker_id}") + suffix,
-            transaction_timeout_s=settings.transaction_timeout_s,
-        )
-        processed = 0
+    processed = 0
+    async with AsyncProducer(producer_cfg) as progress, TritonInference(settings.triton_url) as triton, metrics_server:
         while True:
-            worker = workers[priority_class] = Worker(
+            worker = Worker(
                 consumer_config=consumer_cfg,
                 publisher=TransactionalPublisher(txn_config),
                 progress=progress,
                 triton=triton,
-                tasks_topic=topic,
+                tasks_topic=settings.tasks_topic,
                 results_topic=settings.results_topic,
                 dead_letter_topic=settings.dead_letter_topic,
                 worker_id=worker_id,
@@ -91,42 +68,22 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> list[Worker]:
                 health_interval_s=settings.triton_health_interval_s,
                 grace_s=settings.shutdown_grace_s,
                 metrics=metrics,
-                priority_class=priority_class,
-                slots=slots,
-                cancellations=cancellations,
+                batch_tasks_topic=settings.batch_tasks_topic,
+                cancel_topic=settings.cancel_topic,
+                cancel_consumer_config=cancel_cfg,
+                cancel_window_s=settings.cancel_window_s,
             )
             try:
                 await worker.run(stop)
-                return processed + worker.processed
+                break
             except ProducerWedged as e:
                 processed += worker.processed
                 if stop.is_set():
-                    return processed
+                    break
                 # Start over with a new producer (same transactional.id: it fences the wedged one) and consumer.
-                log.error("%s (%s tasks); starting over with a new producer and consumer", e, priority_class)
-
-    async def both_or_neither(running: Coroutine[Any, Any, int]) -> int:
-        """A Worker that crashes stops the other one too (it drains): the process exits, and is restarted whole."""
-        try:
-            return await running
-        except BaseException:
-            stop.set()
-            raise
-
-    async with AsyncProducer(producer_cfg) as progress, TritonInference(settings.triton_url) as triton, metrics_server:
-        reader_thread.start()
-        try:
-            counts = await asyncio.gather(
-                both_or_neither(keep_running("interactive", settings.tasks_topic, settings.worker_group, "")),
-                both_or_neither(
-                    keep_running("batch", settings.batch_tasks_topic, settings.batch_worker_group, "-batch")
-                ),
-            )
-        finally:
-            stop_reader.set()
-            await asyncio.to_thread(reader_thread.join, 5.0)
-        log.info("worker %s stopped after %d interactive and %d batch tasks", worker_id, *counts)
-        return list(workers.values())
+                log.error("%s; starting over with a new producer and consumer", e)
+        log.info("worker %s stopped after %d tasks", worker_id, processed + worker.processed)
+        return worker
 
 
 def main() -> None:

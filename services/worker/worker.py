@@ -13,13 +13,11 @@ Three threads, each with one job:
   work under the transaction lock);
 - the publisher thread owns the transactional producer and publishes whatever is ready;
 - the event loop runs tasks: decoding, micro-batched Triton calls with retries, building outcomes.
-A thread of the process (``cancellation.CancellationReader``) reads the cancellations topic into the
-``Cancellations`` the Workers share.
+A fourth thread (``cancellation.CancellationReader``) reads the cancellations topic into ``Cancellations``.
 
-Priority classes: a worker process runs one Worker per class, each on its own topic and consumer group (the tasks
-topic in ``AIMESH_WORKER_GROUP``, the batch tasks topic in ``AIMESH_BATCH_WORKER_GROUP``), sharing ``Slots``: a
-free slot goes to an interactive task first, and a batch task starts only while no interactive record waits. A
-full batch backlog pauses only the batch Worker's fetching. Requests to models with Triton priority levels carry
+Priority classes: the worker consumes the tasks topic (interactive) and the batch tasks topic, with a backlog and
+pause/resume of its own for each, so a backlog full of batch records never stops interactive records being fetched,
+and a free slot always goes to an interactive task first. Requests to models with Triton priority levels carry
 priority 1 (interactive) or 2 (batch), so interactive requests also overtake batch ones in Triton's queue.
 
 Streaming models (decoupled in Triton) run one task per streaming request; each response becomes a partial RUNNING
@@ -43,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from opentelemetry.trace import Span
@@ -56,11 +54,10 @@ from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
 from .batching import Batcher, BatchKey, CancelledByClient
-from .cancellation import Cancellations
+from .cancellation import CancellationReader, Cancellations
 from .health import TritonHealth
 from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, TritonInference
 from .ledger import Ledger, Outcome, OutRecord, Partition, Ready, TopicPartitionKey
-from .slots import PriorityClass, Slots
 from .transactions import TransactionAborted, TransactionalPublisher, TransactionFatal
 
 log = logging.getLogger(__name__)
@@ -100,6 +97,9 @@ INTERACTIVE_TRITON_PRIORITY, BATCH_TRITON_PRIORITY = 1, 2
 # the same tokens with the same sequence numbers). Request parameter name, and the model's largest seed.
 SEED_PARAMETER = "seed"
 MAX_SEED = 2**63 - 1
+
+PriorityClass = Literal["interactive", "batch"]
+CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")  # in the order free slots are given
 
 
 def derived_seed(task_id: str) -> int:
@@ -152,25 +152,26 @@ class Worker:
         health_interval_s: float,
         grace_s: float,
         metrics: WorkerMetrics | None = None,
-        priority_class: PriorityClass = "interactive",
-        slots: Slots | None = None,
-        cancellations: Cancellations | None = None,
+        batch_tasks_topic: str = "",
+        cancel_topic: str = "",
+        cancel_consumer_config: dict[str, Any] | None = None,
+        cancel_window_s: float = 3600.0,
     ) -> None:
         self._consumer_config = consumer_config
         self._publisher = publisher
         self._progress = progress
         self._triton = triton
         self._tasks_topic = tasks_topic
-        self._class: PriorityClass = priority_class
+        self._batch_tasks_topic = batch_tasks_topic
         self._results_topic = results_topic
         self._dead_letter_topic = dead_letter_topic
         self._worker_id = worker_id
         self._max_in_flight = max_in_flight
         self._max_backlog = max(max_in_flight, MIN_BACKLOG)
-        # Shared with the process's Worker of the other priority class (or this Worker's own).
-        self._slots = slots if slots is not None else Slots(max_in_flight)
-        self._backlog: deque[tuple[Record, Partition]] = deque()  # event loop only
-        self._backlog_size = 0  # written by the event loop, read by the consumer thread
+        # One backlog per priority class (event loop only), and their sizes (written by the event loop, read by the
+        # consumer thread).
+        self._backlogs: dict[PriorityClass, deque[tuple[Record, Partition]]] = {c: deque() for c in CLASSES}
+        self._backlog_sizes: dict[PriorityClass, int] = dict.fromkeys(CLASSES, 0)
         self._triton_retry = triton_retry
         self._grace_s = grace_s
         self._group = consumer_config["group.id"]
@@ -185,8 +186,19 @@ class Worker:
         )
         self._inference_timeout_s = inference_timeout_s
         self._health = TritonHealth(triton.is_ready, interval_s=health_interval_s, on_change=self._on_health)
-        # Read by the process's cancellations reader; a Worker built alone (tests) has its own, never filled.
-        self._cancellations = cancellations if cancellations is not None else Cancellations(3600.0)
+        self._cancellations = Cancellations(cancel_window_s)
+        self._cancel_reader = (
+            CancellationReader(
+                cancel_consumer_config,
+                cancel_topic,
+                self._cancellations,
+                window_s=cancel_window_s,
+                on_cancel=self._cancel_arrived,
+            )
+            if cancel_topic and cancel_consumer_config is not None
+            else None
+        )
+        self._stop_cancel_reader = threading.Event()
         # Running streaming tasks: task id -> (tenant, the event that stops its stream). Event loop only.
         self._streams: dict[str, tuple[str, asyncio.Event]] = {}
         self._tasks: dict[asyncio.Task[None], Partition] = {}
@@ -203,7 +215,7 @@ class Worker:
         self._wedged = threading.Event()
         self._publishing_since: float | None = None
         self._triton_ok = True
-        self._paused = False  # consumer thread only
+        self._paused: dict[PriorityClass, bool] = dict.fromkeys(CLASSES, False)  # consumer thread only
         # The consumer's group metadata (generation, member id) for send_offsets_to_transaction. Read on the consumer
         # thread only: Consumer.consumer_group_metadata() blocks while another thread is inside consume().
         self._group_metadata: Any = None
@@ -220,14 +232,12 @@ class Worker:
         self._crashed = asyncio.Event()
         await asyncio.to_thread(self._publisher.start)
         self._consumer = Consumer(self._consumer_config, logger=log)
-        self._consumer.subscribe(
-            [self._tasks_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
-        self._slots.register(self._class, self._fill)
+        topics = [self._tasks_topic] + ([self._batch_tasks_topic] if self._batch_tasks_topic else [])
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info(
             "worker %s consuming %s as group %s (transactional id %s)",
             self._worker_id,
-            self._tasks_topic,
+            " and ".join(topics),
             self._group,
             self._publisher.transactional_id,
         )
@@ -237,6 +247,13 @@ class Worker:
         ]
         for thread in threads:
             thread.start()
+        cancel_thread: threading.Thread | None = None
+        if self._cancel_reader is not None:
+            # Not guarded: the worker can run without it (cancellations then only wait), and it retries its own setup.
+            cancel_thread = threading.Thread(
+                target=self._cancel_reader.run, args=(self._stop_cancel_reader,), name="kafka-cancels", daemon=True
+            )
+            cancel_thread.start()
         health = asyncio.create_task(self._health.run(), name="triton-health")
         try:
             waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._crashed.wait())}
@@ -245,6 +262,9 @@ class Worker:
                 w.cancel()
         finally:
             await self._drain(threads)
+            self._stop_cancel_reader.set()
+            if cancel_thread is not None:
+                await asyncio.to_thread(cancel_thread.join, 5.0)
             health.cancel()
             await self._batcher.close()
             if not self._wedged.is_set():  # a wedged producer is abandoned: its thread may never return
@@ -258,9 +278,9 @@ class Worker:
         """Stop fetching, give running tasks ``grace_s``, publish what finished, leave the group."""
         log.info("draining %d in-flight tasks for up to %.1fs", len(self._tasks), self._grace_s)
         self._stop_fetching.set()
-        self._backlog.clear()  # never started: left uncommitted, they run again on the partitions' next owner
-        self._backlog_size = 0
-        self._slots.waiting(self._class, 0)
+        for c in CLASSES:  # never started: left uncommitted, they run again on the partitions' next owner
+            self._backlogs[c].clear()
+            self._backlog_sizes[c] = 0
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self._grace_s)
             for task in pending:
@@ -303,22 +323,25 @@ class Worker:
                     self._rewind_to_committed()
                 self._group_metadata = consumer.consumer_group_metadata()
                 pending = self._ledger.pending()
-                self._slots.pending[self._class] = pending
-                self._metrics.tasks_in_flight.set(sum(self._slots.pending.values()))
-                backlog = self._backlog_size
-                # Hysteresis: pause at a full backlog, resume at half; also pause while Triton is down, while
-                # draining, and if finished work piles up unpublished (the broker is not keeping up).
-                full = backlog > self._max_backlog // 2 if self._paused else backlog >= self._max_backlog
-                piled_up = pending >= 2 * (self._max_in_flight + self._max_backlog)
-                pause = self._stop_fetching.is_set() or not self._triton_ok or full or piled_up
-                if pause != self._paused:
-                    self._set_paused(pause)
-                if self._paused:
+                self._metrics.tasks_in_flight.set(pending)
+                # Each priority class pauses and resumes on its own backlog. Hysteresis: pause at a full backlog,
+                # resume at half; both also pause while Triton is down, while draining, and if finished work piles
+                # up unpublished (the broker is not keeping up).
+                piled_up = pending >= 2 * (self._max_in_flight + 2 * self._max_backlog)
+                room = MAX_FETCH_BATCH
+                for c in CLASSES:
+                    backlog = self._backlog_sizes[c]
+                    full = backlog > self._max_backlog // 2 if self._paused[c] else backlog >= self._max_backlog
+                    pause = self._stop_fetching.is_set() or not self._triton_ok or full or piled_up
+                    if pause != self._paused[c]:
+                        self._set_paused(c, pause)
+                    if not self._paused[c]:
+                        room = min(room, self._max_backlog - backlog)  # a fetch may be all of one class
+                if all(self._paused.values()):
                     # Keep calling consume while paused: it serves rebalances and max.poll.interval.ms.
                     messages = consumer.consume(1, PAUSED_POLL_TIMEOUT_S)
                 else:
-                    room = max(1, min(self._max_backlog - backlog, MAX_FETCH_BATCH))
-                    messages = fetch(consumer, room, POLL_TIMEOUT_S)
+                    messages = fetch(consumer, max(1, room), POLL_TIMEOUT_S)
                 for message in messages:
                     if message.error():
                         log.warning("consumer error: %s", message.error())
@@ -334,12 +357,15 @@ class Worker:
             # Leaves the group; the revoke callback this triggers publishes everything finished.
             consumer.close()
 
-    def _set_paused(self, paused: bool) -> None:
+    def _class_of(self, topic: str) -> PriorityClass:
+        return "batch" if self._batch_tasks_topic and topic == self._batch_tasks_topic else "interactive"
+
+    def _set_paused(self, priority_class: PriorityClass, paused: bool) -> None:
         assert self._consumer is not None
-        partitions = [TopicPartition(t, p) for t, p in self._ledger.owned()]
+        partitions = [TopicPartition(t, p) for t, p in self._ledger.owned() if self._class_of(t) == priority_class]
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
-        self._paused = paused
+        self._paused[priority_class] = paused
 
     def _rewind_to_committed(self) -> None:
         """After a fatal producer error dropped all unpublished work: fetch again from the committed offsets."""
@@ -357,8 +383,9 @@ class Worker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._group_metadata = consumer.consumer_group_metadata()
         self._ledger.assign([(p.topic, p.partition) for p in partitions])
-        if self._paused and partitions:
-            consumer.pause(partitions)
+        paused = [p for p in partitions if self._paused[self._class_of(p.topic)]]
+        if paused:
+            consumer.pause(paused)
         log.info("assigned %s", [p.partition for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -508,39 +535,39 @@ class Worker:
         self._metrics.triton_ready.set(1 if healthy else 0)
 
     def _enqueue(self, record: Record, partition: Partition) -> None:
-        self._backlog.append((record, partition))
+        self._backlogs[self._class_of(record.topic)].append((record, partition))
         self._fill()
 
     def _fill(self) -> None:
-        """Start backlog records while the shared slots allow (an interactive Worker: a free slot; a batch one: a
-        free slot no interactive record waits for) and the worker is not draining."""
-        while self._backlog and self._slots.may_start(self._class) and not self._stop_fetching.is_set():
-            record, partition = self._backlog.popleft()
+        """Start backlog records while fewer than max_in_flight tasks run (none once the worker drains): interactive
+        ones first, batch ones only when no interactive record waits."""
+        interactive, batch = self._backlogs["interactive"], self._backlogs["batch"]
+        while (interactive or batch) and len(self._tasks) < self._max_in_flight and not self._stop_fetching.is_set():
+            record, partition = (interactive or batch).popleft()
             if partition.released:
                 continue  # its partition moved on while it waited: the new owner runs it
-            self._slots.take()
             task = asyncio.create_task(self._process(record, partition), name=f"task@{record.where()}")
             self._tasks[task] = partition
             task.add_done_callback(self._task_done)
-        self._backlog_size = len(self._backlog)
-        self._slots.waiting(self._class, self._backlog_size)
+        for c in CLASSES:
+            self._backlog_sizes[c] = len(self._backlogs[c])
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        if self._tasks.pop(task, None) is not None:
-            self._slots.release()  # offers the slot to the interactive Worker first, then to the batch one
+        self._tasks.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s crashed", task.get_name(), exc_info=task.exception())
+        self._fill()
 
     def _cancel_tasks_of(self, partitions: list[Partition]) -> None:
         """Stop the running tasks of released partitions, and drop their backlog: their new owner runs them."""
         for task, partition in list(self._tasks.items()):
             if any(partition is p for p in partitions):
                 task.cancel()
-        self._backlog = deque((r, p) for r, p in self._backlog if not p.released)
-        self._backlog_size = len(self._backlog)
-        self._slots.waiting(self._class, self._backlog_size)
+        for c in CLASSES:
+            self._backlogs[c] = deque((r, p) for r, p in self._backlogs[c] if not p.released)
+            self._backlog_sizes[c] = len(self._backlogs[c])
 
-    def cancel_arrived(self, task_id: str, tenant: str) -> None:
+    def _cancel_arrived(self, task_id: str, tenant: str) -> None:
         """A cancellation was read (on the reader's thread): stop the task's stream if it is streaming here."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop_stream, task_id, tenant)
@@ -566,7 +593,7 @@ class Worker:
         except UndecodableRecord as e:
             return self._undecodable(record, e)
         runtime.task_id_var.set(task.task_id)
-        run = _Run(batch=self._class == "batch" or task.priority == task_pb2.PRIORITY_BATCH)
+        run = _Run(batch=self._class_of(record.topic) == "batch" or task.priority == task_pb2.PRIORITY_BATCH)
         with self._process_span(record, task.task_id):
             try:
                 result, attempts = await self._run(task, run)

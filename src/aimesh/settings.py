@@ -150,13 +150,7 @@ class IngestSettings(ServerSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description="Grace period for in-flight calls on SIGTERM.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
     worker_group: str = Field(
-        "aimesh-workers",
-        description="Kafka consumer group of the workers on the tasks topic, whose backlog admission control measures.",
-    )
-    batch_worker_group: str = Field(
-        "aimesh-workers-batch",
-        description="Kafka consumer group of the workers on the batch tasks topic, whose backlog admission control "
-        "measures.",
+        "aimesh-workers", description="Kafka consumer group of the workers, whose backlog admission control measures."
     )
     admission_max_wait_s: float = Field(
         300.0,
@@ -248,14 +242,7 @@ class WorkerSettings(KafkaSettings):
     """Settings of the inference worker."""
 
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
-    worker_group: str = Field(
-        "aimesh-workers", description="Kafka consumer group of the workers on the (interactive) tasks topic."
-    )
-    batch_worker_group: str = Field(
-        "aimesh-workers-batch",
-        description="Kafka consumer group of the workers on the batch tasks topic (each class is spread over the "
-        "workers on its own).",
-    )
+    worker_group: str = Field("aimesh-workers", description="Kafka consumer group of the workers.")
     worker_id: str = Field("", description="Stable worker name; defaults to hostname-pid.")
     transactional_id: str = Field(
         "", description="Kafka transactional.id, stable and unique per worker instance; default aimesh-worker-<id>."

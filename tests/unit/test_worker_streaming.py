@@ -16,7 +16,6 @@ from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 from aimesh.worker.inference import Inference, InferenceFailed, ModelInfo, Token
 from aimesh.worker.ledger import Outcome
-from aimesh.worker.slots import CLASSES, PriorityClass, Slots
 from aimesh.worker.worker import Worker, derived_seed
 
 TASKS, BATCH, RESULTS = "aimesh.tasks", "aimesh.tasks.batch", "aimesh.results"
@@ -113,22 +112,14 @@ class FakeProgress:
         return future
 
 
-def make_worker(
-    triton: FakeTriton,
-    progress: FakeProgress,
-    *,
-    max_in_flight: int = 8,
-    priority_class: PriorityClass = "interactive",
-    slots: Slots | None = None,
-) -> Worker:
+def make_worker(triton: FakeTriton, progress: FakeProgress, *, max_in_flight: int = 8) -> Worker:
     return Worker(
         consumer_config={"group.id": "test"},
         publisher=None,  # type: ignore[arg-type]
         progress=progress,  # type: ignore[arg-type]
         triton=triton,  # type: ignore[arg-type]
-        tasks_topic=BATCH if priority_class == "batch" else TASKS,
-        priority_class=priority_class,
-        slots=slots,
+        tasks_topic=TASKS,
+        batch_tasks_topic=BATCH,
         results_topic=RESULTS,
         dead_letter_topic="aimesh.tasks.dlq",
         worker_id="w",
@@ -285,23 +276,19 @@ async def test_a_unary_task_cancelled_while_it_waits_to_join_a_request_is_not_se
 
 
 @pytest.mark.parametrize(
-    ("model", "priority_class", "priority"),
-    [("sleep", "interactive", 1), ("sleep", "batch", 2), ("plain", "batch", 0)],
+    ("model", "topic", "priority"), [("sleep", TASKS, 1), ("sleep", BATCH, 2), ("plain", BATCH, 0)]
 )
 async def test_triton_request_priority_follows_the_task_class_for_models_with_priority_levels(
-    model: str, priority_class: PriorityClass, priority: int
+    model: str, topic: str, priority: int
 ) -> None:
     triton, progress = FakeTriton([]), FakeProgress()
-    worker = make_worker(triton, progress, priority_class=priority_class)
-    await worker._handle(task_record(model, topic=BATCH if priority_class == "batch" else TASKS))
+    await make_worker(triton, progress)._handle(task_record(model, topic=topic))
     assert [p for _, _, p in triton.requests] == [priority]
 
 
 async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
-    """The process's two Workers share one slot: batch tasks take it only while no interactive record waits."""
     triton, progress = FakeTriton([]), FakeProgress()
-    slots = Slots(1)
-    workers = {c: make_worker(triton, progress, priority_class=c, slots=slots) for c in CLASSES}
+    worker = make_worker(triton, progress, max_in_flight=1)
     started: list[str] = []
     gate = asyncio.Event()
 
@@ -309,29 +296,23 @@ async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
         started.append(record.topic)
         await gate.wait()
 
-    for priority_class, worker in workers.items():
-        worker._process = process  # type: ignore[method-assign]
-        worker._loop = asyncio.get_running_loop()
-        slots.register(priority_class, worker._fill)
-
-    def enqueue(priority_class: PriorityClass, topic: str, offset: int) -> None:
-        worker = workers[priority_class]
-        worker._ledger.assign([(topic, 0)])
-        partition = worker._ledger.fetched((topic, 0), offset)
-        assert partition is not None
-        worker._enqueue(task_record("sleep", topic=topic, offset=offset), partition)
-
+    worker._process = process  # type: ignore[method-assign]
+    worker._loop = asyncio.get_running_loop()
+    worker._ledger.assign([(TASKS, 0), (BATCH, 0)])
     for n in range(3):
-        enqueue("batch", BATCH, n)
+        partition = worker._ledger.fetched((BATCH, 0), n)
+        assert partition is not None
+        worker._enqueue(task_record("sleep", topic=BATCH, offset=n), partition)
     for n in range(2):
-        enqueue("interactive", TASKS, n)
-    assert (workers["interactive"]._backlog_size, workers["batch"]._backlog_size) == (2, 2)
+        partition = worker._ledger.fetched((TASKS, 0), n)
+        assert partition is not None
+        worker._enqueue(task_record("sleep", offset=n), partition)
+    assert worker._backlog_sizes == {"interactive": 2, "batch": 2}
     gate.set()
     while len(started) < 5:  # noqa: ASYNC110 - polling what the fake recorded
         await asyncio.sleep(0.01)
     # The first batch task took the free slot before any interactive one arrived; after that interactive first.
     assert started == [BATCH, TASKS, TASKS, BATCH, BATCH]
-    assert slots.running == 0
 
 
 async def test_a_model_triton_has_no_configuration_for_fails_through_the_unary_call() -> None:
