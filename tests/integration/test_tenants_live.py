@@ -8,7 +8,6 @@ are refused.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,23 +41,6 @@ class SecureMesh:
         return AsyncClient(self.ingest, self.notifier, api_key=api_key, tls=tls or self.client_tls, timeout_s=20)
 
 
-def _wait_healthy(address: str, credentials: grpc.ChannelCredentials, stack: Stack, name: str) -> None:
-    deadline = time.monotonic() + 60
-    with grpc.secure_channel(address, credentials) as channel:
-        while True:
-            if not stack.services[name].alive():
-                raise RuntimeError(f"{name} exited:\n{stack.services[name].log_tail()}")
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} at {address} not healthy in time")
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def secure(mesh: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
     folder = tmp_path_factory.mktemp("secure")
@@ -87,8 +69,8 @@ def secure(mesh: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     )
     client_tls = ClientTls(ca_file=ca, cert_file=client_cert, key_file=client_key)
     try:
-        _wait_healthy(ingest, client_tls.credentials(), mesh, "ingest-secure")
-        _wait_healthy(notifier, client_tls.credentials(), mesh, "notifier-secure")
+        mesh.wait_grpc_healthy(ingest, "ingest-secure", credentials=client_tls.credentials())
+        mesh.wait_grpc_healthy(notifier, "notifier-secure", credentials=client_tls.credentials())
         yield SecureMesh(ingest, notifier, keys, ca, client_tls)
     finally:
         for name in ("ingest-secure", "notifier-secure"):

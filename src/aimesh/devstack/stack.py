@@ -254,10 +254,15 @@ class Stack:
     def start_worker(self, index: int) -> ManagedProcess:
         return self.start_service(f"worker-{index}", "aimesh.worker", {"AIMESH_WORKER_ID": f"worker-{index}"})
 
-    def wait_grpc_healthy(self, address: str, name: str) -> None:
+    def wait_grpc_healthy(self, address: str, name: str, *, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Wait until service ``name`` at ``address`` answers its health check SERVING (over TLS with
+        ``credentials``)."""
         deadline = time.monotonic() + self.settings.ready_timeout_s
         process = self.services.get(name)
-        with grpc.insecure_channel(address) as channel:
+        channel_cm = (
+            grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+        )
+        with channel_cm as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if process is not None and not process.alive():
