@@ -24,6 +24,7 @@ RUNNING_SEQUENCE = 2
 FIRST_PARTIAL_SEQUENCE = 3
 
 M = TypeVar("M", bound=pb_message.Message)
+E = TypeVar("E", task_pb2.AITaskEvent, result_pb2.AIResultEvent, task_pb2.AICancelEvent)
 
 # Headers of a dead-letter record. Its key and value are the original record's, byte for byte.
 DLQ_REASON_HEADER = "aimesh.dlq.reason"  # a short machine-readable reason, one of DLQ_REASONS
@@ -77,39 +78,31 @@ def timestamp_s(ts: Timestamp) -> float:
 
 def decode_task(value: bytes | None) -> task_pb2.AITaskEvent:
     """Parse a tasks-topic record value; raise UndecodableRecord if it is not a task this version reads."""
-    event = _parse(task_pb2.AITaskEvent, value)
-    if event.schema_version != SCHEMA_VERSION:
-        raise UndecodableRecord(
-            f"unknown task schema version {event.schema_version}",
-            reason="unknown_schema_version",
-            task_id=event.task_id,
-        )
-    if not event.task_id:
-        raise UndecodableRecord("task record has no task_id", reason="missing_task_id")
-    return event
+    return _decode(task_pb2.AITaskEvent, value, "task", keep_task_id=True)
 
 
 def decode_result(value: bytes | None) -> result_pb2.AIResultEvent:
     """Parse a results-topic record value; raise UndecodableRecord if it is not a result this version reads."""
-    event = _parse(result_pb2.AIResultEvent, value)
-    if event.schema_version != SCHEMA_VERSION:
-        raise UndecodableRecord(
-            f"unknown result schema version {event.schema_version}", reason="unknown_schema_version"
-        )
-    if not event.task_id:
-        raise UndecodableRecord("result record has no task_id", reason="missing_task_id")
-    return event
+    return _decode(result_pb2.AIResultEvent, value, "result")
 
 
 def decode_cancel(value: bytes | None) -> task_pb2.AICancelEvent:
     """Parse a cancellations-topic record value; raise UndecodableRecord if it is not one this version reads."""
-    event = _parse(task_pb2.AICancelEvent, value)
+    return _decode(task_pb2.AICancelEvent, value, "cancel")
+
+
+def _decode(cls: type[E], value: bytes | None, kind: str, *, keep_task_id: bool = False) -> E:
+    """``value`` parsed as ``cls``, with a known schema version and a task id. ``keep_task_id``: the error for an
+    unknown version carries the task id (a task's FAILED result can still be published)."""
+    event = _parse(cls, value)
     if event.schema_version != SCHEMA_VERSION:
         raise UndecodableRecord(
-            f"unknown cancel schema version {event.schema_version}", reason="unknown_schema_version"
+            f"unknown {kind} schema version {event.schema_version}",
+            reason="unknown_schema_version",
+            task_id=event.task_id if keep_task_id else "",
         )
     if not event.task_id:
-        raise UndecodableRecord("cancel record has no task_id", reason="missing_task_id")
+        raise UndecodableRecord(f"{kind} record has no task_id", reason="missing_task_id")
     return event
 
 

@@ -16,13 +16,12 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aimesh.devstack.stack import Stack
-from aimesh.v1 import ingest_pb2, notifier_pb2, task_pb2
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, task_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -130,16 +129,8 @@ def test_arbitrary_bytes_get_a_documented_status(
 
 
 def test_random_submissions_get_a_documented_status(channels: tuple[grpc.Channel, grpc.Channel]) -> None:
-    submit = channels[0].unary_unary(
-        "/aimesh.v1.IngestService/SubmitTask",
-        request_serializer=ingest_pb2.SubmitTaskRequest.SerializeToString,
-        response_deserializer=ingest_pb2.SubmitTaskResponse.FromString,
-    )
-    submit_many = channels[0].unary_unary(
-        "/aimesh.v1.IngestService/SubmitTasks",
-        request_serializer=ingest_pb2.SubmitTasksRequest.SerializeToString,
-        response_deserializer=ingest_pb2.SubmitTasksResponse.FromString,
-    )
+    ingest = ingest_pb2_grpc.IngestServiceStub(channels[0])
+    submit, submit_many = ingest.SubmitTask, ingest.SubmitTasks
 
     @FUZZ
     @given(request=submit_requests(), batch=st.lists(submit_requests(), max_size=4))
@@ -155,20 +146,8 @@ def test_random_submissions_get_a_documented_status(channels: tuple[grpc.Channel
 def test_random_lookups_watches_and_cancels_get_a_documented_status(
     channels: tuple[grpc.Channel, grpc.Channel],
 ) -> None:
-    notifier = channels[1]
-
-    def method(name: str, request: type[Message], response: type[Message], streaming: bool = False) -> Any:
-        make = notifier.unary_stream if streaming else notifier.unary_unary
-        return make(
-            f"/aimesh.v1.NotifierService/{name}",
-            request_serializer=request.SerializeToString,
-            response_deserializer=response.FromString,
-        )
-
-    get = method("GetTask", notifier_pb2.GetTaskRequest, notifier_pb2.GetTaskResponse)
-    cancel = method("CancelTask", notifier_pb2.CancelTaskRequest, notifier_pb2.CancelTaskResponse)
-    watch = method("WatchTask", notifier_pb2.WatchTaskRequest, notifier_pb2.WatchTaskResponse, streaming=True)
-    watch_many = method("WatchTasks", notifier_pb2.WatchTasksRequest, notifier_pb2.WatchTasksResponse, streaming=True)
+    notifier = notifier_pb2_grpc.NotifierServiceStub(channels[1])
+    get, cancel, watch, watch_many = notifier.GetTask, notifier.CancelTask, notifier.WatchTask, notifier.WatchTasks
 
     @FUZZ
     @given(task_id=task_ids, one=watch_requests, many=st.lists(watch_requests, max_size=5))
@@ -196,16 +175,8 @@ def test_every_service_is_healthy_and_serves_after_the_fuzzing(
     for index in range(2):
         assert mesh.services[f"worker-{index}"].alive(), f"worker-{index} died during fuzzing"
 
-    submit = channels[0].unary_unary(
-        "/aimesh.v1.IngestService/SubmitTask",
-        request_serializer=ingest_pb2.SubmitTaskRequest.SerializeToString,
-        response_deserializer=ingest_pb2.SubmitTaskResponse.FromString,
-    )
-    watch = channels[1].unary_stream(
-        "/aimesh.v1.NotifierService/WatchTask",
-        request_serializer=notifier_pb2.WatchTaskRequest.SerializeToString,
-        response_deserializer=notifier_pb2.WatchTaskResponse.FromString,
-    )
+    submit = ingest_pb2_grpc.IngestServiceStub(channels[0]).SubmitTask
+    watch = notifier_pb2_grpc.NotifierServiceStub(channels[1]).WatchTask
     accepted = submit(
         ingest_pb2.SubmitTaskRequest(model_name="sentiment", input=task_pb2.TaskInput(text="still fine")), timeout=10
     )
