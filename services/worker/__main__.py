@@ -30,6 +30,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
         settings.kafka_bootstrap,
         group_id=settings.worker_group,
         client_id=f"aimesh-worker-{worker_id}",
+        group_protocol=settings.worker_group_protocol,
         # A fetch the broker holds open (no new records) delays the next one after a resume: keep it short.
         extra={"fetch.wait.max.ms": 100, **kafka_extra},
     )

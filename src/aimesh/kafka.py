@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
@@ -177,13 +177,25 @@ def fetch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Messa
 
 
 def consumer_config(
-    bootstrap: str, *, group_id: str, client_id: str, extra: dict[str, Any] | None = None
+    bootstrap: str,
+    *,
+    group_id: str,
+    client_id: str,
+    group_protocol: Literal["classic", "consumer"] = "classic",
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Settings for a consumer that commits only what it says is done.
 
     Auto-commit and the automatic offset store are off: offsets are committed explicitly after a task's
-    result is durable. Cooperative-sticky assignment moves only the partitions that must move. ``extra``
-    (overrides, and ``KafkaSettings.kafka_client_config()``: security.protocol, sasl.*, ssl.*) is merged last.
+    result is durable. Either rebalance protocol moves only the partitions that must move:
+
+    - ``classic``: the client-side cooperative-sticky assignor; the session timeout is the client's (10 s).
+    - ``consumer`` (KIP-848, Kafka 4): the broker assigns, with its ``range`` assignor, which spreads *each topic*
+      over the members. (cooperative-sticky and the broker's ``uniform`` assignor balance partition counts over
+      all topics together, so with two tasks topics one member can end up owning all of one topic.) Session and
+      heartbeat timing are the broker's ``group.consumer.*`` settings.
+
+    ``extra`` (overrides, and ``KafkaSettings.kafka_client_config()``: security.protocol, sasl.*, ssl.*) is merged last.
     """
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
@@ -193,11 +205,18 @@ def consumer_config(
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
-        "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 300_000,
         "socket.nagle.disable": True,
     }
+    if group_protocol == "consumer":
+        config.update({"group.protocol": "consumer", "group.remote.assignor": "range"})
+    else:
+        config.update(
+            {
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1_000,
+            }
+        )
     config.update(extra or {})
     return config

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,9 @@ RESERVED_KAFKA_PROPERTIES = frozenset(
         "enable.auto.offset.store",
         "isolation.level",
         "transactional.id",
+        "group.protocol",
+        "group.remote.assignor",
+        "partition.assignment.strategy",
     }
 )
 
@@ -243,6 +246,12 @@ class WorkerSettings(KafkaSettings):
 
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
     worker_group: str = Field("aimesh-workers", description="Kafka consumer group of the workers.")
+    worker_group_protocol: Literal["consumer", "classic"] = Field(
+        "consumer",
+        description="Rebalance protocol of the worker group: consumer (KIP-848, Kafka 4; the broker's range assignor "
+        "spreads each tasks topic over the workers) or classic (cooperative-sticky, for older brokers; it may leave "
+        "one worker every interactive partition).",
+    )
     worker_id: str = Field("", description="Stable worker name; defaults to hostname-pid.")
     transactional_id: str = Field(
         "", description="Kafka transactional.id, stable and unique per worker instance; default aimesh-worker-<id>."

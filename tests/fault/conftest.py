@@ -21,6 +21,10 @@ FAULT_ENV = {
     "AIMESH_LOG_FORMAT": "json",
     # These tests are about faults, not callers: no API keys.
     "AIMESH_AUTH": "off",
+    # Nor about admission control (tests/integration/test_admission.py): while Triton is down the backlog drains at
+    # no rate, so ingest would rightly refuse the Triton-outage test's second wave (RESOURCE_EXHAUSTED), and that
+    # wave is what shows tasks accepted during an outage wait it out.
+    "AIMESH_ADMISSION_MAX_WAIT_S": "0",
 }
 
 

@@ -97,23 +97,15 @@ async def test_a_batch_of_tasks_yields_exactly_one_terminal_result_each(mesh: St
     assert {t: counts[t] for t in task_ids} == {t: 1 for t in task_ids}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known regression (issue 3): one consumer over the tasks and batch tasks topics lets the cooperative-sticky "
-    "assignor hand one worker a whole topic, so one worker may own every interactive partition (docs/design.md, "
-    "Priority classes)",
-)
-def test_every_worker_owns_interactive_partitions(mesh: Stack) -> None:
-    """Work on the tasks topic is spread over both workers (each owns some of its partitions)."""
+def test_every_worker_owns_partitions_of_each_tasks_topic(mesh: Stack) -> None:
+    """Each tasks topic is spread over both workers on its own (the broker's range assignor): neither worker is
+    left with batch partitions only while the other owns every interactive one."""
     admin = AdminClient({"bootstrap.servers": mesh.kafka_bootstrap})
     described = admin.describe_consumer_groups(["aimesh-workers"])["aimesh-workers"].result(timeout=10)
-    owners = {
-        m.client_id
-        for m in described.members
-        for tp in m.assignment.topic_partitions
-        if tp.topic == mesh.topics.tasks_topic
-    }
-    assert len(owners) == 2, f"tasks-topic partitions owned by {sorted(owners)} only"
+    assert str(described.type).endswith("CONSUMER"), described.type  # the KIP-848 rebalance protocol
+    for topic in (mesh.topics.tasks_topic, mesh.topics.batch_tasks_topic):
+        owners = {m.client_id for m in described.members for tp in m.assignment.topic_partitions if tp.topic == topic}
+        assert len(owners) == 2, f"{topic} partitions owned by {sorted(owners)} only"
 
 
 async def test_model_errors_become_failed_results(client: MeshClient) -> None:

@@ -254,6 +254,13 @@ class KafkaBroker:
             "share.coordinator.state.topic.replication.factor": 1,
             "share.coordinator.state.topic.min.isr": 1,
             "group.initial.rebalance.delay.ms": 0,
+            # The workers' group uses the consumer rebalance protocol (KIP-848), whose timing the broker sets. The
+            # defaults (45 s session, 5 s heartbeat) make a crashed worker's partitions wait 45 s for a new owner and
+            # a joining worker wait several heartbeats for its share; these match the classic settings aimesh used.
+            "group.consumer.min.session.timeout.ms": 6000,
+            "group.consumer.session.timeout.ms": 10000,
+            "group.consumer.min.heartbeat.interval.ms": 500,
+            "group.consumer.heartbeat.interval.ms": 1000,
             # The defaults (50 each) make the first consumer group and the first transactional producer wait for 50
             # partitions to be created and loaded, and every restart reload them; one is plenty on one node.
             "offsets.topic.num.partitions": 1,
@@ -261,6 +268,13 @@ class KafkaBroker:
             # After a kill the restarted node's registration is refused (DUPLICATE_BROKER_REGISTRATION) until its
             # previous session expires, so the session timeout is the restart delay in fault tests (default 9 s).
             # It stays well above the heartbeat so a busy machine does not fence the only broker.
+            # A controlled shutdown moves partition leadership to other replicas first; one node has none, so its
+            # partitions go leaderless while it still runs, and the transaction coordinator then skips the COMMIT
+            # markers it is writing for transactions whose commit it has already acknowledged ("Couldn't find leader
+            # endpoint ... likely deleted"). Those records hang until the producer's next marker, and are lost if
+            # that one is an abort (seen in the broker-outage fault test). Without it, an unfinished commit is
+            # finished on restart from the transaction log.
+            "controlled.shutdown.enable": "false",
             "broker.heartbeat.interval.ms": 500,
             "broker.session.timeout.ms": 4000,
         }
