@@ -55,3 +55,18 @@ def test_properties_aimesh_depends_on_are_refused(text: str, message: str) -> No
 def test_unset_means_no_extra_properties() -> None:
     assert KafkaSettings(kafka_config="").kafka_client_config() == {}
     assert producer_config("b:9092", client_id="p", delivery_timeout_s=5)["bootstrap.servers"] == "b:9092"
+
+
+def test_worker_group_protocols() -> None:
+    """The consumer protocol leaves assignment and session timing to the broker (librdkafka refuses the classic
+    settings with it); classic keeps the client-side cooperative-sticky assignor."""
+    consumer = consumer_config("b:9092", group_id="g", client_id="c", group_protocol="consumer")
+    assert consumer["group.protocol"] == "consumer" and consumer["group.remote.assignor"] == "range"
+    assert not {"partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"} & consumer.keys()
+    classic = consumer_config("b:9092", group_id="g", client_id="c")
+    assert classic["partition.assignment.strategy"] == "cooperative-sticky" and "group.protocol" not in classic
+
+
+def test_the_assignment_protocol_cannot_be_overridden() -> None:
+    with pytest.raises(ValueError, match="group.protocol"):
+        KafkaSettings(kafka_config='{"group.protocol": "classic"}').kafka_client_config()
