@@ -45,7 +45,12 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
     feed = Feed(
         consumer_config(
-            settings.kafka_bootstrap, group_id=group, client_id=group, extra=settings.kafka_client_config()
+            settings.kafka_bootstrap,
+            group_id=group,
+            client_id=group,
+            # Measured on the local broker, record produced until this consumer returns it: p50 7.0 ms with
+            # librdkafka's default 500 ms, 4.0 ms with 100 ms (the worker's setting too).
+            extra={"fetch.wait.max.ms": 100, **settings.kafka_client_config()},
         ),
         tasks_topics=(settings.tasks_topic, settings.batch_tasks_topic),
         results_topic=settings.results_topic,

@@ -35,10 +35,15 @@ def producer_config(
         "client.id": client_id,
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 2,
+        # Latency first: a record goes out at once, and records that queue up while requests are in flight (under
+        # load) still share a batch. Measured on the local broker, one 200-byte record until its acknowledgement:
+        # p50 5.8 ms with linger.ms=2 and lz4, 2.2 ms with linger.ms=0, 0.8 ms with no compression as well (the
+        # broker decompresses every batch to validate it). Task records are small; AIMESH_KAFKA_CONFIG may set
+        # compression.type where bandwidth matters more.
+        "linger.ms": 0,
+        "compression.type": "none",
         # Small records: Nagle's algorithm would hold them back for the peer's delayed ACK.
         "socket.nagle.disable": True,
-        "compression.type": "lz4",
         "message.timeout.ms": max(1, int(delivery_timeout_s * 1000)),
         "socket.connection.setup.timeout.ms": max(1000, int(delivery_timeout_s * 1000)),
     }
