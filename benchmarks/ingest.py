@@ -46,8 +46,8 @@ METHOD = (
     "the same service that answers at once (a process of its own, as ingest is), which bounds what any Python "
     "gRPC service reaches here. The third row is librdkafka alone: a confluent_kafka Producer with ingest's "
     "settings (idempotent, `acks=all`, no linger, no compression) producing the same serialized AITaskEvent "
-    "records as fast as it takes them, timed from the first produce to the end of the final flush. No worker runs meanwhile; the "
-    "notifier does (it follows the tasks topic)."
+    "records as fast as it takes them, timed from the first produce to the end of the final flush. No worker "
+    "runs meanwhile; the notifier does (it follows the tasks topic)."
 )
 
 
