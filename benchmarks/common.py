@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -264,12 +264,23 @@ async def prefill(stack: Stack, count: int, parameters: Mapping[str, str]) -> li
     return task_ids
 
 
+class Stages(NamedTuple):
+    end_to_end_ms: float
+    queue_wait_ms: float
+    inference_ms: float
+    total_ms: float
+
+
 @dataclass
 class MeshClient:
     """One client of the mesh: submit a task, follow its WatchTask stream to the terminal update."""
 
     stack: Stack
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
+    #: Per finished task, milliseconds: the end-to-end time, and the worker's timings from its result (queue
+    #: wait: from ingest's stamp until a worker started it; inference: the Triton call; total: from that stamp
+    #: until the result was produced).
+    stages: list[Stages] = field(default_factory=list)
 
     async def __aenter__(self) -> MeshClient:
         self._channels = [
@@ -289,10 +300,23 @@ class MeshClient:
         started = time.perf_counter()
         reply = await self.ingest.SubmitTask(submit_request(model, parameters), timeout=30, metadata=AUTH)
         watch = notifier_pb2.WatchTaskRequest(task_id=reply.task_id)
+        timings = None
         async for update in self.notifier.WatchTask(watch, timeout=30, metadata=AUTH):
-            if events.is_terminal(update.state.status) and update.state.status != result_pb2.TASK_STATUS_SUCCEEDED:
-                raise RuntimeError(f"task {reply.task_id} ended {update.state.status}")
-        return (time.perf_counter() - started) * 1000
+            if events.is_terminal(update.state.status):
+                if update.state.status != result_pb2.TASK_STATUS_SUCCEEDED:
+                    raise RuntimeError(f"task {reply.task_id} ended {update.state.status}")
+                timings = update.state.result.timings
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if timings is not None:
+            self.stages.append(
+                Stages(
+                    elapsed_ms,
+                    timings.queue_wait.ToTimedelta().total_seconds() * 1000,
+                    timings.inference.ToTimedelta().total_seconds() * 1000,
+                    timings.total.ToTimedelta().total_seconds() * 1000,
+                )
+            )
+        return elapsed_ms
 
 
 class DirectTriton:

@@ -44,13 +44,13 @@ CONFIGURATIONS = (("off", "tracing off"), ("on", "tracing on (OTLP/gRPC export)"
 TARGET_P50_MS, TARGET_P99_MS = 10.0, 30.0
 
 
-async def drive(stack: Any, model: str, tasks: int, warmup: int) -> dict[str, list[float]]:
+async def drive(stack: Any, model: str, tasks: int, warmup: int) -> dict[str, Any]:
     async with MeshClient(stack) as mesh, DirectTriton(stack.triton_url) as direct:
         mesh_ms, direct_ms = await sequential([lambda: mesh.run(model), lambda: direct.run(model)], tasks, warmup)
-    return {"mesh_ms": mesh_ms, "direct_ms": direct_ms}
+    return {"mesh_ms": mesh_ms, "direct_ms": direct_ms, "stages": [list(s) for s in mesh.stages[-tasks:]]}
 
 
-def measure(tracing: bool, args: argparse.Namespace) -> dict[str, list[float]]:
+def measure(tracing: bool, args: argparse.Namespace) -> dict[str, Any]:
     receiver = OtlpReceiver() if tracing else None
     env: dict[str, str] = {}
     if receiver:
@@ -92,6 +92,38 @@ def summarize(rounds: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
     }
 
 
+# Where a light-load task's time goes, from the timings the worker puts in each result (ingest stamps the task
+# when it accepts it; the worker notes when it started the task, how long the Triton call took, and when the result
+# was produced) and the end-to-end time the client measured. One clock: every process runs on this machine.
+STAGES = (
+    "accepted by ingest until a worker starts it (ingest's produce and acknowledgement, the worker's fetch)",
+    "the Triton call, as the worker timed it",
+    "in the worker around that call (decode, micro-batching, the result's encoding)",
+    "result produced until the client has it (the transaction's commit, read_committed visibility, the notifier, "
+    "gRPC), plus the client's call to ingest",
+)
+
+
+def stage_values(stages: Sequence[float]) -> tuple[float, float, float, float]:
+    """One task's ``Stages`` as the four STAGES, in milliseconds."""
+    end_to_end, queue_wait, inference, total = stages
+    return queue_wait, inference, total - queue_wait - inference, end_to_end - total
+
+
+def breakdown(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "Where the time goes (tracing off; per stage the median across rounds of each round's p50, ms; the "
+        "stages' p50s need not add up to the end-to-end p50):",
+        "",
+        "| stage | p50 |",
+        "|---|---|",
+    ]
+    for index, name in enumerate(STAGES):
+        value = median([quantile([stage_values(s)[index] for s in r["off"]["stages"]], 0.5) for r in rounds])
+        lines.append(f"| {name} | {value:.1f} |")
+    return lines
+
+
 def report(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, plots: Path) -> Section:
     summary = {key: summarize(rounds, key) for key, _ in CONFIGURATIONS}
     lines = [
@@ -117,6 +149,8 @@ def report(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, plots: Pa
         "",
         f"Target (tracing off): overhead p50 < {TARGET_P50_MS:g} ms and p99 < {TARGET_P99_MS:g} ms: "
         f"{'met' if met else 'not met'}.",
+        "",
+        *breakdown(rounds),
     ]
 
     figure, axes = new_figure()
