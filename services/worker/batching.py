@@ -1,10 +1,13 @@
 """Micro-batching: tasks for the same model and parameters that are waiting at the same moment go to Triton as
 one request.
 
-There is no timer: a task is sent at once when fewer than ``max_concurrent`` requests for its model are
-outstanding (so a lone task waits for nothing), and otherwise joins the queue that the next request takes
-whole, up to ``max_batch_size`` rows. Under load, requests fill up by themselves while earlier ones run;
-Triton's dynamic batcher can merge them further.
+There is no timer. A task joins its key's queue, and the queue is sent once the callbacks already scheduled on
+the event loop have run (``loop.call_soon``), so tasks that start together (a fetch of many records, or the
+slots a finished request frees) share a request, while a lone task waits for nothing. While ``max_concurrent``
+requests for the key are outstanding, tasks wait in the queue, which the next free request takes whole, up to
+``max_batch_size`` rows. The worker keeps many requests outstanding rather than holding rows back: Triton's
+dynamic batcher merges the requests it has queued into full batches, and rows still waiting in a worker cannot
+join them.
 
 Tasks of different priority classes never share a request (the priority is part of the key, and Triton's
 request priority is per request), and a task cancelled by its client while it waits is dropped when the next
@@ -75,6 +78,7 @@ class Batcher:
         self._timeout_s = timeout_s
         self._on_request = on_request
         self._queues: dict[BatchKey, deque[_Item]] = {}
+        self._scheduled: set[BatchKey] = set()  # keys whose queue is sent at the end of this loop iteration
         self._outstanding: dict[BatchKey, int] = {}
         self._requests: set[asyncio.Task[None]] = set()
 
@@ -91,7 +95,9 @@ class Batcher:
         when ``cancelled()`` is true as the task is about to join a request."""
         item = _Item(text, deadline, metadata, cancelled)
         self._queues.setdefault(key, deque()).append(item)
-        self._dispatch(key)
+        if key not in self._scheduled:
+            self._scheduled.add(key)
+            asyncio.get_running_loop().call_soon(self._dispatch, key)
         try:
             return await asyncio.shield(item.future)
         except asyncio.CancelledError:
@@ -99,6 +105,7 @@ class Batcher:
             raise
 
     def _dispatch(self, key: BatchKey) -> None:
+        self._scheduled.discard(key)
         queue = self._queues.get(key)
         while queue and self._outstanding.get(key, 0) < self._max_concurrent:
             items: list[_Item] = []

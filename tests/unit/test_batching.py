@@ -45,13 +45,26 @@ def batcher(triton: FakeTriton, *, max_batch_size: int = 8, max_concurrent: int 
 KEY = BatchKey.of("sleep", "", {})
 
 
-async def test_a_lone_task_is_sent_at_once_and_waiting_ones_share_the_next_request() -> None:
+async def test_tasks_that_start_together_share_a_request() -> None:
     triton = FakeTriton()
-    b = batcher(triton)
+    b = batcher(triton, max_concurrent=4)
     results = await asyncio.gather(*(b.infer(KEY, f"t{i}", deadline=None, metadata={}) for i in range(5)))
-    assert triton.requests == [["t0"], ["t1", "t2", "t3", "t4"]]
+    assert triton.requests == [[f"t{i}" for i in range(5)]]
     assert [r.inference.output.tensors[0].string_data[0] for r in results] == [f"t{i}" for i in range(5)]
-    assert [r.batch_items for r in results] == [1, 4, 4, 4, 4]
+    assert [r.batch_items for r in results] == [5] * 5
+
+
+async def test_a_lone_task_is_sent_at_once_and_later_ones_wait_for_a_free_request() -> None:
+    triton = FakeTriton(delay_s=0.05)
+    b = batcher(triton, max_concurrent=1)
+    first = asyncio.ensure_future(b.infer(KEY, "first", deadline=None, metadata={}))
+    await asyncio.sleep(0.01)
+    assert triton.requests == [["first"]]  # sent without waiting for company
+    later = [asyncio.ensure_future(b.infer(KEY, f"t{i}", deadline=None, metadata={})) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert triton.requests == [["first"]]  # the one request allowed is outstanding
+    await asyncio.gather(first, *later)
+    assert triton.requests == [["first"], ["t0", "t1", "t2"]]
 
 
 async def test_requests_hold_at_most_max_batch_size_and_keys_do_not_mix() -> None:

@@ -263,16 +263,17 @@ async def test_a_running_stream_is_cancelled_in_triton_and_ends_cancelled_with_t
 async def test_a_unary_task_cancelled_while_it_waits_to_join_a_request_is_not_sent() -> None:
     triton, progress = FakeTriton([], delay_s=0.2), FakeProgress()
     worker = make_worker(triton, progress)
+    worker._batcher._max_concurrent = 1  # one request outstanding per model: later tasks wait in the queue
     ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(6)]
-    # Four requests may be outstanding per model: the fifth and sixth tasks wait in the batcher's queue.
     records = [task_record("plain", task_id=i, offset=n) for n, i in enumerate(ids)]
-    handled = [asyncio.create_task(worker._handle(r)) for r in records]
+    handled = [asyncio.create_task(worker._handle(records[0]))]
+    await asyncio.sleep(0.05)  # the first task's request is out; the others start together and wait
+    handled += [asyncio.create_task(worker._handle(r)) for r in records[1:]]
     await asyncio.sleep(0.05)
     worker._cancellations.add(ids[5], "acme")
     results = [terminal(o) for o in await asyncio.gather(*handled)]
     assert [r.status for r in results] == [result_pb2.TASK_STATUS_SUCCEEDED] * 5 + [result_pb2.TASK_STATUS_CANCELLED]
-    assert all(texts == ["Kafka"] for _, texts, _ in triton.requests)
-    assert sum(len(texts) for _, texts, _ in triton.requests) == 5
+    assert [texts for _, texts, _ in triton.requests] == [["Kafka"], ["Kafka"] * 4]
 
 
 @pytest.mark.parametrize(
