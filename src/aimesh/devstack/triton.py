@@ -281,6 +281,10 @@ class TritonServer:
             return
         if process.poll() is None:
             self._kill_group(process)
+        process.wait()
+        # SIGKILL reaches the stubs asynchronously: on a busy machine one can still be running just after the
+        # server is reaped, holding its shared memory.
+        _wait_group_gone(process.pid, timeout_s=10.0)
         self._finish(process)
 
     def __enter__(self) -> Self:
@@ -332,3 +336,23 @@ class TritonServer:
                 *lines[-_EXCERPT_LINES:],
             ]
         )
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until process group ``pgid`` has no live (running or sleeping, not zombie) member, or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        live = False
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # exited while we looked
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live = True
+                break
+        if not live:
+            return
+        time.sleep(0.02)
