@@ -204,6 +204,11 @@ class Worker:
         # Running streaming tasks: task id -> (tenant, the event that stops its stream). Event loop only.
         self._streams: dict[str, tuple[str, asyncio.Event]] = {}
         self._tasks: dict[asyncio.Task[None], Partition] = {}
+        # Running tasks taken from the batch backlog. They may hold all but a quarter of the slots: the rest stay
+        # free for interactive tasks, which would otherwise wait for batch ones to finish before even reaching
+        # Triton (whose request priority then lets them jump its queue).
+        self._batch_running: set[asyncio.Task[None]] = set()
+        self._batch_slots = max_in_flight - max_in_flight // 4
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Consumer | None = None
         # Guards the transactional producer and the ledger's publish-then-commit steps: the publisher thread
@@ -542,20 +547,30 @@ class Worker:
 
     def _fill(self) -> None:
         """Start backlog records while fewer than max_in_flight tasks run (none once the worker drains): interactive
-        ones first, batch ones only when no interactive record waits."""
+        ones first, batch ones only when no interactive record waits and fewer than ``_batch_slots`` batch tasks
+        run."""
         interactive, batch = self._backlogs["interactive"], self._backlogs["batch"]
-        while (interactive or batch) and len(self._tasks) < self._max_in_flight and not self._stop_fetching.is_set():
-            record, partition = (interactive or batch).popleft()
+        while len(self._tasks) < self._max_in_flight and not self._stop_fetching.is_set():
+            if interactive:
+                backlog = interactive
+            elif batch and len(self._batch_running) < self._batch_slots:
+                backlog = batch
+            else:
+                break
+            record, partition = backlog.popleft()
             if partition.released:
                 continue  # its partition moved on while it waited: the new owner runs it
             task = asyncio.create_task(self._process(record, partition), name=f"task@{record.where()}")
             self._tasks[task] = partition
+            if backlog is batch:
+                self._batch_running.add(task)
             task.add_done_callback(self._task_done)
         for c in CLASSES:
             self._backlog_sizes[c] = len(self._backlogs[c])
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        self._batch_running.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s crashed", task.get_name(), exc_info=task.exception())
         self._fill()

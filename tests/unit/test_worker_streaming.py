@@ -316,6 +316,37 @@ async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
     assert started == [BATCH, TASKS, TASKS, BATCH, BATCH]
 
 
+async def test_batch_tasks_leave_a_quarter_of_the_slots_to_interactive_ones() -> None:
+    triton, progress = FakeTriton([]), FakeProgress()
+    worker = make_worker(triton, progress, max_in_flight=8)
+    started: list[str] = []
+    gate = asyncio.Event()
+
+    async def process(record: Record, partition: object) -> None:
+        started.append(record.topic)
+        await gate.wait()
+
+    worker._process = process  # type: ignore[method-assign]
+    worker._loop = asyncio.get_running_loop()
+    worker._ledger.assign([(TASKS, 0), (BATCH, 0)])
+    for n in range(10):
+        partition = worker._ledger.fetched((BATCH, 0), n)
+        assert partition is not None
+        worker._enqueue(task_record("sleep", topic=BATCH, offset=n), partition)
+    await asyncio.sleep(0.01)
+    assert started == [BATCH] * 6  # 8 slots, 2 of them kept for interactive tasks
+    for n in range(3):
+        partition = worker._ledger.fetched((TASKS, 0), n)
+        assert partition is not None
+        worker._enqueue(task_record("sleep", offset=n), partition)
+    await asyncio.sleep(0.01)
+    assert started == [BATCH] * 6 + [TASKS] * 2  # at once, though 4 batch tasks still wait
+    gate.set()
+    while len(started) < 13:  # noqa: ASYNC110 - polling what the fake recorded
+        await asyncio.sleep(0.01)
+    assert sorted(started[8:]) == sorted([TASKS] + [BATCH] * 4)
+
+
 async def test_a_model_triton_has_no_configuration_for_fails_through_the_unary_call() -> None:
     triton, progress = FakeTriton([]), FakeProgress()
     outcome = await make_worker(triton, progress)._handle(task_record("ghost"))
