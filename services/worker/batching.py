@@ -78,7 +78,7 @@ class Batcher:
         self._timeout_s = timeout_s
         self._on_request = on_request
         self._queues: dict[BatchKey, deque[_Item]] = {}
-        self._scheduled: set[BatchKey] = set()  # keys whose queue is sent at the end of this loop iteration
+        self._scheduled: set[BatchKey] = set()  # keys with a _dispatch waiting on the loop (call_soon)
         self._outstanding: dict[BatchKey, int] = {}
         self._requests: set[asyncio.Task[None]] = set()
 

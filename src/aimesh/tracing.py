@@ -145,6 +145,12 @@ def _tracer() -> trace.Tracer:
 @contextmanager
 def send_span(topic: str, key: str, headers: Headers) -> Iterator[Span]:
     """A PRODUCER span around publishing one record; its context is injected into ``headers``."""
+    if not _recording():
+        # No spans to record: skip building one (a measurable share of a busy worker's time), but pass on the
+        # context in hand, as a no-op span would.
+        propagate.inject(headers, setter=_SETTER)
+        yield trace.get_current_span()
+        return
     attributes = {
         "messaging.system": "kafka",
         "messaging.operation.type": "send",
@@ -153,12 +159,6 @@ def send_span(topic: str, key: str, headers: Headers) -> Iterator[Span]:
         "messaging.kafka.message.key": key,
         TASK_ID: key,
     }
-    if not _recording():
-        # No spans to record: skip building one (a measurable share of a busy worker's time), but pass on the
-        # context in hand, as a no-op span would.
-        propagate.inject(headers, setter=_SETTER)
-        yield trace.get_current_span()
-        return
     with _tracer().start_as_current_span(f"send {topic}", kind=SpanKind.PRODUCER, attributes=attributes) as span:
         propagate.inject(headers, setter=_SETTER)
         yield span
@@ -180,25 +180,23 @@ def process_span(
     headers: Headers | None,
 ) -> Iterator[Span]:
     """A CONSUMER span for processing one record, child of the producer's context from the headers."""
-    attributes: dict[str, str | int] = {
-        "messaging.system": "kafka",
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": topic,
-        "messaging.destination.partition.id": str(partition),
-        "messaging.kafka.offset": offset,
-        "messaging.consumer.group.name": group,
-        "messaging.kafka.message.key": key,
-        TASK_ID: key,
-    }
     token = otel_context.attach(context_from(headers))
     try:
         if not _recording():  # as in send_span: the producer's context stays current, no span is built
             yield trace.get_current_span()
             return
-        with _tracer().start_as_current_span(
-            f"process {topic}", kind=SpanKind.CONSUMER, attributes=attributes
-        ) as span:
+        attributes: dict[str, str | int] = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": topic,
+            "messaging.destination.partition.id": str(partition),
+            "messaging.kafka.offset": offset,
+            "messaging.consumer.group.name": group,
+            "messaging.kafka.message.key": key,
+            TASK_ID: key,
+        }
+        with _tracer().start_as_current_span(f"process {topic}", kind=SpanKind.CONSUMER, attributes=attributes) as span:
             yield span
     finally:
         otel_context.detach(token)
@@ -207,6 +205,9 @@ def process_span(
 @contextmanager
 def infer_span(model: str, *, server_address: str, batch_items: int, task_id: str) -> Iterator[Span]:
     """A CLIENT span for one Triton inference call."""
+    if not _recording():
+        yield trace.get_current_span()
+        return
     host, _, port = server_address.rpartition(":")
     attributes: dict[str, str | int] = {
         "rpc.system": "grpc",
@@ -219,9 +220,6 @@ def infer_span(model: str, *, server_address: str, batch_items: int, task_id: st
     }
     if port.isdigit():
         attributes["server.port"] = int(port)
-    if not _recording():
-        yield trace.get_current_span()
-        return
     with _tracer().start_as_current_span(f"infer {model}", kind=SpanKind.CLIENT, attributes=attributes) as span:
         yield span
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from aimesh.devstack.ports import free_ports
-from aimesh.devstack.triton import TritonServer, TritonServerError
+from aimesh.devstack.triton import TritonServer, TritonServerError, live_group_members
 
 pytestmark = pytest.mark.integration
 
@@ -47,28 +47,12 @@ def _server(tmp_path: Path, repository: Path) -> TritonServer:
     )
 
 
-def _process_group(pgid: int) -> list[int]:
-    """Live (not zombie) processes in group ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited while we looked
-        state, process_group = fields[0], int(fields[2])
-        if process_group == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
-
-
 def test_kill_takes_the_stubs_and_their_shared_memory(tmp_path: Path) -> None:
     server = _server(tmp_path, _repository(tmp_path, ECHO_MODEL))
     with server:
         pid = server.pid
         assert pid is not None
-        stubs = [member for member in _process_group(pid) if member != pid]
+        stubs = [member for member in live_group_members(pid) if member != pid]
         assert len(stubs) == 1  # the echo model's one instance
         # The stub's second argument names the shared-memory region it shares with the server.
         region = Path("/dev/shm") / (Path(f"/proc/{stubs[0]}/cmdline").read_bytes().split(b"\0")[2].decode())
@@ -77,7 +61,7 @@ def test_kill_takes_the_stubs_and_their_shared_memory(tmp_path: Path) -> None:
         server.kill()
 
         assert server.pid is None
-        assert _process_group(pid) == []
+        assert live_group_members(pid) == []
         assert not region.exists()
 
         # The same ports serve again after a crash.

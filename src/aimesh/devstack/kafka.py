@@ -265,9 +265,6 @@ class KafkaBroker:
             # partitions to be created and loaded, and every restart reload them; one is plenty on one node.
             "offsets.topic.num.partitions": 1,
             "transaction.state.log.num.partitions": 1,
-            # After a kill the restarted node's registration is refused (DUPLICATE_BROKER_REGISTRATION) until its
-            # previous session expires, so the session timeout is the restart delay in fault tests (default 9 s).
-            # It stays well above the heartbeat so a busy machine does not fence the only broker.
             # A controlled shutdown moves partition leadership to other replicas first; one node has none, so its
             # partitions go leaderless while it still runs, and the transaction coordinator then skips the COMMIT
             # markers it is writing for transactions whose commit it has already acknowledged ("Couldn't find leader
@@ -275,6 +272,9 @@ class KafkaBroker:
             # that one is an abort (seen in the broker-outage fault test). Without it, an unfinished commit is
             # finished on restart from the transaction log.
             "controlled.shutdown.enable": "false",
+            # After a kill the restarted node's registration is refused (DUPLICATE_BROKER_REGISTRATION) until its
+            # previous session expires, so the session timeout is the restart delay in fault tests (default 9 s).
+            # It stays well above the heartbeat so a busy machine does not fence the only broker.
             "broker.heartbeat.interval.ms": 500,
             "broker.session.timeout.ms": 4000,
         }

@@ -76,9 +76,7 @@ class _Distribution:
 def _probe_distribution(python_prefix: Path) -> _Distribution:
     python = python_prefix / "bin" / "python3"
     try:
-        result = subprocess.run(
-            [str(python), "-c", _PROBE], capture_output=True, text=True, timeout=30.0, check=True
-        )
+        result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=30.0, check=True)
     except (OSError, subprocess.SubprocessError) as e:
         raise TritonServerError(f"cannot inspect the Python environment at {python_prefix}: {e}") from e
     found = json.loads(result.stdout)
@@ -98,9 +96,7 @@ def _install_stub(dist: _Distribution) -> None:
     source = dist.server_dir / "python_backend_stubs" / dist.python_version / "triton_python_backend_stub"
     target = dist.backends_dir / "python" / "triton_python_backend_stub"
     if not source.is_file():
-        raise TritonServerError(
-            f"nvidia-pytriton has no backend stub for Python {dist.python_version}: {source}"
-        )
+        raise TritonServerError(f"nvidia-pytriton has no backend stub for Python {dist.python_version}: {source}")
     if target.is_file() and target.read_bytes() == source.read_bytes():
         return
     # Copy then rename, so a server started concurrently never sees a half-written stub.
@@ -246,9 +242,7 @@ class TritonServer:
                     )
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
-                    raise TritonServerError(
-                        f"tritonserver not ready after {timeout_s:.0f} s\n{self._log_excerpt()}"
-                    )
+                    raise TritonServerError(f"tritonserver not ready after {timeout_s:.0f} s\n{self._log_excerpt()}")
                 try:
                     if _everything_ready(client, timeout_s=min(1.0, remaining_s)):
                         return
@@ -338,21 +332,24 @@ class TritonServer:
         )
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we looked
+        state, process_group = fields[0], int(fields[2])
+        if process_group == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
 def _wait_group_gone(pgid: int, timeout_s: float) -> None:
-    """Wait until process group ``pgid`` has no live (running or sleeping, not zombie) member, or ``timeout_s``."""
+    """Wait until process group ``pgid`` has no live member, or ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        live = False
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # exited while we looked
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                live = True
-                break
-        if not live:
-            return
+    while live_group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.02)
