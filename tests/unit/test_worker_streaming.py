@@ -287,9 +287,10 @@ async def test_triton_request_priority_follows_the_task_class_for_models_with_pr
     assert [p for _, _, p in triton.requests] == [priority]
 
 
-async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
-    triton, progress = FakeTriton([]), FakeProgress()
-    worker = make_worker(triton, progress, max_in_flight=1)
+def gated_worker(*, max_in_flight: int) -> tuple[Worker, list[str], asyncio.Event]:
+    """A worker owning partition 0 of both tasks topics whose tasks record their topic as they start, then wait
+    for the returned event."""
+    worker = make_worker(FakeTriton([]), FakeProgress(), max_in_flight=max_in_flight)
     started: list[str] = []
     gate = asyncio.Event()
 
@@ -300,14 +301,21 @@ async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
     worker._process = process  # type: ignore[method-assign]
     worker._loop = asyncio.get_running_loop()
     worker._ledger.assign([(TASKS, 0), (BATCH, 0)])
-    for n in range(3):
-        partition = worker._ledger.fetched((BATCH, 0), n)
+    return worker, started, gate
+
+
+def enqueue(worker: Worker, topic: str, count: int) -> None:
+    """Hand the worker records at offsets 0..count-1 of ``topic``'s partition 0, as its consumer thread would."""
+    for offset in range(count):
+        partition = worker._ledger.fetched((topic, 0), offset)
         assert partition is not None
-        worker._enqueue(task_record("sleep", topic=BATCH, offset=n), partition)
-    for n in range(2):
-        partition = worker._ledger.fetched((TASKS, 0), n)
-        assert partition is not None
-        worker._enqueue(task_record("sleep", offset=n), partition)
+        worker._enqueue(task_record("sleep", topic=topic, offset=offset), partition)
+
+
+async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
+    worker, started, gate = gated_worker(max_in_flight=1)
+    enqueue(worker, BATCH, 3)
+    enqueue(worker, TASKS, 2)
     assert worker._backlog_sizes == {"interactive": 2, "batch": 2}
     gate.set()
     while len(started) < 5:  # noqa: ASYNC110 - polling what the fake recorded
@@ -317,28 +325,11 @@ async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
 
 
 async def test_batch_tasks_leave_a_quarter_of_the_slots_to_interactive_ones() -> None:
-    triton, progress = FakeTriton([]), FakeProgress()
-    worker = make_worker(triton, progress, max_in_flight=8)
-    started: list[str] = []
-    gate = asyncio.Event()
-
-    async def process(record: Record, partition: object) -> None:
-        started.append(record.topic)
-        await gate.wait()
-
-    worker._process = process  # type: ignore[method-assign]
-    worker._loop = asyncio.get_running_loop()
-    worker._ledger.assign([(TASKS, 0), (BATCH, 0)])
-    for n in range(10):
-        partition = worker._ledger.fetched((BATCH, 0), n)
-        assert partition is not None
-        worker._enqueue(task_record("sleep", topic=BATCH, offset=n), partition)
+    worker, started, gate = gated_worker(max_in_flight=8)
+    enqueue(worker, BATCH, 10)
     await asyncio.sleep(0.01)
     assert started == [BATCH] * 6  # 8 slots, 2 of them kept for interactive tasks
-    for n in range(3):
-        partition = worker._ledger.fetched((TASKS, 0), n)
-        assert partition is not None
-        worker._enqueue(task_record("sleep", offset=n), partition)
+    enqueue(worker, TASKS, 3)
     await asyncio.sleep(0.01)
     assert started == [BATCH] * 6 + [TASKS] * 2  # at once, though 4 batch tasks still wait
     gate.set()
