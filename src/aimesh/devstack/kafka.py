@@ -284,6 +284,10 @@ class KafkaBroker:
         return [
             "java",
             f"-Xmx{self._heap_mb}m",
+            # The client compiler only: a dev or test broker lives minutes, and on a 2-core machine C2's compiler
+            # thread took a third of a core for all of a benchmark round (measured after 15,000 tasks), more
+            # than the broker's C1-compiled code loses in speed.
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self._log4j_config}",
             f"-Dkafka.logs.dir={self._log_dir}",
