@@ -703,22 +703,25 @@ class Worker:
         inference_started = time.monotonic()
         attempts = 0
         result = self._result(task, result_pb2.TASK_STATUS_SUCCEEDED)
+
+        async def attempt() -> Inference:
+            nonlocal attempts
+            attempts += 1
+            if self._is_cancelled(task):  # learned while it waited for a retry
+                raise CancelledByClient("cancelled before it was sent to Triton")
+            info = await self._model_info(task)
+            if info.decoupled:
+                return await self._stream(task, deadline, run)
+            return await self._infer(task, deadline, info, run)
+
         try:
-            async for attempt in self._triton_retry.retrying(
+            inference = await self._triton_retry.call(
+                attempt,
                 budget_s=None if deadline is None else max(0.0, deadline - started),
                 on_retry=lambda e: self._on_retry(task.model_name, e),
                 sleep=lambda wait_s: self._backoff(wait_s, deadline),
                 paused_s=self._health.unhealthy_seconds,
-            ):
-                with attempt:
-                    attempts += 1
-                    if self._is_cancelled(task):  # learned while it waited for a retry
-                        raise CancelledByClient("cancelled before it was sent to Triton")
-                    info = await self._model_info(task)
-                    if info.decoupled:
-                        inference = await self._stream(task, deadline, run)
-                    else:
-                        inference = await self._infer(task, deadline, info, run)
+            )
         except CancelledByClient:
             self._metrics.inference_seconds.labels(task.model_name).observe(time.monotonic() - inference_started)
             cancelled = self._cancelled(task, started, "the task was cancelled by the client before it ran")
@@ -935,10 +938,8 @@ class Worker:
         headers = events.result_headers()
         try:
             with tracing.send_span(self._results_topic, task.task_id, headers):
-                future = self._progress.produce_nowait(
+                self._progress.produce_detached(
                     self._results_topic, key=task.task_id, value=running.SerializeToString(), headers=headers
                 )
         except BrokerUnavailable as e:
             log.debug("RUNNING update for %s not queued: %s", task.task_id, e)
-            return
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -23,6 +25,8 @@ from aimesh import tracing
 from aimesh.errors import AimeshError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 _log_retry = before_sleep_log(log, logging.WARNING)
@@ -64,6 +68,37 @@ class RetryPolicy:
     max_s: float = 5.0
     budget_s: float | None = 60.0
 
+    async def call(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        budget_s: float | None = None,
+        on_retry: Callable[[BaseException], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        paused_s: Callable[[], float] | None = None,
+    ) -> T:
+        """``await attempt()``, retried as ``retrying`` would (same arguments). The first try runs without the
+        retry machinery, whose set-up per call took a sixth of a busy worker's event loop; only an error to retry
+        builds it, and enters it as the first attempt's outcome (logged, then the first backoff), the time the
+        first try took counted against the budgets."""
+        started = time.monotonic()
+        try:
+            return await attempt()
+        except AimeshError as e:
+            if not e.retryable:
+                raise
+            first: AimeshError | None = e
+        retrying = self.retrying(
+            budget_s=budget_s, on_retry=on_retry, sleep=sleep, paused_s=paused_s, spent_s=time.monotonic() - started
+        )
+        async for retry in retrying:
+            with retry:
+                if first is not None:
+                    error, first = first, None
+                    raise error
+                return await attempt()
+        raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
+
     def retrying(
         self,
         *,
@@ -71,19 +106,19 @@ class RetryPolicy:
         on_retry: Callable[[BaseException], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         paused_s: Callable[[], float] | None = None,
+        spent_s: float = 0.0,
     ) -> AsyncRetrying:
         """An AsyncRetrying that retries errors whose ``retryable`` is true; ``budget_s`` (wall time: a task's
         deadline, say) can tighten the policy's budget. ``on_retry`` (which must not raise) sees each error that
         is about to be retried, not the last one. ``sleep`` replaces the backoff sleep (it may wait longer, for
         a server to come back); time that ``paused_s`` reports passing does not count against the policy's own
-        budget, only against ``budget_s``."""
+        budget, only against ``budget_s``. ``spent_s``, time this call already took, comes off both budgets."""
         stops: list[stop_base] = []
         if budget_s is not None:
-            stops.append(stop_after_delay(budget_s))
+            stops.append(stop_after_delay(budget_s - spent_s))
         if self.budget_s is not None:
-            stops.append(
-                _StopAfterActiveDelay(self.budget_s, paused_s) if paused_s else stop_after_delay(self.budget_s)
-            )
+            own_s = self.budget_s - spent_s
+            stops.append(_StopAfterActiveDelay(own_s, paused_s) if paused_s else stop_after_delay(own_s))
 
         def before_sleep(state: RetryCallState) -> None:
             _before_sleep(state)
