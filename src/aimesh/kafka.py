@@ -112,6 +112,18 @@ class AsyncProducer:
             raise BrokerUnavailable(f"cannot queue the record: {e.args[0]}") from e
         return future
 
+    def produce_detached(self, topic: str, *, key: str, value: bytes, headers: Headers | None = None) -> None:
+        """Queue one record that nobody waits for (a best-effort progress update): no future and no hop back to
+        the event loop, which cost more than the record itself on a busy worker. A failed delivery is logged."""
+        if self._producer is None:
+            raise RuntimeError("producer is not started")
+        try:
+            self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=_log_undelivered)
+        except BufferError as e:
+            raise BrokerUnavailable("the producer queue is full: the broker is not keeping up") from e
+        except KafkaException as e:
+            raise BrokerUnavailable(f"cannot queue the record: {e.args[0]}") from e
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Flush queued records (up to ``timeout_s``), then stop the poll thread. Idempotent."""
         if self._producer is None or self._stopping.is_set():
@@ -123,6 +135,11 @@ class AsyncProducer:
         self._stopping.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+
+
+def _log_undelivered(err: KafkaError | None, msg: Message) -> None:
+    if err is not None:
+        log.debug("record for %s[%s] not delivered: %s", msg.topic(), msg.key(), err.str())
 
 
 def _settle(future: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:

@@ -27,6 +27,10 @@ _TRACER_NAME = "aimesh"
 TASK_ID = "aimesh.task_id"
 
 _provider: Any = None
+# Whether spans are recorded: asked of the global tracer provider once, then cached (the OpenTelemetry API's own
+# lookup reads the environment on every call while none is set, a measurable share of a busy worker's time). The
+# global provider can be set only once; ``configure`` and ``use_provider`` set it and drop the cached answer.
+_recording_cached: bool | None = None
 
 
 class _HeaderSetter(Setter[Headers]):
@@ -87,9 +91,18 @@ def configure(service_name: str) -> bool:
             log.warning("OTEL_TRACES_EXPORTER=%s is not supported; use otlp, console or none", name)
             continue
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    use_provider(provider)
     _provider = provider
     return True
+
+
+def use_provider(provider: trace.TracerProvider) -> None:
+    """Install ``provider`` as the global tracer provider (once per process, as OpenTelemetry allows): aimesh's
+    spans go to it from now on. Use this rather than ``trace.set_tracer_provider``, which aimesh would not notice
+    once it has found no provider."""
+    global _recording_cached
+    trace.set_tracer_provider(provider)
+    _recording_cached = None
 
 
 def _otlp_exporter() -> Any:
@@ -134,8 +147,13 @@ def server_interceptors() -> list[Any]:
 
 
 def _recording() -> bool:
-    """Whether a tracer provider that records spans is installed (by ``configure``, or by a test)."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    """Whether a tracer provider that records spans is installed (by ``configure`` or ``use_provider``, or from
+    ``OTEL_PYTHON_TRACER_PROVIDER`` at start-up)."""
+    global _recording_cached
+    if _recording_cached is None:
+        provider = trace.get_tracer_provider()
+        _recording_cached = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return _recording_cached
 
 
 def _tracer() -> trace.Tracer:

@@ -102,11 +102,14 @@ class FakeProgress:
     def __init__(self) -> None:
         self.sent: list[result_pb2.AIResultEvent] = []
 
-    def produce_nowait(self, topic: str, *, key: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+    def produce_detached(self, topic: str, *, key: str, value: bytes, headers: Any = None) -> None:
         assert topic == RESULTS
         event = events.decode_result(value)
         assert event.task_id == key
         self.sent.append(event)
+
+    def produce_nowait(self, topic: str, *, key: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+        self.produce_detached(topic, key=key, value=value, headers=headers)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future
