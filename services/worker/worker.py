@@ -70,8 +70,10 @@ MAX_FETCH_BATCH = 500
 # once: pausing and resuming per task would cost a fetch round trip (up to fetch.wait.max.ms) every time.
 MIN_BACKLOG = 100
 LAG_REFRESH_INTERVAL_S = 5.0
-# Bounds each broker query of a lag refresh, which holds up the consumer thread while it runs.
+# Bounds each broker query of a lag refresh (and so how long stopping waits for the lag thread).
 LAG_QUERY_TIMEOUT_S = 1.0
+# Consumer settings of a group member, left out of the lag thread's client, which never joins.
+GROUP_MEMBER_SETTINGS = ("group.protocol", "group.remote.assignor", "partition.assignment.strategy")
 # The publisher thread wakes at least this often, and waits this long after an aborted transaction.
 PUBLISH_IDLE_S = 0.5
 ABORT_BACKOFF_S = 0.1
@@ -227,7 +229,10 @@ class Worker:
         # thread only: Consumer.consumer_group_metadata() blocks while another thread is inside consume().
         self._group_metadata: Any = None
         self._fences: list[float] = []
-        self._lag_series: set[TopicPartitionKey] = set()  # consumer thread only
+        # Partitions with a lag gauge: the lag thread sets them, the consumer thread's rebalances drop them.
+        self._lag_series: set[TopicPartitionKey] = set()
+        self._lag_lock = threading.Lock()
+        self._stop_lag = threading.Event()
         self._crashed: asyncio.Event | None = None
         self._crash: BaseException | None = None
         self.processed = 0
@@ -319,7 +324,11 @@ class Worker:
     def _consume_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None and self._loop is not None
-        last_lag = 0.0
+        # Lag queries take a round trip per partition: on this thread they held back the records already fetched
+        # (a newly assigned worker's first 1.3 s, measured). They run on a thread and a client of their own: the
+        # consumer's calls from another thread wait for its consume() to return.
+        lag = threading.Thread(target=self._lag_loop, name="kafka-lag", daemon=True)
+        lag.start()
         try:
             while not self._stop_consumer.is_set():
                 since = self._publishing_since
@@ -357,10 +366,9 @@ class Worker:
                     partition = self._ledger.fetched((record.topic, record.partition), record.offset)
                     if partition is not None:
                         self._loop.call_soon_threadsafe(self._enqueue, record, partition)
-                if time.monotonic() - last_lag >= LAG_REFRESH_INTERVAL_S:
-                    self._refresh_lag()
-                    last_lag = time.monotonic()
         finally:
+            self._stop_lag.set()
+            lag.join()
             # Leaves the group; the revoke callback this triggers publishes everything finished.
             consumer.close()
 
@@ -431,21 +439,35 @@ class Worker:
             self._loop.call_soon_threadsafe(self._cancel_tasks_of, released)
         self._forget_lag(set(keys))
 
-    def _refresh_lag(self) -> None:
+    def _lag_loop(self) -> None:
+        # Same group id, for its committed offsets; it never subscribes, so it never joins the group.
+        config = {k: v for k, v in self._consumer_config.items() if k not in GROUP_MEMBER_SETTINGS}
+        probe = Consumer({**config, "client.id": f"{config.get('client.id', 'aimesh-worker')}-lag"}, logger=log)
+        try:
+            while not self._stop_lag.wait(LAG_REFRESH_INTERVAL_S):
+                try:
+                    self._refresh_lag(probe)
+                except Exception:  # telemetry: never the reason a worker stops
+                    log.exception("consumer lag not refreshed")
+        finally:
+            probe.close()
+
+    def _refresh_lag(self, probe: Consumer) -> None:
         """Set the lag gauge of every owned partition: its high watermark minus the group's committed offset
         (the low watermark when the group has committed none: the consumer starts from the earliest)."""
-        assert self._consumer is not None
         committed = self._ledger.committed_offsets()
         lags: dict[TopicPartitionKey, int] = {}
         try:
             # Partitions this worker has committed nothing for yet: ask the group coordinator.
             unknown = [TopicPartition(t, p) for (t, p), offset in committed.items() if offset is None]
-            for tp in self._consumer.committed(unknown, timeout=LAG_QUERY_TIMEOUT_S) if unknown else []:
+            for tp in probe.committed(unknown, timeout=LAG_QUERY_TIMEOUT_S) if unknown else []:
                 if tp.offset >= 0:
                     committed[(tp.topic, tp.partition)] = tp.offset
             for (topic, partition), offset in committed.items():
+                if self._stop_lag.is_set():
+                    return
                 # Not the cached watermark: a paused partition is not fetched, so its cached one goes stale.
-                watermarks = self._consumer.get_watermark_offsets(
+                watermarks = probe.get_watermark_offsets(
                     TopicPartition(topic, partition), timeout=LAG_QUERY_TIMEOUT_S, cached=False
                 )
                 if watermarks is not None:
@@ -455,16 +477,21 @@ class Worker:
             # Telemetry only: the gauges keep their last values until the broker answers again.
             log.debug("consumer lag not refreshed: %s", e)
             return
-        for (topic, partition), lag in lags.items():
-            self._metrics.consumer_lag_records.labels(topic, str(partition)).set(lag)
-        self._forget_lag(self._lag_series - committed.keys())
-        self._lag_series |= lags.keys()
+        with self._lag_lock:
+            owned = self._ledger.committed_offsets().keys()  # not those released while the queries ran
+            for (topic, partition), lag in lags.items():
+                if (topic, partition) in owned:
+                    self._metrics.consumer_lag_records.labels(topic, str(partition)).set(lag)
+                    self._lag_series.add((topic, partition))
+            stale = self._lag_series - owned
+        self._forget_lag(stale)
 
     def _forget_lag(self, keys: set[TopicPartitionKey]) -> None:
         """Drop the lag series of partitions this worker no longer owns (their new owner reports them)."""
-        for topic, partition in keys & self._lag_series:
-            self._metrics.consumer_lag_records.remove(topic, str(partition))
-        self._lag_series -= keys
+        with self._lag_lock:
+            for topic, partition in keys & self._lag_series:
+                self._metrics.consumer_lag_records.remove(topic, str(partition))
+            self._lag_series -= keys
 
     # --- publisher thread --------------------------------------------------------------------------------
 
