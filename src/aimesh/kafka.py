@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,8 +102,6 @@ class AsyncProducer:
         self, topic: str, *, key: str, value: bytes, headers: Headers | None = None
     ) -> asyncio.Future[Message]:
         """Queue one record; the returned future resolves with its delivery report."""
-        if self._producer is None:
-            raise RuntimeError("producer is not started")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
 
@@ -110,21 +109,26 @@ class AsyncProducer:
             # Runs on the poll thread: hand the outcome to the loop that is waiting for it.
             loop.call_soon_threadsafe(_settle, future, err, msg)
 
-        try:
-            self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
-        except BufferError as e:
-            raise BrokerUnavailable("the producer queue is full: the broker is not keeping up") from e
-        except KafkaException as e:
-            raise BrokerUnavailable(f"cannot queue the record: {e.args[0]}") from e
+        self._queue(topic, key, value, headers, on_delivery)
         return future
 
     def produce_detached(self, topic: str, *, key: str, value: bytes, headers: Headers | None = None) -> None:
         """Queue one record that nobody waits for (a best-effort progress update): no future and no hop back to
         the event loop, which cost more than the record itself on a busy worker. A failed delivery is logged."""
+        self._queue(topic, key, value, headers, _log_undelivered)
+
+    def _queue(
+        self,
+        topic: str,
+        key: str,
+        value: bytes,
+        headers: Headers | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+    ) -> None:
         if self._producer is None:
             raise RuntimeError("producer is not started")
         try:
-            self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=_log_undelivered)
+            self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
         except BufferError as e:
             raise BrokerUnavailable("the producer queue is full: the broker is not keeping up") from e
         except KafkaException as e:
