@@ -48,7 +48,7 @@ from opentelemetry.trace import Span
 
 from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
-from aimesh.kafka import AsyncProducer, Record, fetch
+from aimesh.kafka import GROUP_MEMBER_PROPERTIES, AsyncProducer, Record, fetch
 from aimesh.metrics import WorkerMetrics, error_code_label, status_label
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
@@ -72,8 +72,6 @@ MIN_BACKLOG = 100
 LAG_REFRESH_INTERVAL_S = 5.0
 # Bounds each broker query of a lag refresh (and so how long stopping waits for the lag thread).
 LAG_QUERY_TIMEOUT_S = 1.0
-# Consumer settings of a group member, left out of the lag thread's client, which never joins.
-GROUP_MEMBER_SETTINGS = ("group.protocol", "group.remote.assignor", "partition.assignment.strategy")
 # The publisher thread wakes at least this often, and waits this long after an aborted transaction.
 PUBLISH_IDLE_S = 0.5
 ABORT_BACKOFF_S = 0.1
@@ -441,7 +439,7 @@ class Worker:
 
     def _lag_loop(self) -> None:
         # Same group id, for its committed offsets; it never subscribes, so it never joins the group.
-        config = {k: v for k, v in self._consumer_config.items() if k not in GROUP_MEMBER_SETTINGS}
+        config = {k: v for k, v in self._consumer_config.items() if k not in GROUP_MEMBER_PROPERTIES}
         probe = Consumer({**config, "client.id": f"{config.get('client.id', 'aimesh-worker')}-lag"}, logger=log)
         try:
             while not self._stop_lag.wait(LAG_REFRESH_INTERVAL_S):

@@ -208,6 +208,11 @@ def fetch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Messa
     return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
 
 
+# What consumer_config adds for a group member's rebalance protocol: left out of a client that reads a group's
+# committed offsets without joining it.
+GROUP_MEMBER_PROPERTIES = ("group.protocol", "group.remote.assignor", "partition.assignment.strategy")
+
+
 def consumer_config(
     bootstrap: str,
     *,
