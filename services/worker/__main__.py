@@ -47,6 +47,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
         producer_cfg,
         transactional_id=settings.transactional_id or f"aimesh-worker-{worker_id}",
         transaction_timeout_s=settings.transaction_timeout_s,
+        max_record_bytes=settings.max_record_bytes,
     )
     processed = 0
     async with AsyncProducer(producer_cfg) as progress, TritonInference(settings.triton_url) as triton, metrics_server:
@@ -73,6 +74,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
                 cancel_topic=settings.cancel_topic,
                 cancel_consumer_config=cancel_cfg,
                 cancel_window_s=settings.cancel_window_s,
+                max_record_bytes=settings.max_record_bytes,
             )
             try:
                 await worker.run(stop)

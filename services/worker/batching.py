@@ -12,6 +12,16 @@ join them.
 Tasks of different priority classes never share a request (the priority is part of the key, and Triton's
 request priority is per request), and a task cancelled by its client while it waits is dropped when the next
 request is formed: it fails with ``CancelledByClient`` instead of joining.
+
+Deadlines are each row's own: one row's values never set the terms for the rows it shares a request with.
+- A row whose deadline passes while it waits (in the queue here, or in a request outstanding at Triton) fails
+  alone with a retryable DEADLINE_EXCEEDED (the worker ends it EXPIRED); the request goes on for the others.
+- A row whose deadline has passed when a request is formed is left out of it.
+- The request's Triton queue timeout is the *longest* remaining deadline of its rows (none if a row has none),
+  capped at the call's timeout: Triton drops a request only once no row can use its answer any more, so a
+  near-deadline row never gets the rows with longer deadlines rejected.
+- A request that fails for a reason that is not a transient one (a bad row, a value that cannot become a request)
+  is sent again row by row, so the row at fault fails alone.
 """
 
 from __future__ import annotations
@@ -23,9 +33,23 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aimesh.v1 import result_pb2
+
 from .inference import Inference, InferenceFailed, TritonInference
 
 log = logging.getLogger(__name__)
+
+# Triton's queue timeout is in microseconds: a request never asks for less than this.
+MIN_QUEUE_TIMEOUT_S = 0.001
+# A row never waits for its deadline longer than this (a deadline further away comes from a record nobody checked;
+# the call's own timeout ends the wait long before).
+MAX_WAIT_S = 7 * 24 * 3600.0
+
+
+def _deadline_passed(when: str) -> InferenceFailed:
+    return InferenceFailed(
+        result_pb2.ERROR_CODE_DEADLINE_EXCEEDED, f"the task's deadline passed {when}", retryable=True
+    )
 
 
 class CancelledByClient(Exception):
@@ -91,18 +115,34 @@ class Batcher:
         metadata: dict[str, str],
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Batched:
-        """This text's inference, run in whichever request it joins. Raises InferenceFailed, or CancelledByClient
-        when ``cancelled()`` is true as the task is about to join a request."""
+        """This text's inference, run in whichever request it joins. Raises InferenceFailed (DEADLINE_EXCEEDED,
+        retryable, once ``deadline`` passes), or CancelledByClient when ``cancelled()`` is true as the task is about
+        to join a request."""
         item = _Item(text, deadline, metadata, cancelled)
         self._queues.setdefault(key, deque()).append(item)
         if key not in self._scheduled:
             self._scheduled.add(key)
             asyncio.get_running_loop().call_soon(self._dispatch, key)
+        timeout = asyncio.timeout_at(self._loop_deadline(deadline))
         try:
-            return await asyncio.shield(item.future)
+            async with timeout:
+                return await asyncio.shield(item.future)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the request's own error
+            item.future.cancel()  # if still queued, the next request skips it; if sent, the others still get theirs
+            raise _deadline_passed("while it waited for Triton") from None
         except asyncio.CancelledError:
             item.future.cancel()  # if still queued, the next request skips it
             raise
+
+    @staticmethod
+    def _loop_deadline(deadline: float | None) -> float | None:
+        """``deadline`` (epoch seconds) on the event loop's clock, no further than ``MAX_WAIT_S`` away."""
+        if deadline is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return loop.time() + min(MAX_WAIT_S, max(0.0, deadline - time.time()))
 
     def _dispatch(self, key: BatchKey) -> None:
         self._scheduled.discard(key)
@@ -135,9 +175,32 @@ class Batcher:
                 del self._outstanding[key]
             self._dispatch(key)
 
+    def _queue_timeout_s(self, items: list[_Item]) -> float | None:
+        """The request's Triton queue timeout: the longest remaining deadline of its rows (None if a row has none),
+        within [MIN_QUEUE_TIMEOUT_S, the call's timeout]."""
+        if any(i.deadline is None for i in items):
+            return None
+        longest_s = max(i.deadline or 0.0 for i in items) - time.time()
+        return min(self._timeout_s, max(MIN_QUEUE_TIMEOUT_S, longest_s))
+
+    @staticmethod
+    def _live(items: list[_Item]) -> list[_Item]:
+        """The rows still waiting for an answer; those whose deadline passed fail now, without a request."""
+        now, live = time.time(), []
+        for item in items:
+            if item.future.done():
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(_deadline_passed("before it was sent to Triton"))
+                continue
+            live.append(item)
+        return live
+
     async def _run(self, key: BatchKey, items: list[_Item]) -> None:
-        deadlines = [i.deadline for i in items if i.deadline is not None]
-        queue_timeout_s = max(0.001, min(deadlines) - time.time()) if deadlines else None
+        items = self._live(items)
+        if not items:
+            return
+        queue_timeout_s = self._queue_timeout_s(items)
         self._on_request(key.model, len(items))
         try:
             inferences = await self._triton.infer_batch(
@@ -160,6 +223,10 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(e)
         except Exception as e:  # a bug or an unexpected client error: every waiting task still gets an answer
+            if len(items) > 1:
+                log.warning("a %d-item %s request failed (%r); sending its items one by one", len(items), key.model, e)
+                await asyncio.gather(*(self._run(key, [item]) for item in items))
+                return
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(e)

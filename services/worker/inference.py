@@ -27,6 +27,7 @@ INPUT_NAME = "TEXT"
 # response parameter Triton names its final-response flag with.
 STREAM_OUTPUT_NAME = "TEXT"
 FINAL_RESPONSE_PARAMETER = "triton_final_response"
+MAX_QUEUE_TIMEOUT_S = 24 * 3600.0
 
 _RETRYABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE.name: result_pb2.ERROR_CODE_UNAVAILABLE,
@@ -172,7 +173,12 @@ class TritonInference:
         data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
         tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
-        queue_timeout_us = None if queue_timeout_s is None else max(1, int(queue_timeout_s * 1e6))
+        # Never longer than the call may last, nor a day: Triton's int64 microseconds stay in range whatever is passed.
+        queue_timeout_us = (
+            None
+            if queue_timeout_s is None
+            else max(1, int(min(queue_timeout_s, timeout_s, MAX_QUEUE_TIMEOUT_S) * 1_000_000))
+        )
         try:
             result = await self._require().infer(
                 model_name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from aimesh.kafka import Headers
 
@@ -31,12 +32,31 @@ class OutRecord:
     headers: Headers
 
 
+# Why Kafka refused a record for good: its size, something else about it, or its topic taking no record at all.
+RefusalScope = Literal["size", "record", "topic"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Kafka refused ``records[index]`` of a publish for good: the same record would be refused again."""
+
+    index: int
+    scope: RefusalScope
+    code: str  # librdkafka's name of the error, e.g. MSG_SIZE_TOO_LARGE
+    reason: str  # its description
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """What a finished task publishes, and what to do once that is committed (count it, say)."""
+    """What a finished task publishes, and what to do once that is committed (count it, say).
+
+    ``smaller(refusal)`` builds what replaces this outcome when Kafka refused one of its records for good: a smaller
+    outcome of the same task, or None when nothing smaller can help (the topic refuses every record: wait).
+    """
 
     records: tuple[OutRecord, ...] = ()
     on_committed: Callable[[], None] | None = None
+    smaller: Callable[[Refusal], Outcome | None] | None = None
 
 
 @dataclass
@@ -59,6 +79,7 @@ class Ready:
     partition: Partition
     next_offset: int
     outcomes: tuple[Outcome, ...]
+    offsets: tuple[int, ...]  # the offset of each outcome
 
 
 class Ledger:
@@ -108,15 +129,24 @@ class Ledger:
                 if keys is not None and key not in keys:
                     continue
                 outcomes: list[Outcome] = []
-                last: int | None = None
+                offsets: list[int] = []
                 for offset, outcome in partition.pending.items():
                     if outcome is None:
                         break
                     outcomes.append(outcome)
-                    last = offset
-                if last is not None:
-                    out.append(Ready(partition, last + 1, tuple(outcomes)))
+                    offsets.append(offset)
+                if offsets:
+                    out.append(Ready(partition, offsets[-1] + 1, tuple(outcomes), tuple(offsets)))
             return out
+
+    def replace(self, partition: Partition, offset: int, outcome: Outcome) -> bool:
+        """Put ``outcome`` in place of the finished one at ``offset`` (Kafka refused a record of that one). False if
+        the partition was released or the offset is no longer pending."""
+        with self._lock:
+            if partition.released or partition.pending.get(offset) is None:
+                return False
+            partition.pending[offset] = outcome
+            return True
 
     def committed(self, ready: list[Ready]) -> None:
         """The transaction publishing ``ready`` committed: drop those entries."""

@@ -8,6 +8,10 @@ model is. Error handling follows librdkafka's transactional API:
 - ``txn_requires_abort``: the transaction is aborted and ``TransactionAborted`` raised; the caller keeps its
   outcomes and publishes them again in the next transaction (aborted records are invisible to
   read_committed consumers, and the offsets did not move);
+- a record refused for good (``produce()`` raising, or an error in its delivery report, which
+  ``commit_transaction`` serves): the transaction is aborted too, and ``TransactionAborted.refused`` names each
+  such record with its error, classified by librdkafka's error code: refused for what it is (too large,
+  invalid) or because its topic takes nothing (missing, not authorized). Retrying it unchanged cannot help;
 - fatal (a producer fenced by a newer instance with the same ``transactional.id``, say): ``TransactionFatal``;
   the caller must drop its state and ``recreate()`` the producer.
 """
@@ -20,7 +24,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from .ledger import OutRecord
+from .ledger import OutRecord, Refusal, RefusalScope
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,53 @@ RETRY_FOR_S = 15.0
 RETRY_WAIT_S = 0.2
 
 
+# Errors that refuse one record for what it is: the same record is refused every time.
+_SIZE_REFUSALS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+_RECORD_REFUSALS = frozenset(
+    {
+        KafkaError.INVALID_RECORD,
+        KafkaError._BAD_MSG,
+        KafkaError._INVALID_ARG,
+    }
+)
+# Errors that refuse every record of a topic: no record of it can be published until an operator acts.
+_TOPIC_REFUSALS = frozenset(
+    {
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.POLICY_VIOLATION,
+    }
+)
+
+
+def refusal_scope(error: KafkaError) -> RefusalScope | None:
+    """Whether ``error`` refuses its record for good, and why (see ``Refusal``); None for an error a retry may get
+    past (a timeout, a purge by an abort, a broker going away)."""
+    code = error.code()
+    if code in _SIZE_REFUSALS:
+        return "size"
+    if code in _RECORD_REFUSALS:
+        return "record"
+    if code in _TOPIC_REFUSALS:
+        return "topic"
+    return None
+
+
+def refusal(index: int, error: KafkaError) -> Refusal | None:
+    scope = refusal_scope(error)
+    return None if scope is None else Refusal(index, scope, error.name(), error.str())
+
+
 class TransactionAborted(Exception):
-    """The transaction was aborted; nothing of it is visible. Publish again."""
+    """The transaction was aborted; nothing of it is visible. Publish again, without or in place of the records
+    ``refused`` names (empty: the abort named no record)."""
+
+    def __init__(self, message: str, refused: tuple[Refusal, ...] = ()) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class TransactionFatal(Exception):
@@ -41,11 +90,15 @@ class TransactionFatal(Exception):
 
 
 def transactional_config(
-    base: dict[str, Any], *, transactional_id: str, transaction_timeout_s: float
+    base: dict[str, Any], *, transactional_id: str, transaction_timeout_s: float, max_record_bytes: int | None = None
 ) -> dict[str, Any]:
-    """A transactional producer's settings on top of ``base`` (an idempotent producer's)."""
+    """A transactional producer's settings on top of ``base`` (an idempotent producer's). ``max_record_bytes``
+    becomes librdkafka's ``message.max.bytes`` unless ``base`` sets it: the worker fits its records to that size
+    (measured as librdkafka measures them, or larger), so the producer never refuses one it let through."""
     timeout_ms = max(1000, int(transaction_timeout_s * 1000))
     config = dict(base)
+    if max_record_bytes is not None:
+        config.setdefault("message.max.bytes", max_record_bytes)
     config.update(
         {
             "transactional.id": transactional_id,
@@ -117,10 +170,11 @@ class TransactionalPublisher:
         producer = self._producer
         if producer is None:
             raise RuntimeError("publisher is not started")
+        errors: dict[int, KafkaError] = {}
         try:
             producer.begin_transaction()
-            for record in records:
-                self._produce(producer, record)
+            for index, record in enumerate(records):
+                self._produce(producer, record, index, errors)
             if offsets:
                 self._retry(
                     lambda: producer.send_offsets_to_transaction(offsets, group_metadata, CALL_TIMEOUT_S),
@@ -128,16 +182,28 @@ class TransactionalPublisher:
                 )
             self._retry(lambda: producer.commit_transaction(CALL_TIMEOUT_S), "commit_transaction")
         except KafkaException as e:
-            self._handle(producer, e)
+            self._handle(producer, e, errors)
 
     @staticmethod
-    def _produce(producer: Producer, record: OutRecord) -> None:
+    def _produce(producer: Producer, record: OutRecord, index: int, errors: dict[int, KafkaError]) -> None:
+        """Queue ``record``; its delivery error, if any, lands in ``errors[index]``. Raises KafkaException when the
+        producer refuses it at once (too large, a topic known not to exist), also noted in ``errors``."""
+
+        def delivered(error: KafkaError | None, _: object) -> None:
+            if error is not None:
+                errors.setdefault(index, error)
+
         while True:
             try:
-                producer.produce(record.topic, key=record.key, value=record.value, headers=record.headers)
+                producer.produce(
+                    record.topic, key=record.key, value=record.value, headers=record.headers, on_delivery=delivered
+                )
                 return
             except BufferError:
                 producer.poll(0.05)  # the local queue is full: let deliveries drain it
+            except KafkaException as e:
+                errors[index] = e.args[0]
+                raise
 
     def _retry(self, call: Any, name: str, *, abortable: bool = True, retry_for_s: float | None = RETRY_FOR_S) -> None:
         """Run a transactional call, retrying it for up to ``retry_for_s`` (None: forever) while librdkafka says the
@@ -156,7 +222,7 @@ class TransactionalPublisher:
                     continue
                 raise
 
-    def _handle(self, producer: Producer, e: KafkaException) -> None:
+    def _handle(self, producer: Producer, e: KafkaException, errors: dict[int, KafkaError]) -> None:
         error: KafkaError = e.args[0]
         if error.fatal():
             log.error("transactional producer %s hit a fatal error: %s", self.transactional_id, error.str())
@@ -169,4 +235,8 @@ class TransactionalPublisher:
             self._retry(lambda: producer.abort_transaction(CALL_TIMEOUT_S), "abort_transaction", abortable=False)
         except KafkaException as abort_error:
             raise TransactionFatal(f"abort failed: {abort_error.args[0].str()}") from abort_error
-        raise TransactionAborted(error.str()) from e
+        producer.poll(0)  # serve the delivery reports still queued, so that every refused record is named
+        refused = tuple(r for i, err in sorted(errors.items()) if (r := refusal(i, err)) is not None)
+        for r in refused:
+            log.warning("record %d of the aborted transaction was refused (%s): %s", r.index, r.code, r.reason)
+        raise TransactionAborted(error.str(), refused) from e

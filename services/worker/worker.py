@@ -13,7 +13,12 @@ Three threads, each with one job:
   work under the transaction lock);
 - the publisher thread owns the transactional producer and publishes whatever is ready;
 - the event loop runs tasks: decoding, micro-batched Triton calls with retries, building outcomes.
-A fourth thread (``cancellation.CancellationReader``) reads the cancellations topic into ``Cancellations``.
+A fourth thread (``cancellation.CancellationReader``) reads the cancellations topic into ``Cancellations``, and a
+fifth refreshes the consumer lag gauges. Any of them that dies stops the worker: ``run`` raises ComponentDied.
+
+Poison outcomes: every outcome is fitted to the record size limit before it enters the ledger (``record_limits``),
+and an outcome whose record Kafka refuses anyway is replaced by a smaller one (``Outcome.smaller``); aborts that name
+no record, or a topic that refuses every record, are handled as ``aborts`` says. No outcome is retried forever.
 
 Priority classes: the worker consumes the tasks topic (interactive) and the batch tasks topic, with a backlog and
 pause/resume of its own for each, so a backlog full of batch records never stops interactive records being fetched,
@@ -33,6 +38,9 @@ Triton and ends CANCELLED with the text so far. A unary request already sent to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import logging
 import threading
@@ -48,16 +56,18 @@ from opentelemetry.trace import Span
 
 from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
-from aimesh.kafka import GROUP_MEMBER_PROPERTIES, AsyncProducer, Record, fetch
+from aimesh.kafka import GROUP_MEMBER_PROPERTIES, AsyncProducer, Headers, Record, fetch
 from aimesh.metrics import WorkerMetrics, error_code_label, status_label
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
+from .aborts import AbortPolicy
 from .batching import Batcher, BatchKey, CancelledByClient
 from .cancellation import CancellationReader, Cancellations
 from .health import TritonHealth
 from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, TritonInference
-from .ledger import Ledger, Outcome, OutRecord, Partition, Ready, TopicPartitionKey
+from .ledger import Ledger, Outcome, OutRecord, Partition, Ready, Refusal, TopicPartitionKey
+from .record_limits import MAX_ERROR_HEADER_BYTES, RecordLimits, cut_utf8
 from .transactions import TransactionAborted, TransactionalPublisher, TransactionFatal
 
 log = logging.getLogger(__name__)
@@ -72,9 +82,8 @@ MIN_BACKLOG = 100
 LAG_REFRESH_INTERVAL_S = 5.0
 # Bounds each broker query of a lag refresh (and so how long stopping waits for the lag thread).
 LAG_QUERY_TIMEOUT_S = 1.0
-# The publisher thread wakes at least this often, and waits this long after an aborted transaction.
+# The publisher thread wakes at least this often (after an aborted transaction it waits as ``aborts`` says).
 PUBLISH_IDLE_S = 0.5
-ABORT_BACKOFF_S = 0.1
 MAX_ABORTS_AFTER_STOP = 20
 # Requests per model the worker keeps outstanding at Triton; more tasks than that wait to share a request. Many:
 # rows waiting in the worker cannot join the batches Triton's dynamic batcher forms (with 4, mesh / direct Triton
@@ -86,6 +95,9 @@ MAX_FENCES, FENCE_WINDOW_S = 3, 60.0
 # and hang for good after the group coordinator went away (librdkafka issues #5456, #5511). The worker then gives
 # up this producer and consumer and starts over (see ProducerWedged); nothing was committed, so nothing is lost.
 PUBLISH_WEDGED_S = 45.0
+# How many transactions a revoke tries before letting the partitions go unpublished: enough for an outcome to be
+# cut down twice (Kafka refusing its records) and published.
+REVOKE_PUBLISH_TRIES = 4
 # How long a revoke waits for a publish in progress before letting the partitions go unpublished.
 REVOKE_LOCK_TIMEOUT_S = 20.0
 # How long a revoke waits for the broker to resolve a stuck transaction (by fencing it) before letting partitions go.
@@ -100,7 +112,15 @@ INTERACTIVE_TRITON_PRIORITY, BATCH_TRITON_PRIORITY = 1, 2
 SEED_PARAMETER = "seed"
 MAX_SEED = 2**63 - 1
 
+# A deadline further away than this is taken as this far away: ingest checks deadlines, but a record written straight
+# to the topic is read as it is, and a deadline of 10^13 s would overflow the microseconds Triton is given.
+MAX_DEADLINE_S = 7 * 24 * 3600.0
+
 PriorityClass = Literal["interactive", "batch"]
+# How far a task's outcome was cut down: fitted to the record size limit; minimal (Kafka refused a fitted record: a
+# FAILED result without output, a dead-letter record without value); without its dead-letter record (Kafka refused
+# even the minimal one, or the dead-letter topic takes no record).
+_Stage = Literal["fitted", "minimal", "no_dead_letter"]
 CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")  # in the order free slots are given
 
 
@@ -158,6 +178,7 @@ class Worker:
         cancel_topic: str = "",
         cancel_consumer_config: dict[str, Any] | None = None,
         cancel_window_s: float = 3600.0,
+        max_record_bytes: int = 1_000_000,
     ) -> None:
         self._consumer_config = consumer_config
         self._publisher = publisher
@@ -167,6 +188,9 @@ class Worker:
         self._batch_tasks_topic = batch_tasks_topic
         self._results_topic = results_topic
         self._dead_letter_topic = dead_letter_topic
+        self._limits = RecordLimits(
+            results_topic=results_topic, dead_letter_topic=dead_letter_topic, max_record_bytes=max_record_bytes
+        )
         self._worker_id = worker_id
         self._max_in_flight = max_in_flight
         self._max_backlog = max(max_in_flight, MIN_BACKLOG)
@@ -220,6 +244,9 @@ class Worker:
         self._stop_publisher = threading.Event()
         self._rewind = threading.Event()
         self._wedged = threading.Event()
+        # Set while a topic refuses every record (see aborts): fetching pauses meanwhile.
+        self._publish_blocked = threading.Event()
+        self._aborts = AbortPolicy(self._on_blocked)
         self._publishing_since: float | None = None
         self._triton_ok = True
         self._paused: dict[PriorityClass, bool] = dict.fromkeys(CLASSES, False)  # consumer thread only
@@ -233,6 +260,7 @@ class Worker:
         self._stop_lag = threading.Event()
         self._crashed: asyncio.Event | None = None
         self._crash: BaseException | None = None
+        self._crashed_component = ""
         self.processed = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -259,12 +287,16 @@ class Worker:
             thread.start()
         cancel_thread: threading.Thread | None = None
         if self._cancel_reader is not None:
-            # Not guarded: the worker can run without it (cancellations then only wait), and it retries its own setup.
+            # It retries broker trouble itself; anything else that ends it stops the worker like any other thread.
             cancel_thread = threading.Thread(
-                target=self._cancel_reader.run, args=(self._stop_cancel_reader,), name="kafka-cancels", daemon=True
+                target=self._guarded,
+                args=(functools.partial(self._cancel_reader.run, self._stop_cancel_reader),),
+                name="kafka-cancels",
+                daemon=True,
             )
             cancel_thread.start()
         health = asyncio.create_task(self._health.run(), name="triton-health")
+        health.add_done_callback(self._health_ended)
         try:
             waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._crashed.wait())}
             _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -282,7 +314,8 @@ class Worker:
         if self._wedged.is_set():
             raise ProducerWedged(f"a transactional call blocked for more than {PUBLISH_WEDGED_S:.0f}s")
         if self._crash is not None:
-            raise RuntimeError("a worker thread failed") from self._crash
+            # run_service turns this into a non-zero exit: an orchestrator restarts the worker.
+            raise runtime.ComponentDied(self._crashed_component, self._crash)
 
     async def _drain(self, threads: list[threading.Thread]) -> None:
         """Stop fetching, give running tasks ``grace_s``, publish what finished, leave the group."""
@@ -312,10 +345,21 @@ class Worker:
             body()
         except BaseException as e:
             log.critical("%s failed", threading.current_thread().name, exc_info=True)
-            self._crash = e
-            self._stop_fetching.set()
-            if self._loop is not None and self._crashed is not None:
+            self._died(threading.current_thread().name, e)
+
+    def _died(self, component: str, error: BaseException) -> None:
+        """A thread or task the worker needs ended: drain and stop, then ``run`` raises ComponentDied. Any thread."""
+        if self._crash is None:
+            self._crash, self._crashed_component = error, component
+        self._stop_fetching.set()
+        if self._loop is not None and self._crashed is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: run has returned already
                 self._loop.call_soon_threadsafe(self._crashed.set)
+
+    def _health_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the Triton health check failed", exc_info=task.exception())
+            self._died(task.get_name(), task.exception() or RuntimeError("ended"))
 
     # --- consumer thread ---------------------------------------------------------------------------------
 
@@ -325,7 +369,7 @@ class Worker:
         # Lag queries take a round trip per partition: on this thread they held back the records already fetched
         # (a newly assigned worker's first 1.3 s, measured). They run on a thread and a client of their own: the
         # consumer's calls from another thread wait for its consume() to return.
-        lag = threading.Thread(target=self._lag_loop, name="kafka-lag", daemon=True)
+        lag = threading.Thread(target=self._guarded, args=(self._lag_loop,), name="kafka-lag", daemon=True)
         lag.start()
         try:
             while not self._stop_consumer.is_set():
@@ -340,13 +384,13 @@ class Worker:
                 self._metrics.tasks_in_flight.set(pending)
                 # Each priority class pauses and resumes on its own backlog. Hysteresis: pause at a full backlog,
                 # resume at half; both also pause while Triton is down, while draining, and if finished work piles
-                # up unpublished (the broker is not keeping up).
-                piled_up = pending >= 2 * (self._max_in_flight + 2 * self._max_backlog)
+                # up unpublished (the broker is not keeping up) or cannot be published (a topic refuses every record).
+                held = pending >= 2 * (self._max_in_flight + 2 * self._max_backlog) or self._publish_blocked.is_set()
                 room = MAX_FETCH_BATCH
                 for c in CLASSES:
                     backlog = self._backlog_sizes[c]
                     full = backlog > self._max_backlog // 2 if self._paused[c] else backlog >= self._max_backlog
-                    pause = self._stop_fetching.is_set() or not self._triton_ok or full or piled_up
+                    pause = self._stop_fetching.is_set() or not self._triton_ok or full or held
                     if pause != self._paused[c]:
                         self._set_paused(c, pause)
                     if not self._paused[c]:
@@ -407,7 +451,7 @@ class Worker:
         self._group_metadata = consumer.consumer_group_metadata()
         if self._txn_lock.acquire(timeout=0 if self._wedged.is_set() else REVOKE_LOCK_TIMEOUT_S):
             try:
-                for _ in range(3):
+                for _ in range(REVOKE_PUBLISH_TRIES):
                     if self._publish_ready(set(keys)):
                         break
                 self._forget(keys)
@@ -500,6 +544,7 @@ class Worker:
             self._work_ready.clear()
             with self._txn_lock:
                 published = self._publish_ready()
+                wait_s = self._aborts.wait_s()
             if published and self._stop_publisher.is_set():
                 return
             if not published:
@@ -508,23 +553,40 @@ class Worker:
                     if failures_after_stop >= MAX_ABORTS_AFTER_STOP:
                         log.error("giving up publishing at shutdown; unpublished tasks will run again")
                         return
-                time.sleep(ABORT_BACKOFF_S)
+                time.sleep(wait_s)
                 self._work_ready.set()
 
     def _publish_ready(self, keys: set[TopicPartitionKey] | None = None) -> bool:
         """Publish the finished head of every owned partition (or of ``keys``) and commit its offsets in one
-        transaction. Call with ``_txn_lock`` held. False if the transaction was aborted (publish again)."""
+        transaction, or one transaction per partition after aborts that named no record (see ``aborts``). Call with
+        ``_txn_lock`` held. False if a transaction was aborted (publish again)."""
         ready = self._ledger.ready(keys)
         if not ready:
             return True
+        if not self._aborts.isolate:
+            published = self._publish(ready)
+        else:
+            published = all([self._publish([r]) for r in ready])  # a list: every partition gets its try
+        if published:
+            self._aborts.committed(everything=True)
+        return published
+
+    def _publish(self, ready: list[Ready]) -> bool:
+        """Publish ``ready`` in one transaction. False if it was aborted: what it carried is left in the ledger, each
+        outcome whose record Kafka refused for good replaced by a smaller one."""
+        # For each record: the Ready holding it, its outcome's index there, and its index in that outcome.
+        owners = [(r, i, j) for r in ready for i, outcome in enumerate(r.outcomes) for j in range(len(outcome.records))]
         records = [record for r in ready for outcome in r.outcomes for record in outcome.records]
         offsets = [TopicPartition(r.partition.key[0], r.partition.key[1], r.next_offset) for r in ready]
         self._publishing_since = time.monotonic()
         try:
             self._publisher.publish(records, offsets, self._group_metadata)
-        except TransactionAborted:
+        except TransactionAborted as e:
             self._metrics.transactions.labels("aborted").inc()
-            return self._wedged.is_set()  # a given-up worker stops publishing; otherwise publish again
+            if self._wedged.is_set():
+                return True  # a given-up worker stops publishing
+            self._after_abort(owners, e.refused)
+            return False
         except TransactionFatal:
             if self._wedged.is_set():
                 return True  # given up while the call hung: a newer producer owns the id now, touch nothing
@@ -536,9 +598,60 @@ class Worker:
         if self._wedged.is_set():
             return True
         self._metrics.transactions.labels("committed").inc()
+        self._aborts.committed(everything=False)
         self._ledger.committed(ready)
         self._after_commit(ready)
         return True
+
+    def _after_abort(self, owners: list[tuple[Ready, int, int]], refused: tuple[Refusal, ...]) -> None:
+        """Replace each outcome that owns a refused record by its smaller form (for its first refused record: the
+        next transaction tells whether another record of it is refused too)."""
+        changed, blocked = False, False
+        seen: set[tuple[int, int]] = set()
+        for refusal in refused:
+            ready, i, j = owners[refusal.index]
+            if (id(ready), i) in seen:
+                continue
+            seen.add((id(ready), i))
+            if self._replace_refused(ready, i, dataclasses.replace(refusal, index=j)):
+                changed = True
+            else:
+                blocked = True
+        self._aborts.aborted(named=bool(refused), changed=changed, blocked=blocked)
+
+    def _replace_refused(self, ready: Ready, i: int, refusal: Refusal) -> bool:
+        """Put the smaller form of ``ready.outcomes[i]`` in the ledger. False if there is none: the refused record's
+        topic takes no record at all (blocked)."""
+        outcome = ready.outcomes[i]
+        record = outcome.records[refusal.index]
+        kind = "result" if record.topic == self._results_topic else "dead_letter"
+        replacement = outcome.smaller(refusal) if outcome.smaller is not None else None
+        where = f"{ready.partition.key[0]}[{ready.partition.key[1]}]@{ready.offsets[i]}"
+        if replacement is None:
+            self._metrics.refused_records.labels(kind, "blocked").inc()
+            log.error("%s refuses every record (%s: %s): publishing waits", record.topic, refusal.code, refusal.reason)
+            return False
+        action = "dropped" if len(replacement.records) < len(outcome.records) else "replaced"
+        self._metrics.refused_records.labels(kind, action).inc()
+        log.error(
+            "the %s record of %s was refused for good (%s: %s): %s",
+            kind,
+            where,
+            refusal.code,
+            refusal.reason,
+            "dropped" if action == "dropped" else "publishing a smaller outcome instead",
+        )
+        self._ledger.replace(ready.partition, ready.offsets[i], replacement)
+        return True
+
+    def _on_blocked(self, blocked: bool) -> None:
+        self._metrics.publish_blocked.set(1 if blocked else 0)
+        if blocked:
+            self._publish_blocked.set()
+            log.error("a topic refuses every record; nothing is published or fetched until it takes them again")
+        else:
+            self._publish_blocked.clear()
+            log.warning("publishing again")
 
     def _after_commit(self, ready: list[Ready]) -> None:
         for r in ready:
@@ -652,23 +765,79 @@ class Worker:
             # One past the last partial update of the attempt that produced the result (none: FIRST_PARTIAL_SEQUENCE).
             result.sequence = events.FIRST_PARTIAL_SEQUENCE + run.partials
             await self._flush_partials(run)
-            records = [self._result_record(result)]
-            dead_letter = self._dead_letter_reason(result)
-            if dead_letter:
-                records.append(
-                    self._dead_letter_record(
-                        record, reason=dead_letter, error=result.error.message, attempts=attempts, task_id=task.task_id
-                    )
+            return self._outcome(record, task.task_id, self._fit(result), attempts=attempts)
+
+    def _fit(self, result: result_pb2.AIResultEvent) -> result_pb2.AIResultEvent | None:
+        """``result``, or what replaces it when its record would not fit the record size limit (see record_limits)."""
+        fitted = self._limits.fit_result(result)
+        if fitted is not result:
+            log.error("task %s: %s", result.task_id, fitted.error.message if fitted else "its task id fits no record")
+            tracing.fail("result too large")
+            self._metrics.refused_records.labels("result", "preflight").inc()
+        return fitted
+
+    def _outcome(
+        self,
+        record: Record,
+        task_id: str,
+        result: result_pb2.AIResultEvent | None,
+        *,
+        attempts: int,
+        undecodable: str = "",
+        error: str = "",
+        stage: _Stage = "fitted",
+    ) -> Outcome:
+        """What a finished task publishes: its result and, for a failure (or an ``undecodable`` record: the reason),
+        a dead-letter record, fitted to the record size limit (``stage``: how far it was cut down already); its
+        ``smaller`` is the next stage, for when Kafka refuses one of its records all the same."""
+        error = error or (result.error.message if result is not None else "")
+        dead_letter = undecodable or (self._dead_letter_reason(result) if result is not None else "")
+        records = [] if result is None else [self._result_record(result)]
+        if dead_letter and stage != "no_dead_letter":
+            records.append(
+                self._dead_letter_record(
+                    record,
+                    reason=dead_letter,
+                    error=error,
+                    attempts=attempts,
+                    task_id=task_id,
+                    minimal=stage != "fitted",
                 )
+            )
+            if stage == "fitted":
                 tracing.event("dead_letter", {"aimesh.dead_letter.reason": dead_letter})
-        model, status = task.model_name, status_label(result.status)
+        counted = None if undecodable or result is None else (result.model_name, status_label(result.status))
+        dead_lettered = dead_letter if stage != "no_dead_letter" else ""
 
         def committed() -> None:
-            self._metrics.results.labels(model, status).inc()
-            if dead_letter:
-                self._metrics.dead_lettered.labels(dead_letter).inc()
+            if counted is not None:
+                self._metrics.results.labels(*counted).inc()
+            if dead_lettered:
+                self._metrics.dead_lettered.labels(dead_lettered).inc()
 
-        return Outcome(tuple(records), committed)
+        def smaller(refusal: Refusal) -> Outcome | None:
+            """A refused result becomes the minimal FAILED one (unless it is that already, or its topic refuses every
+            record: nothing smaller helps then); a refused dead-letter record becomes the minimal one, then none."""
+            next_stage: _Stage
+            if records[refusal.index].topic == self._results_topic:
+                if stage != "fitted" or refusal.scope == "topic" or result is None:
+                    return None
+                replaced, next_stage = self._refused_result(result, refusal), "minimal"
+            else:
+                drop = stage != "fitted" or refusal.scope == "topic"
+                replaced, next_stage = result, "no_dead_letter" if drop else "minimal"
+            return self._outcome(
+                record, task_id, replaced, attempts=attempts, undecodable=undecodable, error=error, stage=next_stage
+            )
+
+        return Outcome(tuple(records), committed, smaller)
+
+    def _refused_result(self, result: result_pb2.AIResultEvent, refusal: Refusal) -> result_pb2.AIResultEvent | None:
+        code = (
+            result_pb2.ERROR_CODE_RESULT_TOO_LARGE if refusal.scope == "size" else result_pb2.ERROR_CODE_RESULT_REFUSED
+        )
+        message = f"Kafka refused the result record ({refusal.code}: {refusal.reason}): its output was dropped"
+        return self._limits.minimal_result(result, code, message)
 
     def _process_span(self, record: Record, key: str) -> AbstractContextManager[Span]:
         """The CONSUMER span of processing ``record``, continuing the trace its producer put in its headers."""
@@ -688,7 +857,7 @@ class Worker:
         with self._process_span(record, key):
             tracing.fail(f"undecodable record dead-lettered: {e}")
             log.error("dead-lettering undecodable record %s: %s", record.where(), e)
-            records = [self._dead_letter_record(record, reason=e.reason, error=str(e), attempts=0, task_id=e.task_id)]
+            result = None
             if e.task_id:
                 result = result_pb2.AIResultEvent(
                     schema_version=events.SCHEMA_VERSION,
@@ -699,14 +868,13 @@ class Worker:
                     error=result_pb2.TaskError(code=result_pb2.ERROR_CODE_BAD_TASK, message=str(e)),
                     sequence=events.FIRST_PARTIAL_SEQUENCE,
                 )
-                records.insert(0, self._result_record(result))
-        reason = e.reason
-        return Outcome(tuple(records), lambda: self._metrics.dead_lettered.labels(reason).inc())
+                result = self._fit(result)
+            return self._outcome(record, e.task_id, result, attempts=0, undecodable=e.reason, error=str(e))
 
     async def _run(self, task: task_pb2.AITaskEvent, run: _Run) -> tuple[result_pb2.AIResultEvent, int]:
         """The task's terminal result, and how many times inference was tried."""
         started = time.time()
-        deadline = events.timestamp_s(task.deadline) if task.HasField("deadline") else None
+        deadline = self._deadline(task, started)
         if deadline is not None and deadline <= started:
             return self._expired(task, started, "the task's deadline passed before a worker reached it"), 0
         if self._is_cancelled(task):
@@ -776,6 +944,15 @@ class Worker:
             result.error.CopyFrom(result_pb2.TaskError(message="the task was cancelled by the client while it ran"))
             tracing.fail("cancelled by the client while streaming")
         return self._finish(result, task, started, time.time()), attempts
+
+    @staticmethod
+    def _deadline(task: task_pb2.AITaskEvent, now: float) -> float | None:
+        """The task's deadline (epoch seconds), no further than ``MAX_DEADLINE_S`` from ``now``: every timeout the
+        worker derives from it (retry budget, Triton queue timeout, stream timeout, waits) stays in range whatever
+        the record says."""
+        if not task.HasField("deadline"):
+            return None
+        return min(events.timestamp_s(task.deadline), now + MAX_DEADLINE_S)
 
     async def _model_info(self, task: task_pb2.AITaskEvent) -> ModelInfo:
         """How to call the task's model. A model whose configuration Triton refuses (an unknown model) is called
@@ -938,10 +1115,14 @@ class Worker:
             pass  # the record is sent inside the next transaction; the span marks its creation
         return OutRecord(self._results_topic, result.task_id.encode(), result.SerializeToString(), headers)
 
-    def _dead_letter_record(self, record: Record, *, reason: str, error: str, attempts: int, task_id: str) -> OutRecord:
-        headers: list[tuple[str, str | bytes | None]] = [
+    def _dead_letter_record(
+        self, record: Record, *, reason: str, error: str, attempts: int, task_id: str, minimal: bool = False
+    ) -> OutRecord:
+        """The task record with the reason in headers, cut to fit the record size limit; ``minimal``: without its
+        value or the original headers (Kafka refused the fitted one)."""
+        headers: Headers = [
             (events.DLQ_REASON_HEADER, reason.encode()),
-            (events.DLQ_ERROR_HEADER, error.encode("utf-8", "replace")),
+            (events.DLQ_ERROR_HEADER, cut_utf8(error, MAX_ERROR_HEADER_BYTES).encode()),
             (events.DLQ_TOPIC_HEADER, record.topic.encode()),
             (events.DLQ_PARTITION_HEADER, str(record.partition).encode()),
             (events.DLQ_OFFSET_HEADER, str(record.offset).encode()),
@@ -950,9 +1131,13 @@ class Worker:
         ]
         if task_id:
             headers.append((events.DLQ_TASK_ID_HEADER, task_id.encode()))
+        if minimal:
+            return self._limits.minimal_dead_letter(record.key, len(record.value or b""), headers)
         # The original headers ride along (trace context included), after ours.
-        headers.extend(record.headers)
-        return OutRecord(self._dead_letter_topic, record.key, record.value, headers)
+        fitted = self._limits.fit_dead_letter(record.key, record.value, headers, record.headers)
+        if fitted.value is not record.value:
+            self._metrics.refused_records.labels("dead_letter", "preflight").inc()
+        return fitted
 
     def _announce_running(self, task: task_pb2.AITaskEvent) -> None:
         """Best effort, outside transactions: a lost RUNNING update costs a subscriber a progress step, never

@@ -27,7 +27,7 @@ FIRST_PARTIAL_SEQUENCE = 3
 M = TypeVar("M", bound=pb_message.Message)
 E = TypeVar("E", task_pb2.AITaskEvent, result_pb2.AIResultEvent, task_pb2.AICancelEvent)
 
-# Headers of a dead-letter record. Its key and value are the original record's, byte for byte.
+# Headers of a dead-letter record. Its key and value are the original record's, byte for byte, unless cut to fit.
 DLQ_REASON_HEADER = "aimesh.dlq.reason"  # a short machine-readable reason, one of DLQ_REASONS
 DLQ_ERROR_HEADER = "aimesh.dlq.error"  # a human-readable message
 DLQ_TOPIC_HEADER = "aimesh.dlq.original.topic"
@@ -36,6 +36,10 @@ DLQ_OFFSET_HEADER = "aimesh.dlq.original.offset"
 DLQ_ATTEMPTS_HEADER = "aimesh.dlq.attempts"  # how many times inference was tried (0: never reached Triton)
 DLQ_WORKER_HEADER = "aimesh.dlq.worker"
 DLQ_TASK_ID_HEADER = "aimesh.dlq.task_id"  # present when the task id could be read
+# Present when the record was cut to fit the record size limit: the original value's size in bytes. The value is then
+# a prefix of the original (empty when Kafka refused even the cut record); the key may be cut and the original headers
+# dropped too.
+DLQ_TRUNCATED_HEADER = "aimesh.dlq.truncated"
 
 TERMINAL_STATUSES = frozenset(
     {

@@ -216,6 +216,21 @@ class WorkerMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.refused_records = Counter(
+            "aimesh_worker_refused_records_total",
+            "Result and dead-letter records that would not fit AIMESH_MAX_RECORD_BYTES or that Kafka refused for good, "
+            "by record (result, dead_letter) and action: preflight (replaced or cut before publishing), replaced "
+            "(by a smaller one), dropped (a dead-letter record refused even when minimal), blocked (its topic takes "
+            "no record: publishing waits).",
+            ["record", "action"],
+            registry=self.registry,
+        )
+        self.publish_blocked = Gauge(
+            "aimesh_worker_publish_blocked",
+            "1 while a topic the worker publishes to refuses every record (missing, not authorized): nothing is "
+            "published or fetched meanwhile; 0 otherwise.",
+            registry=self.registry,
+        )
         self.triton_ready = Gauge(
             "aimesh_worker_triton_ready",
             "1 while the worker's Triton server is ready, 0 while it is not (the worker then fetches nothing).",

@@ -62,3 +62,18 @@ def test_offsets_already_seen_are_not_run_twice() -> None:
     assert ledger.fetched(TP, 3) is None
     assert ledger.fetched(TP, 2) is None
     assert ledger.ready([("tasks", 9)]) == []
+
+
+def test_a_finished_outcome_can_be_replaced_until_its_partition_is_released() -> None:
+    ledger = Ledger()
+    ledger.assign([TP])
+    part = ledger.fetched(TP, 7)
+    assert part is not None and ledger.fetched(TP, 8) is part
+    assert not ledger.replace(part, 7, outcome("early"))  # still running: nothing to replace
+    ledger.finished(part, 7, outcome("big"))
+    ledger.finished(part, 8, outcome("next"))
+    assert ledger.replace(part, 7, outcome("small"))
+    (ready,) = ledger.ready()
+    assert ready.offsets == (7, 8) and [o.records[0].key for o in ready.outcomes] == [b"small", b"next"]
+    ledger.release([TP])
+    assert not ledger.replace(part, 7, outcome("late"))

@@ -77,6 +77,8 @@ def test_names_follow_the_prometheus_conventions() -> None:
         "aimesh_worker_undecodable_records_total",
         "aimesh_worker_dead_lettered_total",
         "aimesh_worker_transactions_total",
+        "aimesh_worker_refused_records_total",
+        "aimesh_worker_publish_blocked",
         "aimesh_worker_triton_ready",
         "aimesh_worker_tasks_in_flight",
         "aimesh_worker_consumer_lag_records",

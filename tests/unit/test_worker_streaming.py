@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
+from triton_fakes import echoed
 
 from aimesh import events
 from aimesh.kafka import Record
@@ -59,12 +60,7 @@ class FakeTriton:
         await asyncio.sleep(self.delay_s)
         if model == "ghost":
             raise InferenceFailed(result_pb2.ERROR_CODE_MODEL_NOT_FOUND, "unknown model 'ghost'", retryable=False)
-        out = []
-        for text in texts:
-            output = result_pb2.TaskOutput()
-            output.tensors.add(name="TEXT", datatype="BYTES", shape=[1], string_data=[text])
-            out.append(Inference(output=output, model_version="1"))
-        return out
+        return echoed(texts)
 
     async def stream(
         self,
