@@ -7,16 +7,16 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable
 
 from aimesh import runtime, tracing
 from aimesh.auth import Authenticator
-from aimesh.grpc_edge import GrpcServer, ServerTls
+from aimesh.grpc_edge import ConnectionPolicy, GrpcServer, ServerTls
 from aimesh.kafka import AsyncProducer, consumer_config, producer_config
 from aimesh.metrics import MetricsServer, NotifierMetrics, new_registry
 from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
+from .buffers import BufferLimits
 from .feed import Decoded, Feed
 from .service import Cancellations, NotifierServicer, StreamLimits
 from .store import TaskStore
@@ -25,7 +25,11 @@ log = logging.getLogger("aimesh.notifier")
 
 
 async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set; raise ``runtime.ComponentDied`` (health NOT_SERVING first) if the feed's
+    thread dies. Health is NOT_SERVING until the task history is read. Whatever was started is stopped
+    however this ends, a server that cannot bind its address included."""
     authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
+    lifeline = runtime.Lifeline()
     store = TaskStore(
         settings.retention_s,
         default_tenant=settings.default_tenant,
@@ -33,8 +37,67 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     )
     metrics = NotifierMetrics(new_registry())
     metrics.tasks_known.set_function(lambda: len(store))
-    metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
+    group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
+    feed = _feed(settings, group, store, lifeline)
+    # Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack.
+    producer = AsyncProducer(
+        producer_config(
+            settings.kafka_bootstrap,
+            client_id=f"{group}-cancel",
+            delivery_timeout_s=settings.publish_timeout_s,
+            extra=settings.kafka_client_config(),
+        )
+    )
+    cancels = Cancellations(producer, settings.cancel_topic, settings.publish_timeout_s)
+    servicer = NotifierServicer(
+        store, ready=feed.caught_up, metrics=metrics, limits=_stream_limits(settings), cancels=cancels
+    )
+    server = GrpcServer(
+        settings.notifier_address,
+        [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name],
+        max_message_bytes=settings.max_message_bytes,
+        interceptors=tracing.server_interceptors(),
+        auth=authenticator,
+        tls=ServerTls.from_settings(settings),
+        connections=ConnectionPolicy.from_settings(settings),
+    )
+    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
+    async with contextlib.AsyncExitStack() as started:
+        # Each part is stopped, last started first, however serving ends; the ports are bound first, so a
+        # port in use stops the notifier before any thread starts.
+        await server.start(serving=False)  # NOT_SERVING until the history is read
+        started.push_async_callback(server.stop, settings.shutdown_grace_s)
+        metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
+        metrics_server.start()
+        started.push_async_callback(metrics_server.stop)
+        producer.start()
+        started.push_async_callback(producer.stop)
+        feed.start()
+        started.push_async_callback(feed.stop)
+        sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
+        started.callback(sweeper.cancel)
+        # Once all is up, open streams are closed first (stop is idempotent), while the feed still feeds them.
+        started.push_async_callback(server.stop, settings.shutdown_grace_s)
+        await _serve_until_stopped(server, lifeline, feed, stop, store)
+        log.info("stopping: closing streams within %.1fs", settings.shutdown_grace_s)
 
+
+async def _serve_until_stopped(
+    server: GrpcServer, lifeline: runtime.Lifeline, feed: Feed, stop: asyncio.Event, store: TaskStore
+) -> None:
+    try:
+        await lifeline.wait_for(feed.caught_up, stop)
+        if stop.is_set():
+            return
+        await server.set_serving(True)
+        log.info("notifier ready: %d tasks known", len(store))
+        await lifeline.wait_for(stop)
+    except runtime.ComponentDied:
+        await server.set_serving(False)  # at once: stopping the rest takes a while
+        raise
+
+
+def _feed(settings: NotifierSettings, group: str, store: TaskStore, lifeline: runtime.Lifeline) -> Feed:
     def deliver(batch: list[Decoded]) -> None:
         for decoded in batch:
             if isinstance(decoded.event, result_pb2.AIResultEvent):
@@ -42,8 +105,7 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
             else:
                 store.apply_task(decoded.event)
 
-    group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
-    feed = Feed(
+    return Feed(
         consumer_config(
             settings.kafka_bootstrap,
             group_id=group,
@@ -57,65 +119,19 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         history_s=settings.retention_s,
         deliver=deliver,
         loop=asyncio.get_running_loop(),
+        on_death=lifeline.report,
     )
-    server = GrpcServer(
-        settings.notifier_address,
-        [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name],
-        max_message_bytes=settings.max_message_bytes,
-        interceptors=tracing.server_interceptors(),
-        auth=authenticator,
-        tls=ServerTls.from_settings(settings),
-    )
-    limits = StreamLimits(
+
+
+def _stream_limits(settings: NotifierSettings) -> StreamLimits:
+    return StreamLimits(
         max_per_connection=settings.max_subscriptions_per_connection,
         max_per_tenant=settings.max_subscriptions_per_tenant,
         idle_timeout_s=settings.stream_idle_timeout_s,
+        send_timeout_s=settings.stream_send_timeout_s,
+        buffer=BufferLimits(settings.max_stream_buffer_bytes, settings.max_stream_buffer_updates),
+        max_total_buffer_bytes=settings.max_subscription_buffer_bytes,
     )
-    # Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack.
-    producer = AsyncProducer(
-        producer_config(
-            settings.kafka_bootstrap,
-            client_id=f"{group}-cancel",
-            delivery_timeout_s=settings.publish_timeout_s,
-            extra=settings.kafka_client_config(),
-        )
-    )
-    cancels = Cancellations(producer, settings.cancel_topic, settings.publish_timeout_s)
-    servicer = NotifierServicer(store, ready=feed.caught_up, metrics=metrics, limits=limits, cancels=cancels)
-    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
-    producer.start()
-    feed.start()
-    await server.start()
-    # NOT_SERVING until the history is read: GetTask would otherwise deny tasks it has not reached yet.
-    await server.set_serving(False)
-    sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
-    metrics_server.start()
-    try:
-        await _wait_first(feed.caught_up.wait(), stop.wait())
-        if feed.failed is not None:
-            raise RuntimeError("the notifier's Kafka feed failed") from feed.failed
-        if not stop.is_set():
-            await server.set_serving(True)
-            log.info("notifier ready: %d tasks known", len(store))
-            await stop.wait()
-    finally:
-        log.info("stopping: closing streams within %.1fs", settings.shutdown_grace_s)
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
-        await server.stop(settings.shutdown_grace_s)
-        await producer.stop()
-        await feed.stop()
-        await metrics_server.stop()
-
-
-async def _wait_first(*aws: Awaitable[object]) -> None:
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 async def _sweep(store: TaskStore, retention_s: float) -> None:

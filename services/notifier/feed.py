@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Topic
 from opentelemetry.trace import SpanContext
 
 from aimesh import events, tracing
+from aimesh.background import BackgroundThread, OnDeath
 from aimesh.errors import UndecodableRecord
 from aimesh.kafka import Record, fetch
 from aimesh.v1 import result_pb2, task_pb2
@@ -40,10 +40,10 @@ class Decoded:
 CATCH_UP_LIMIT_S = 60.0
 
 
-class Feed:
+class Feed(BackgroundThread):
     """Streams decoded events of ``topics`` to ``deliver`` on ``loop``; ``caught_up`` is set once the
     history present at start was read (or after CATCH_UP_LIMIT_S, so an open transaction cannot hold
-    the notifier unready)."""
+    the notifier unready). If its thread dies, ``on_death`` is told (see ``BackgroundThread``)."""
 
     def __init__(
         self,
@@ -54,7 +54,9 @@ class Feed:
         history_s: float,
         deliver: Callable[[list[Decoded]], None],
         loop: asyncio.AbstractEventLoop,
+        on_death: OnDeath | None = None,
     ) -> None:
+        super().__init__("notifier-feed", on_death=on_death)
         self._config = consumer_config
         self._group = str(consumer_config["group.id"])
         self._tasks_topics = frozenset(tasks_topics)
@@ -62,30 +64,9 @@ class Feed:
         self._history_s = history_s
         self._deliver = deliver
         self._loop = loop
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self.caught_up = asyncio.Event()
-        self.failed: BaseException | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_guarded, name="notifier-feed", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-
-    def _run_guarded(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # reported to the loop: a dead feed must not look alive
-            log.exception("notifier feed failed")
-            self.failed = e
-            self._loop.call_soon_threadsafe(self.caught_up.set)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         consumer = Consumer(self._config, logger=log)
         try:
             partitions = self._start_positions(consumer)
@@ -93,7 +74,7 @@ class Feed:
             targets: dict[tuple[str, int], int] | None = self._targets(consumer, partitions)
             started = time.monotonic()
             log.info("reading %d partitions from %.0fs of history", len(partitions), self._history_s)
-            while not self._stopping.is_set():
+            while not self.stopping.is_set():
                 batch = fetch(consumer, 500, 0.1)
                 decoded = [e for e in map(self._decode, batch) if e is not None]
                 if decoded:
@@ -111,7 +92,7 @@ class Feed:
         since_ms = int((time.time() - self._history_s) * 1000)
         wanted: list[TopicPartition] = []
         for topic in self._topics:
-            while not self._stopping.is_set():
+            while not self.stopping.is_set():
                 metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
                 if metadata is not None and metadata.error is None and metadata.partitions:
                     wanted.extend(TopicPartition(topic, p, since_ms) for p in metadata.partitions)

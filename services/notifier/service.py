@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2
 
 from aimesh import auth, events, tracing
@@ -30,7 +31,8 @@ from aimesh.metrics import (
 )
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
 
-from .store import Denied, Ended, TaskStore, Update, WatchItem
+from .buffers import BufferLimits, StreamBuffer, SubscriptionMemory
+from .store import Denied, Ended, TaskStore, Update
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,17 @@ CANCEL_WAIT_S = 2.0
 
 @dataclass(frozen=True)
 class StreamLimits:
-    """What one client may hold open: subscriptions (a WatchTask stream, or one task of a WatchTasks stream) per
-    connection (its peer address) and per tenant, and how long a stream may go without an update."""
+    """What clients may hold open: subscriptions (a WatchTask stream, or one task of a WatchTasks stream) per
+    tenant and per connection of a tenant; how long a stream may go without an update (``idle_timeout_s``)
+    and its client without taking one (``send_timeout_s``); what one stream may hold unsent (``buffer``) and
+    all streams together (``max_total_buffer_bytes``)."""
 
     max_per_connection: int = 100
     max_per_tenant: int = 1000
     idle_timeout_s: float = 600.0
+    send_timeout_s: float = 30.0
+    buffer: BufferLimits = field(default_factory=BufferLimits)
+    max_total_buffer_bytes: int = 512 << 20
 
 
 class TooManySubscriptions(Exception):
@@ -56,6 +63,14 @@ class TooManySubscriptions(Exception):
         )
         self.scope = scope
         self.limit = limit
+
+
+# How long the status of a stream cut for not reading may take to be handed to gRPC core.
+UNREAD_ABORT_WAIT_S = 1.0
+
+# How soon a client refused for want of stream buffer memory may try again: stuck streams end within the
+# send timeout, and ordinary ones free their buffers as they send.
+BUFFERS_FULL_RETRY_S = 1.0
 
 
 class Publisher(Protocol):
@@ -97,8 +112,9 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         self._limits = limits if limits is not None else StreamLimits()
         self._cancels = cancels
         self._cancel_wait_s = cancel_wait_s
-        self._streams_by_peer: Counter[str] = Counter()
+        self._streams_by_connection: Counter[Hashable] = Counter()
         self._streams_by_tenant: Counter[str] = Counter()
+        self.memory = SubscriptionMemory(self._limits.max_total_buffer_bytes)
 
     async def GetTask(
         self, request: notifier_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -114,14 +130,26 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     async def WatchTask(
         self, request: notifier_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[notifier_pb2.WatchTaskResponse]:
-        await _check_task_id(context, request.task_id)
-        async with contextlib.aclosing(self._watch(context, [request])) as states:
-            async for state in states:
-                yield notifier_pb2.WatchTaskResponse(state=state)
+        async def watch() -> None:
+            await _check_task_id(context, request.task_id)
+            await self._watch(context, [request], lambda s: notifier_pb2.WatchTaskResponse(state=s))
+
+        async for response in _written(watch()):
+            yield response
 
     async def WatchTasks(
         self, request: notifier_pb2.WatchTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[notifier_pb2.WatchTasksResponse]:
+        async def watch() -> None:
+            await self._check_watch_tasks(context, request)
+            await self._watch(context, list(request.tasks), lambda s: notifier_pb2.WatchTasksResponse(state=s))
+
+        async for response in _written(watch()):
+            yield response
+
+    async def _check_watch_tasks(
+        self, context: grpc.aio.ServicerContext[Any, Any], request: notifier_pb2.WatchTasksRequest
+    ) -> None:
         count, limit = len(request.tasks), self._limits.max_per_connection
         violations: list[tuple[str, str]] = []
         if not 1 <= count <= limit:
@@ -130,91 +158,144 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             )
         seen: set[str] = set()
         for i, task in enumerate(request.tasks):
-            if not _is_uuid(task.task_id):
+            if not _is_task_id(task.task_id):
                 violations.append((f"tasks[{i}].task_id", _NOT_A_TASK_ID))
             elif task.task_id in seen:
                 violations.append((f"tasks[{i}].task_id", "names a task already named earlier in the list"))
             seen.add(task.task_id)
         if violations:
             await abort_invalid(context, InvalidTask(violations))
-        async with contextlib.aclosing(self._watch(context, list(request.tasks))) as states:
-            async for state in states:
-                yield notifier_pb2.WatchTasksResponse(state=state)
 
     async def _watch(
-        self, context: grpc.aio.ServicerContext[Any, Any], requests: list[notifier_pb2.WatchTaskRequest]
-    ) -> AsyncGenerator[notifier_pb2.TaskState, None]:
-        """The updates of every task in ``requests`` (valid, distinct ids), ending once each has ended. Each
-        task is one subscription against the limits, freed when the task ends or the stream closes."""
-        tenant, peer = auth.current_tenant(), context.peer()
-        try:
-            self._open_streams(peer, tenant, len(requests))
-        except TooManySubscriptions as e:
-            await abort_with(
-                context,
-                code_pb2.RESOURCE_EXHAUSTED,
-                str(e),
-                [
-                    error_info("TOO_MANY_SUBSCRIPTIONS", scope=e.scope, limit=str(e.limit)),
-                    error_details_pb2.QuotaFailure(
-                        violations=[
-                            error_details_pb2.QuotaFailure.Violation(
-                                subject=e.scope, description=f"at most {e.limit} open WatchTask streams"
-                            )
-                        ]
-                    ),
-                ],
-            )
-        queue: asyncio.Queue[tuple[str, WatchItem]] = asyncio.Queue()
-        pending: set[str] = set()
-
-        def finish(task_id: str) -> None:
-            """Stop watching one task: unsubscribe it and free its place."""
-            pending.discard(task_id)
-            self._store.unsubscribe(task_id, queue)
-            self._metrics.active_subscriptions.dec()
-            self._close_streams(peer, tenant, 1)
-
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        requests: list[notifier_pb2.WatchTaskRequest],
+        response: Callable[[notifier_pb2.TaskState], Message],
+    ) -> None:
+        """Write ``response`` of each update of every task in ``requests`` (valid, distinct ids), ending once
+        each has ended. Each task is one subscription against the limits, freed when the task ends or the
+        stream closes; the stream's buffer is freed with it."""
+        tenant = auth.current_tenant()
+        # A connection's identity in grpc.aio is its peer string: transport, address and port of the TCP
+        # connection. Keyed with the tenant, clients of different tenants behind one proxy connection do not
+        # share a cap; a client that opens more connections still meets the tenant's cap and the memory cap.
+        connection = (tenant, context.peer())
+        await self._admit(context, connection, len(requests))
+        watch = _Watch(tenant, connection, StreamBuffer(self._limits.buffer, self.memory))
         try:
             for request in requests:
-                pending.add(request.task_id)
                 self._metrics.active_subscriptions.inc()
+                watch.sent[request.task_id] = request.after_sequence
                 self._store.subscribe(
                     request.task_id,
-                    queue,
-                    functools.partial(_tagged, queue, request.task_id),
+                    watch,
+                    functools.partial(watch.buffer.offer, request.task_id),
                     tenant,
                     request.after_sequence,
                 )
-            while pending:
-                try:
-                    task_id, update = await asyncio.wait_for(queue.get(), self._limits.idle_timeout_s)
-                except TimeoutError:
-                    await abort_with(
-                        context,
-                        code_pb2.DEADLINE_EXCEEDED,
-                        f"no update for {self._limits.idle_timeout_s:g}s: the stream is closed; watch again to "
-                        "resume (pass the last sequence seen as after_sequence)",
-                        [error_info("STREAM_IDLE", idle_timeout_s=f"{self._limits.idle_timeout_s:g}")],
-                    )
-                if task_id not in pending:
-                    continue  # queued before the task was finished with
-                if isinstance(update, Denied):
-                    await _abort_not_found(context, task_id)
-                if isinstance(update, Ended):
-                    finish(task_id)
-                    continue
-                state = update.state
-                status = result_pb2.TaskStatus.Name(state.status)
-                _observe_delivery(self._metrics, state)
-                with tracing.deliver_span(task_id, update.trace, status=status):
-                    yield state
-                if events.is_terminal(state.status):
-                    finish(task_id)
+            while watch.pending:
+                got = await self._next(context, watch)
+                if got is not None:
+                    await self._send(context, watch, *got, response)
         finally:
             # Runs on normal end, on abort and on client cancellation (CancelledError): nothing stays held.
-            for task_id in list(pending):
-                finish(task_id)
+            for task_id in watch.pending:
+                self._finish(watch, task_id)
+            watch.buffer.close()
+
+    async def _next(self, context: grpc.aio.ServicerContext[Any, Any], watch: _Watch) -> tuple[str, Update] | None:
+        """The next update to send, or None once a task was finished with; ends the stream when nothing came
+        within the idle timeout, or when the buffer overflowed and all it took was sent."""
+        while True:
+            try:
+                got = await asyncio.wait_for(watch.buffer.next(), self._limits.idle_timeout_s)
+            except TimeoutError:
+                await abort_with(
+                    context,
+                    code_pb2.DEADLINE_EXCEEDED,
+                    f"no update for {self._limits.idle_timeout_s:g}s: the stream is closed; watch again to "
+                    "resume (pass the last sequence seen as after_sequence)",
+                    [error_info("STREAM_IDLE", idle_timeout_s=f"{self._limits.idle_timeout_s:g}")],
+                )
+            if got is None:
+                await self._abort_behind(context, watch)
+            task_id, item = got
+            if task_id in watch.ended or isinstance(item, Denied):
+                # Another tenant's task is watched on as an unknown one is (the store has dropped this
+                # watcher): neither the answer nor its timing tells the two apart.
+                continue
+            if isinstance(item, Ended):
+                self._finish(watch, task_id)
+                return None
+            return task_id, item
+
+    async def _send(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        watch: _Watch,
+        task_id: str,
+        update: Update,
+        response: Callable[[notifier_pb2.TaskState], Message],
+    ) -> None:
+        """Write one update, ending the stream if its client does not take it within the send timeout (its
+        HTTP/2 flow-control window stays full: it does not read)."""
+        state = update.state
+        _observe_delivery(self._metrics, state)
+        with tracing.deliver_span(task_id, update.trace, status=result_pb2.TaskStatus.Name(state.status)):
+            try:
+                await asyncio.wait_for(context.write(response(state)), self._limits.send_timeout_s)
+            except TimeoutError:
+                await self._abort_unread(context)
+        watch.sent[task_id] = state.sequence
+        if events.is_terminal(state.status):
+            self._finish(watch, task_id)
+
+    async def _abort_unread(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        timeout = f"{self._limits.send_timeout_s:g}"
+        log.info("closing a stream whose client took no update for %ss", timeout)
+        abort = abort_with(
+            context,
+            code_pb2.DEADLINE_EXCEEDED,
+            f"the client took no update for {timeout}s: the stream is closed; watch again to resume "
+            "(pass the last sequence seen as after_sequence)",
+            [error_info("STREAM_SEND_TIMEOUT", send_timeout_s=timeout)],
+        )
+        try:
+            await asyncio.wait_for(abort, UNREAD_ABORT_WAIT_S)
+        except TimeoutError:
+            # The status waits behind the update the client does not take (gRPC core sends it if the client
+            # ever reads, or drops it with the connection). End the call as a cancelled one, so that all
+            # it holds here is freed now.
+            raise asyncio.CancelledError from None
+
+    def _finish(self, watch: _Watch, task_id: str) -> None:
+        """Stop watching one task: unsubscribe it and free its place."""
+        watch.ended.add(task_id)
+        self._store.unsubscribe(task_id, watch)
+        self._metrics.active_subscriptions.dec()
+        self._close_streams(watch.connection, watch.tenant, 1)
+
+    async def _abort_behind(self, context: grpc.aio.ServicerContext[Any, Any], watch: _Watch) -> NoReturn:
+        limits = self._limits.buffer
+        resume = ", ".join(f"{t}: {s}" for t, s in watch.sent.items() if t not in watch.ended)
+        log.info("closing a stream that fell behind (%s)", resume)
+        await abort_with(
+            context,
+            code_pb2.RESOURCE_EXHAUSTED,
+            f"the stream fell behind: its client did not keep up (more than {limits.max_bytes} bytes or "
+            f"{limits.max_items} updates waiting, or the notifier's stream buffers full); watch again with "
+            f"after_sequence set to the last sequence received ({resume}) for the rest, without a gap",
+            [
+                error_info("STREAM_BEHIND", max_bytes=str(limits.max_bytes), max_updates=str(limits.max_items)),
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject="stream", description=f"at most {limits.max_bytes} bytes buffered"
+                        )
+                    ]
+                ),
+            ],
+        )
 
     async def CancelTask(
         self, request: notifier_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -280,25 +361,93 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         await asyncio.sleep(max(0.0, until - loop.time()))
         return None
 
-    def _open_streams(self, peer: str, tenant: str, count: int) -> None:
-        """Count ``count`` more subscriptions of ``peer`` (one client connection) and ``tenant``, or raise
-        TooManySubscriptions (counting nothing) if either would pass its limit."""
-        if self._streams_by_peer[peer] + count > self._limits.max_per_connection:
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], connection: Hashable, count: int) -> None:
+        """Count ``count`` more subscriptions of ``connection`` and its tenant, or end the call
+        RESOURCE_EXHAUSTED (counting nothing) if either would pass its limit or the stream buffers have
+        less than one stream's room left."""
+        tenant = auth.current_tenant()
+        try:
+            self._open_streams(connection, tenant, count)
+        except TooManySubscriptions as e:
+            await _abort_quota(context, e.scope, str(e), f"at most {e.limit} watched tasks", limit=str(e.limit))
+        if self.memory.free_bytes < self._limits.buffer.max_bytes:
+            self._close_streams(connection, tenant, count)
+            await _abort_quota(
+                context,
+                "notifier",
+                f"the notifier's stream buffers are full ({self.memory.used_bytes} of {self.memory.max_bytes} "
+                "bytes): slow clients hold them; retry shortly",
+                f"at most {self.memory.max_bytes} bytes buffered for all streams",
+                retry_s=BUFFERS_FULL_RETRY_S,
+            )
+
+    def _open_streams(self, connection: Hashable, tenant: str, count: int) -> None:
+        """Count ``count`` more subscriptions of ``connection`` and ``tenant``, or raise TooManySubscriptions
+        (counting nothing) if either would pass its limit."""
+        if self._streams_by_connection[connection] + count > self._limits.max_per_connection:
             raise TooManySubscriptions("connection", self._limits.max_per_connection)
         if self._streams_by_tenant[tenant] + count > self._limits.max_per_tenant:
             raise TooManySubscriptions("tenant", self._limits.max_per_tenant)
-        self._streams_by_peer[peer] += count
+        self._streams_by_connection[connection] += count
         self._streams_by_tenant[tenant] += count
 
-    def _close_streams(self, peer: str, tenant: str, count: int) -> None:
-        for counter, key in ((self._streams_by_peer, peer), (self._streams_by_tenant, tenant)):
+    def _close_streams(self, connection: Hashable, tenant: str, count: int) -> None:
+        counters: tuple[tuple[Counter[Any], Hashable], ...] = (
+            (self._streams_by_connection, connection),
+            (self._streams_by_tenant, tenant),
+        )
+        for counter, key in counters:
             counter[key] -= count
             if counter[key] <= 0:
                 del counter[key]
 
 
-def _tagged(queue: asyncio.Queue[tuple[str, WatchItem]], task_id: str, item: WatchItem) -> None:
-    queue.put_nowait((task_id, item))
+@dataclass(eq=False)
+class _Watch:
+    """One open stream: whose it is, its buffer (also its key in the store's subscriptions), the last
+    sequence sent of each task, and the tasks finished with."""
+
+    tenant: str
+    connection: Hashable
+    buffer: StreamBuffer
+    sent: dict[str, int] = field(default_factory=dict)
+    ended: set[str] = field(default_factory=set)
+
+    @property
+    def pending(self) -> list[str]:
+        """The tasks not finished with."""
+        return [task_id for task_id in self.sent if task_id not in self.ended]
+
+
+async def _written(watch: Awaitable[None]) -> AsyncIterator[Any]:
+    """A server-streaming method whose responses ``watch`` writes with ``context.write`` (so that each write
+    can have a timeout), in the shape of an async generator that yields nothing: what OpenTelemetry's
+    server interceptor iterates. grpc.aio allows both on one call."""
+    await watch
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+async def _abort_quota(
+    context: grpc.aio.ServicerContext[Any, Any],
+    scope: str,
+    message: str,
+    description: str,
+    *,
+    limit: str = "",
+    retry_s: float | None = None,
+) -> NoReturn:
+    details: list[Message] = [
+        error_info("TOO_MANY_SUBSCRIPTIONS", scope=scope, limit=limit),
+        error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=scope, description=description)]
+        ),
+    ]
+    if retry_s is not None:
+        delay = Duration()
+        delay.FromNanoseconds(int(retry_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    await abort_with(context, code_pb2.RESOURCE_EXHAUSTED, message, details)
 
 
 def _observe_delivery(metrics: NotifierMetrics, state: notifier_pb2.TaskState) -> None:
@@ -317,19 +466,24 @@ def _observe_delivery(metrics: NotifierMetrics, state: notifier_pb2.TaskState) -
         metrics.end_to_end_seconds.labels(model, status).observe(max(0.0, time.time() - submitted))
 
 
-_NOT_A_TASK_ID = "must be a task id (a UUID) from SubmitTask"
+_NOT_A_TASK_ID = (
+    "must be a task id as SubmitTask returned it: a UUID in canonical form (lower-case hex in 8-4-4-4-12 groups, "
+    "no braces, no urn:uuid: prefix)"
+)
 
 
-def _is_uuid(task_id: str) -> bool:
+def _is_task_id(task_id: str) -> bool:
+    """Whether ``task_id`` is a UUID in the one form ingest makes. Other spellings of a UUID are refused, not
+    translated: an answer then always names the task as the request did, and no two spellings of one task
+    are two subscriptions."""
     try:
-        uuid.UUID(task_id)
+        return str(uuid.UUID(task_id)) == task_id
     except ValueError:
         return False
-    return True
 
 
 async def _check_task_id(context: grpc.aio.ServicerContext[Any, Any], task_id: str) -> None:
-    if not _is_uuid(task_id):
+    if not _is_task_id(task_id):
         await abort_invalid(context, InvalidTask([("task_id", _NOT_A_TASK_ID)]))
 
 

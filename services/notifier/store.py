@@ -21,6 +21,9 @@ kept update whose sequence is greater than ``k``, in order, then the live ones. 
 stream of partial outputs its "current state" is all of them so far (every kept partial output, in order),
 so that a late watcher can still put the whole text together.
 
+Every watcher of a task is handed the same ``Update`` objects: a state, once handed out, is never changed
+(a change makes a new one), so a thousand watchers of a streaming task hold one copy of each output.
+
 Every task belongs to a tenant, learned from its task record (an empty tenant there: a record from before
 tenants, the default tenant's) or from a result that carries one (an empty tenant on a result says
 nothing). Only that tenant's watchers and lookups see the task. While the tenant is not known yet, nobody
@@ -30,6 +33,7 @@ sees the task: watchers wait and get its updates once it is; a watcher of anothe
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -64,10 +68,16 @@ def _rank(status: int) -> int:
 
 @dataclass(frozen=True)
 class Update:
-    """One change of a task, as a watcher receives it: the new state and the trace it belongs to."""
+    """One change of a task, as a watcher receives it: the new state and the trace it belongs to. Shared by
+    every watcher: never change ``state``."""
 
     state: notifier_pb2.TaskState
     trace: SpanContext | None = None
+
+    @functools.cached_property
+    def size_bytes(self) -> int:
+        """The state's serialized size: what sending it costs, and what a watcher's buffer counts."""
+        return self.state.ByteSize()
 
 
 class Denied:
@@ -102,10 +112,18 @@ class _Record:
     # The span that read the task's latest result: deliveries to subscribers continue its trace.
     trace: SpanContext | None = None
     tenant: str | None = None  # None: not learned yet
+    _current: Update | None = None
 
     @property
     def known(self) -> bool:
         return self.state.status != result_pb2.TASK_STATUS_UNSPECIFIED
+
+    @property
+    def current(self) -> Update:
+        """The current state as the one Update every watcher is handed."""
+        if self._current is None or self._current.state is not self.state:
+            self._current = Update(self.state, self.trace)
+        return self._current
 
 
 class TaskStore:
@@ -138,9 +156,13 @@ class TaskStore:
 
     def apply_task(self, task: task_pb2.AITaskEvent) -> None:
         record = self._record(task.task_id)
+        if record.known:
+            # Results read before the task record: their states were handed out, so patch copies.
+            record.state = _with_task(record.state, task)
+            record.history = deque((_patched(u, task) for u in record.history), maxlen=record.history.maxlen)
+        else:
+            _fill_task(record.state, task)
         state = record.state
-        state.submitted_at.CopyFrom(task.submitted_at)
-        state.model_name = task.model_name
         learned = self._learn_tenant(record, task.tenant or self._default_tenant)
         if state.status == result_pb2.TASK_STATUS_UNSPECIFIED:
             self._change(record, result_pb2.TASK_STATUS_QUEUED, events.QUEUED_SEQUENCE, task.submitted_at, None, None)
@@ -236,7 +258,7 @@ class TaskStore:
     ) -> None:
         if record.known:
             if self._history_len > 0:
-                record.history.append(Update(record.state, record.trace))
+                record.history.append(record.current)
             state = _copy(record.state)
         else:
             self._known += 1
@@ -299,22 +321,29 @@ def _advances(state: notifier_pb2.TaskState, status: int, sequence: int) -> bool
 
 
 def _since(record: _Record, after: int) -> Iterator[Update]:
-    """The record's updates numbered above ``after``, in order, the current state last. Kept updates read
-    before the task record get the submission time and model it brought."""
-    current = record.state
+    """The record's updates numbered above ``after``, in order, the current state last."""
     if record.history and record.history[-1].state.sequence > after:
-        for update in record.history:
-            if update.state.sequence <= after:
-                continue
-            state = update.state
-            if (not state.HasField("submitted_at") and current.HasField("submitted_at")) or (
-                not state.model_name and current.model_name
-            ):
-                state = _copy(state)
-                state.submitted_at.CopyFrom(current.submitted_at)
-                state.model_name = current.model_name
-            yield Update(state, update.trace)
-    yield Update(_copy(current), record.trace)
+        yield from (update for update in record.history if update.state.sequence > after)
+    yield record.current
+
+
+def _fill_task(state: notifier_pb2.TaskState, task: task_pb2.AITaskEvent) -> None:
+    state.submitted_at.CopyFrom(task.submitted_at)
+    state.model_name = task.model_name
+
+
+def _with_task(state: notifier_pb2.TaskState, task: task_pb2.AITaskEvent) -> notifier_pb2.TaskState:
+    patched = _copy(state)
+    _fill_task(patched, task)
+    return patched
+
+
+def _patched(update: Update, task: task_pb2.AITaskEvent) -> Update:
+    """A kept update read before the task record, with the submission time and model the record brought."""
+    state = update.state
+    if state.HasField("submitted_at") and state.model_name:
+        return update
+    return Update(_with_task(state, task), update.trace)
 
 
 def _copy(state: notifier_pb2.TaskState) -> notifier_pb2.TaskState:

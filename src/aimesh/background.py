@@ -4,18 +4,35 @@ that run beside the event loop share."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections.abc import Callable
 from typing import Self
+
+log = logging.getLogger(__name__)
+
+# Told the thread's name and what ended it; called on the dying thread (``runtime.Lifeline.report`` is safe).
+OnDeath = Callable[[str, BaseException], None]
 
 
 class BackgroundThread:
     """Runs ``run`` on a daemon thread named ``name`` from ``start`` until ``stop``; ``run`` returns once
-    ``self.stopping`` is set. ``start`` and ``stop`` are idempotent; ``async with`` starts and stops it."""
+    ``self.stopping`` is set. ``start`` and ``stop`` are idempotent; ``async with`` starts and stops it.
 
-    def __init__(self, name: str) -> None:
+    If ``run`` raises, the error is logged, kept in ``failed`` and passed to ``on_death`` (settable after
+    construction): a thread that died must not look alive, so a service hands this to its ``Lifeline``.
+    """
+
+    def __init__(self, name: str, *, on_death: OnDeath | None = None) -> None:
         self._name = name
         self.stopping = threading.Event()
+        self.on_death = on_death
+        self.failed: BaseException | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     def run(self) -> None:
         raise NotImplementedError
@@ -23,7 +40,7 @@ class BackgroundThread:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self.run, name=self._name, daemon=True)
+        self._thread = threading.Thread(target=self._run_reporting, name=self._name, daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
@@ -38,3 +55,12 @@ class BackgroundThread:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    def _run_reporting(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:
+            log.exception("thread %s died", self._name)
+            self.failed = e
+            if self.on_death is not None:
+                self.on_death(self._name, e)

@@ -54,6 +54,45 @@ class ServerTls:
         )
 
 
+@dataclass(frozen=True)
+class ConnectionPolicy:
+    """How long a client connection may live and how dead ones are found: the server pings a connection
+    quiet for ``keepalive_time_s`` and closes it if the ping is not answered in ``keepalive_timeout_s``
+    (a client that vanished without closing holds nothing for long); a connection older than
+    ``max_age_s`` gets a GOAWAY, and its calls still open ``max_age_grace_s`` later end UNAVAILABLE."""
+
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_age_s: float = 1800.0
+    max_age_grace_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> ConnectionPolicy:
+        return cls(
+            settings.grpc_keepalive_time_s,
+            settings.grpc_keepalive_timeout_s,
+            settings.grpc_max_connection_age_s,
+            settings.grpc_max_connection_age_grace_s,
+        )
+
+    def options(self) -> list[tuple[str, int]]:
+        """The gRPC core channel arguments."""
+        return [
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_s)),
+            # Ping connections with no call open too, and keep pinging while no data flows (an open stream
+            # waiting for its next update sends nothing): otherwise core stops after two pings.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_connection_age_ms", _ms(self.max_age_s)),
+            ("grpc.max_connection_age_grace_ms", _ms(self.max_age_grace_s)),
+        ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 if TYPE_CHECKING:
     from aimesh.grpc_handlers import Handler
 
@@ -128,9 +167,12 @@ class GrpcServer:
     """A grpc.aio server bound to one address, with the standard health service and server reflection.
 
     Every call but health and reflection passes ``auth`` (default: authentication off, the default tenant);
-    with ``tls`` the port speaks only TLS. ``add`` registers servicers before ``start``; ``stop`` turns
-    health to NOT_SERVING, lets in-flight calls finish within the grace period and is safe to call twice.
-    A message over ``max_message_bytes`` is refused with RESOURCE_EXHAUSTED by gRPC itself.
+    with ``tls`` the port speaks only TLS; ``connections`` sets keepalive and the maximum connection age.
+    ``add`` registers servicers before ``start``; ``start`` raises (having stopped the server) if the address
+    cannot be bound; ``set_serving`` is the health setter a service uses when it cannot serve (history not
+    read yet, a component died); ``stop`` turns health to NOT_SERVING, lets in-flight calls finish within the
+    grace period and is safe to call twice. A message over ``max_message_bytes`` is refused with
+    RESOURCE_EXHAUSTED by gRPC itself.
     """
 
     def __init__(
@@ -142,6 +184,7 @@ class GrpcServer:
         interceptors: Sequence[Any] = (),
         auth: Authenticator | None = None,
         tls: ServerTls | None = None,
+        connections: ConnectionPolicy | None = None,
     ) -> None:
         self._address = address
         self._service_names = list(service_names)
@@ -153,6 +196,7 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                *(connections or ConnectionPolicy()).options(),
             ],
         )
         self.health = health.aio.HealthServicer()
@@ -164,19 +208,32 @@ class GrpcServer:
         """Register a servicer with its generated ``add_*Servicer_to_server`` function."""
         register(servicer, self.server)
 
-    async def start(self) -> None:
+    async def start(self, *, serving: bool = True) -> None:
+        """Listen, with health already at ``serving`` when the first client can ask (False: NOT_SERVING until
+        ``set_serving(True)``)."""
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        if self._tls is not None:
-            self.port = self.server.add_secure_port(self._address, self._tls.credentials())
-        else:
-            self.port = self.server.add_insecure_port(self._address)
-        if self.port == 0:
-            raise RuntimeError(f"cannot bind {self._address}")
-        await self.server.start()
-        await self.set_serving(True)
+        await self.set_serving(serving)
+        try:
+            self.port = self._bind()
+            await self.server.start()
+        except BaseException:
+            await self.stop(0)
+            raise
         security = "plaintext" if self._tls is None else "mutual TLS" if self._tls.client_ca_file else "TLS"
         log.info("gRPC server listening on %s (port %d, %s)", self._address, self.port, security)
+
+    def _bind(self) -> int:
+        try:
+            if self._tls is not None:
+                port = self.server.add_secure_port(self._address, self._tls.credentials())
+            else:
+                port = self.server.add_insecure_port(self._address)
+        except RuntimeError as e:  # grpcio raises for an address in use, or returns 0 (older releases)
+            raise RuntimeError(f"cannot bind {self._address}: {e}") from e
+        if port == 0:
+            raise RuntimeError(f"cannot bind {self._address}")
+        return port
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

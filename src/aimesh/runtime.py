@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import signal
@@ -17,6 +18,9 @@ from aimesh import tracing
 from aimesh.settings import KafkaSettings
 
 S = TypeVar("S", bound=KafkaSettings)
+
+# The exit status of a service one of whose components died: non-zero, so an orchestrator restarts it.
+EXIT_COMPONENT_DIED = 1
 
 # The task a log line is about. Each asyncio task runs in its own copy of the context, so setting it while
 # handling one task never leaks into another.
@@ -69,9 +73,7 @@ def configure_logging(service: str, level: str, log_format: str = "auto", stream
     root.setLevel(level.upper())
 
 
-def run_service(
-    service: str, settings: S, serve: Callable[[S, asyncio.Event], Awaitable[object]]
-) -> None:
+def run_service(service: str, settings: S, serve: Callable[[S, asyncio.Event], Awaitable[object]]) -> None:
     """A service's ``main``: logging and tracing from its settings, ``serve`` until SIGTERM or SIGINT, then
     export the spans still buffered."""
     configure_logging(service, settings.log_level, settings.log_format)
@@ -84,8 +86,57 @@ def run_service(
 
     try:
         asyncio.run(run())
+    except ComponentDied as e:
+        logging.getLogger(__name__).critical("%s: exiting with status %d", e, EXIT_COMPONENT_DIED)
+        sys.exit(EXIT_COMPONENT_DIED)
     finally:
         tracing.shutdown()
+
+
+class ComponentDied(Exception):
+    """A long-lived part of a service (a Kafka reader thread, a poll loop) ended while the service ran."""
+
+    def __init__(self, component: str, cause: BaseException) -> None:
+        super().__init__(f"{component} died: {cause!r}")
+        self.component = component
+        self.__cause__ = cause
+
+
+class Lifeline:
+    """Where a service's long-lived components report that they died, from any thread.
+
+    The service waits with ``wait_for`` instead of waiting on its stop event alone: the first death raises
+    ``ComponentDied`` there, the service turns its health NOT_SERVING and stops what it started, and
+    ``run_service`` exits with a non-zero status so that an orchestrator restarts it. Create it in the
+    event loop; ``report`` matches ``background.OnDeath``.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._died = asyncio.Event()
+        self.death: ComponentDied | None = None
+
+    def report(self, component: str, error: BaseException) -> None:
+        """Record that ``component`` died of ``error``; safe to call from any thread, and after the loop ended."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the service has ended already
+            self._loop.call_soon_threadsafe(self._record, component, error)
+
+    async def wait_for(self, *events: asyncio.Event) -> None:
+        """Return once any of ``events`` is set; raise ``ComponentDied`` if a component died first (or had)."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._died, *events)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.death is not None:
+            raise self.death
+
+    def _record(self, component: str, error: BaseException) -> None:
+        if self.death is None:
+            self.death = ComponentDied(component, error)
+            logging.getLogger(__name__).error("%s", self.death)
+            self._died.set()
 
 
 def stop_event_on_signals() -> asyncio.Event:

@@ -4,6 +4,7 @@ through its store (the Kafka feed is the seam)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -165,14 +166,25 @@ async def test_each_watched_task_counts_against_the_limits_until_it_ends(notifie
     await wait_watchers(store, 0)
 
 
-async def test_watch_tasks_ends_not_found_naming_another_tenants_task(notifier) -> None:
+async def test_watch_tasks_treats_another_tenants_task_as_an_unknown_one(notifier) -> None:
     stub, store = notifier
-    mine, theirs = submitted(store), submitted(store, "globex")
-    stream = watch_tasks(stub, (mine, 0), (theirs, 0))
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for item in stream:
-            assert item.state.task_id == mine  # never an update of the other tenant's task
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND and theirs in (info.value.details() or "")
+
+    async def watched_with(other: str) -> tuple[list[str], grpc.StatusCode, float]:
+        mine = submitted(store)
+        stream = watch_tasks(stub, (mine, 0), (other, 0))
+        started, seen = time.monotonic(), []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for item in stream:
+                seen.append(item.state.task_id)
+                store.apply_result(update(mine, SUCCEEDED, 3, "x"))
+        return seen, info.value.code(), time.monotonic() - started
+
+    theirs = await watched_with(submitted(store, "globex"))
+    unknown = await watched_with(str(uuid.uuid4()))
+    # Both: my task to its end, then the stream waits on the other until the idle timeout (1 s).
+    assert len(theirs[0]) == len(unknown[0]) == 2
+    assert theirs[1] == unknown[1] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.9 < theirs[2] < 4 and 0.9 < unknown[2] < 4
     await wait_watchers(store, 0)
 
 

@@ -4,6 +4,7 @@ a task that does not exist. The store directly, and the gRPC edge in process on 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,10 +15,11 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from aimesh.auth import Authenticator, hash_key
 from aimesh.grpc_edge import GrpcServer
-from aimesh.notifier.service import NotifierServicer
+from aimesh.notifier.service import NotifierServicer, StreamLimits
 from aimesh.notifier.store import DENIED, TaskStore, Update
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
 
+IDLE_S = 0.5  # the stream idle timeout: how long a watch of a task nobody may see stays open
 KEYS = Authenticator.from_entries([("acme", hash_key("acme-key")), ("globex", hash_key("globex-key"))])
 ACME = (("authorization", "Bearer acme-key"),)
 GLOBEX = (("authorization", "Bearer globex-key"),)
@@ -40,7 +42,10 @@ async def notifier() -> AsyncIterator[tuple[notifier_pb2_grpc.NotifierServiceStu
     server = GrpcServer(
         "127.0.0.1:0", ["aimesh.v1.NotifierService"], auth=KEYS, interceptors=[aio_server_interceptor()]
     )
-    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, NotifierServicer(store, ready=ready))
+    limits = StreamLimits(idle_timeout_s=IDLE_S)
+    server.add(
+        notifier_pb2_grpc.add_NotifierServiceServicer_to_server, NotifierServicer(store, ready=ready, limits=limits)
+    )
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield notifier_pb2_grpc.NotifierServiceStub(channel), store
@@ -64,6 +69,12 @@ async def watch_error(stub: notifier_pb2_grpc.NotifierServiceStub, task_id: str,
         async for update in stream:
             pytest.fail(f"another tenant's update was delivered: {update}")
     return info.value
+
+
+async def timed_watch_error(stub, task_id: str, metadata) -> tuple[grpc.aio.AioRpcError, float]:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    error = await watch_error(stub, task_id, metadata)
+    return error, time.monotonic() - started
 
 
 async def wait_watchers(store: TaskStore, count: int) -> None:
@@ -134,27 +145,33 @@ async def test_get_task_of_another_tenant_answers_exactly_like_an_unknown_task(n
     assert other_tenants == unknown
 
 
-async def test_watch_of_another_tenants_task_ends_not_found_and_reveals_nothing(notifier) -> None:
+async def test_watch_of_another_tenants_task_is_answered_like_an_unknown_task_in_the_same_time(notifier) -> None:
     stub, store = notifier
-    known, later = str(uuid.uuid4()), str(uuid.uuid4())
+    known, nobodys = str(uuid.uuid4()), str(uuid.uuid4())
     store.apply_task(task(known, "acme"))
     store.apply_result(result(known, result_pb2.TASK_STATUS_RUNNING, "acme"))
-    unknown_answer = answer(await get_error(stub, known, GLOBEX))
-    assert answer(await watch_error(stub, known, GLOBEX)) == unknown_answer
+    other, other_s = await timed_watch_error(stub, known, GLOBEX)
+    unknown, unknown_s = await timed_watch_error(stub, nobodys, GLOBEX)
+    assert other.code() == unknown.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the idle timeout, for both
+    assert answer(other) == answer(unknown)
+    assert IDLE_S * 0.9 < other_s < IDLE_S * 4 and IDLE_S * 0.9 < unknown_s < IDLE_S * 4
+    await wait_watchers(store, 0)
 
-    # Unknown when the watch starts, then found to be another tenant's: the stream ends NOT_FOUND, while the
-    # owner's stream goes on.
-    intruder = asyncio.create_task(watch_error(stub, later, GLOBEX))
+
+async def test_a_watched_task_found_to_be_another_tenants_goes_on_looking_unknown(notifier) -> None:
+    stub, store = notifier
+    later = str(uuid.uuid4())
+    intruder = asyncio.create_task(timed_watch_error(stub, later, GLOBEX))
     owner = stub.WatchTask(notifier_pb2.WatchTaskRequest(task_id=later), metadata=ACME)
     await wait_watchers(store, 2)
     store.apply_result(result(later, result_pb2.TASK_STATUS_RUNNING))  # no tenant yet: nobody hears of it
     store.apply_task(task(later, "acme"))
-    error = await intruder
-    assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert error.details() == f"task {later} is not known (never submitted, past retention, or not yet read)"
+    await wait_watchers(store, 1)  # the intruder's watcher is dropped; its stream waits on, as for no task
     store.apply_result(result(later, result_pb2.TASK_STATUS_SUCCEEDED, "acme"))
     statuses = [u.state.status async for u in owner]
     assert statuses == [result_pb2.TASK_STATUS_RUNNING, result_pb2.TASK_STATUS_SUCCEEDED]
+    error, waited_s = await intruder
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and waited_s > IDLE_S * 0.9
     await wait_watchers(store, 0)
 
 

@@ -21,6 +21,9 @@ class _Update(Protocol):
     def state(self) -> notifier_pb2.TaskState: ...
 
 
+# The ErrorInfo reason of a stream the server ended because its client fell behind.
+STREAM_BEHIND = "STREAM_BEHIND"
+
 # Opens a stream of responses with a `state` field for these tasks (task id -> resume after this sequence),
 # with this gRPC timeout in seconds (None: none).
 OpenStream = Callable[[Mapping[str, int], float | None], grpc.aio.UnaryStreamCall[Any, Any]]
@@ -30,9 +33,11 @@ class WatchCursor:
     """Reads the next update of the watched tasks, opening a stream whenever none is open.
 
     ``next`` raises ``ClientError`` when the stream fails; the caller retries it (a retryable error) and
-    the next call resumes on a new stream. Updates whose sequence is not past the last one seen of their task
-    are dropped, so even a server that ignores ``after_sequence`` causes no repeat. ``deadline``
-    (time.monotonic) bounds the whole watch.
+    the next call resumes on a new stream. Two ends are resumed here at once: the server's idle or send
+    timeout (DEADLINE_EXCEEDED), and a stream that fell behind its buffer (RESOURCE_EXHAUSTED, STREAM_BEHIND)
+    after delivering something, so that resuming always makes progress. Updates whose sequence is not past
+    the last one seen of their task are dropped, so even a server that ignores ``after_sequence`` causes no
+    repeat. ``deadline`` (time.monotonic) bounds the whole watch.
     """
 
     def __init__(self, open_stream: OpenStream, after: Mapping[str, int], deadline: float | None) -> None:
@@ -41,6 +46,7 @@ class WatchCursor:
         self._ended: set[str] = set()
         self.deadline = deadline
         self._call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
+        self._delivered = False  # whether the open stream delivered an update
 
     @property
     def last_sequences(self) -> dict[str, int]:
@@ -54,17 +60,18 @@ class WatchCursor:
                 if not pending:
                     return None
                 self._call = self._open_stream(pending, self._remaining_s())
+                self._delivered = False
             call = self._call
             try:
                 response = await call.read()
             except grpc.aio.AioRpcError as e:
                 self._call = None
                 error = ClientError.from_rpc_error(e)
-                if error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if not self._resumable(error):
                     raise error from e
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     raise deadline_exceeded("no terminal update within the watch's timeout") from e
-                continue  # the server's idle timeout: watch again, from the last sequence seen
+                continue  # watch again, from the last sequence seen
             if response is grpc.aio.EOF:
                 # A stream ends with status OK only after the terminal update (possibly one sent before
                 # after_sequence, on a resumed watch): the watch is over. A dropped stream ends with an error.
@@ -81,7 +88,14 @@ class WatchCursor:
                 self._last[task] = state.sequence
             if events.is_terminal(state.status):
                 self._ended.add(task)
+            self._delivered = True
             return state
+
+    def _resumable(self, error: ClientError) -> bool:
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return True
+        behind = error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == STREAM_BEHIND
+        return behind and self._delivered
 
     def close(self) -> None:
         """Cancel the open stream, if any; safe to call twice."""
