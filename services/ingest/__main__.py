@@ -10,7 +10,8 @@ from contextlib import AsyncExitStack
 
 from aimesh import runtime, tracing
 from aimesh.auth import Authenticator
-from aimesh.grpc_edge import GrpcServer, ServerTls
+from aimesh.background import BackgroundThread
+from aimesh.grpc_edge import ConnectionPolicy, GrpcServer, ServerTls
 from aimesh.kafka import AsyncProducer, producer_config
 from aimesh.metrics import IngestMetrics, MetricsServer, new_registry
 from aimesh.settings import IngestSettings
@@ -18,7 +19,9 @@ from aimesh.v1 import ingest_pb2, ingest_pb2_grpc
 
 from .admission import Admission, AdmissionMonitor, KafkaLagSource
 from .idempotency import IdempotencyKeys
+from .parameters import ParameterCatalog
 from .quotas import InFlightTasks, RateLimit, RateQuotas, ResultsReader
+from .record_finder import KafkaRecordFinder
 from .service import IngestServicer
 from .validation import Limits
 
@@ -27,11 +30,17 @@ log = logging.getLogger("aimesh.ingest")
 
 async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
     authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
+    catalog = (
+        ParameterCatalog.from_file(settings.model_parameters_file)
+        if settings.model_parameters_file
+        else ParameterCatalog.built_in()
+    )
     config = producer_config(
         settings.kafka_bootstrap,
         client_id=f"aimesh-ingest-{socket.gethostname()}-{os.getpid()}",
         delivery_timeout_s=settings.publish_timeout_s,
-        extra=settings.kafka_client_config(),
+        # The producer's own limit is the one ingest checks records against (AIMESH_KAFKA_CONFIG may still set it).
+        extra={"message.max.bytes": settings.max_record_bytes, **settings.kafka_client_config()},
     )
     metrics = IngestMetrics(new_registry(), models=settings.model_names)
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
@@ -43,8 +52,12 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         RateLimit.of(settings.tenant_rate_per_s, settings.tenant_rate_burst),
         {tenant: RateLimit.of(rate, burst) for tenant, (rate, burst) in settings.rate_overrides.items()},
     )
+    lifeline = runtime.Lifeline()
+    readers: list[BackgroundThread] = []
     async with AsyncExitStack() as running:
         producer = await running.enter_async_context(AsyncProducer(config))
+        finder = KafkaRecordFinder({**kafka, "client.id": f"{config['client.id']}-finder"})
+        running.callback(finder.close)
         await running.enter_async_context(metrics_server)
         if admission.enabled:
             source = KafkaLagSource({**kafka, "client.id": f"{config['client.id']}-admission"}, settings.worker_group)
@@ -58,17 +71,27 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
                 metrics=metrics,
                 window_s=max(10.0, 5 * settings.admission_interval_s),
             )
-            await running.enter_async_context(monitor)
+            readers.append(monitor)
         if in_flight.enabled:
             reader = ResultsReader(
                 {**kafka, "client.id": f"{config['client.id']}-results"}, settings.results_topic, in_flight
             )
-            await running.enter_async_context(reader)
+            readers.append(reader)
+        for thread in readers:
+            thread.on_death = lifeline.report  # a reader that died must not leave ingest looking healthy
+            await running.enter_async_context(thread)
         servicer = IngestServicer(
             producer,
             tasks_topic=settings.tasks_topic,
             batch_tasks_topic=settings.batch_tasks_topic,
-            limits=Limits(models=settings.model_names, max_text_bytes=settings.max_text_bytes),
+            limits=Limits(
+                models=settings.model_names,
+                max_text_bytes=settings.max_text_bytes,
+                max_deadline_s=settings.max_deadline_s,
+                parameters=catalog,
+            ),
+            max_record_bytes=settings.max_record_bytes,
+            record_finder=finder,
             max_batch_tasks=settings.max_batch_tasks,
             publish_timeout_s=settings.publish_timeout_s,
             idempotency=IdempotencyKeys(settings.idempotency_ttl_s),
@@ -84,10 +107,16 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
             interceptors=tracing.server_interceptors(),
             auth=authenticator,
             tls=ServerTls.from_settings(settings),
+            connections=ConnectionPolicy.from_settings(settings),
         )
         server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
         await server.start()
-        await stop.wait()
+        try:
+            await lifeline.wait_for(stop)
+        except runtime.ComponentDied:
+            await server.set_serving(False)
+            await server.stop(settings.shutdown_grace_s)
+            raise
         log.info("stopping: draining in-flight calls for up to %.1fs", settings.shutdown_grace_s)
         await server.stop(settings.shutdown_grace_s)
 

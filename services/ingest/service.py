@@ -6,15 +6,25 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from confluent_kafka import KafkaError, KafkaException
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2
+from opentelemetry import propagate
 
 from aimesh import auth, events, runtime, tracing
-from aimesh.errors import BrokerUnavailable, DeadlinePassed, InvalidTask, UnknownModel
+from aimesh.errors import (
+    BrokerUnavailable,
+    DeadlinePassed,
+    InvalidTask,
+    PublishInDoubt,
+    RecordTooLarge,
+    UnknownModel,
+)
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.kafka import AsyncProducer
 from aimesh.metrics import (
@@ -30,14 +40,32 @@ from aimesh.metrics import (
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
 
 from .admission import Admission
-from .idempotency import Accepted, IdempotencyKeys
+from .idempotency import Accepted, IdempotencyKeys, SentRecord
 from .quotas import InFlightTasks, RateQuotas, Reservation
+from .record_finder import LookupUnavailable, RecordFinder
+from .record_size import record_bytes
 from .validation import Limits, validate
 
 log = logging.getLogger(__name__)
 
 # A tenant over its concurrency quota is told to retry after this long: when its tasks finish is not known.
 CONCURRENCY_RETRY_S = 2.0
+# The send span injects a traceparent even when the call came without trace context: its size is counted.
+TRACEPARENT_HEADER = ("traceparent", "00-" + "0" * 32 + "-" + "0" * 16 + "-00")
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task's record, built (with its task id) before anything is published."""
+
+    topic: str
+    model_name: str
+    event: task_pb2.AITaskEvent
+    value: bytes
+
+    @property
+    def task_id(self) -> str:
+        return self.event.task_id
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -62,6 +90,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         admission: Admission | None = None,
         rate_quotas: RateQuotas | None = None,
         in_flight: InFlightTasks | None = None,
+        max_record_bytes: int = 1_000_000,
+        record_finder: RecordFinder | None = None,
     ) -> None:
         self._producer = producer
         self._topic = tasks_topic
@@ -74,6 +104,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._admission = admission
         self._rate_quotas = rate_quotas
         self._in_flight = in_flight if in_flight is not None and in_flight.enabled else None
+        self._max_record_bytes = max_record_bytes
+        self._record_finder = record_finder
 
     def topic_of(self, request: ingest_pb2.SubmitTaskRequest) -> str:
         return self._batch_topic if request.priority == task_pb2.PRIORITY_BATCH else self._topic
@@ -82,9 +114,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.SubmitTaskResponse:
         await self._validate_or_abort(context, [request], lambda _: "")
+        records = await self._build_or_abort(context, [request], lambda _: "")
         reservation = await self._admit_or_abort(context, [request])
         try:
-            return (await self._accept_or_abort(context, [request], reservation))[0]
+            return (await self._accept_or_abort(context, [request], records, reservation))[0]
         finally:
             if reservation is not None:
                 reservation.release()
@@ -99,10 +132,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 context, InvalidTask([("tasks", f"must hold 1 to {self._max_batch_tasks} tasks, not {count}")])
             )
         await self._validate_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
+        records = await self._build_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
         reservation = await self._admit_or_abort(context, request.tasks)
         try:
             return ingest_pb2.SubmitTasksResponse(
-                tasks=await self._accept_or_abort(context, request.tasks, reservation)
+                tasks=await self._accept_or_abort(context, request.tasks, records, reservation)
             )
         finally:
             if reservation is not None:
@@ -134,6 +168,52 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if violations:
             self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
             await abort_invalid(context, InvalidTask(violations))
+
+    async def _build_or_abort(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        requests: Sequence[ingest_pb2.SubmitTaskRequest],
+        prefix: Callable[[int], str],
+    ) -> list[TaskRecord]:
+        """Each request's record; INVALID_ARGUMENT naming ``input.text`` when one would exceed
+        ``max_record_bytes``, before any is published (a batch stays all or nothing)."""
+        tenant = auth.current_tenant()
+        records = [self._record_of(request, tenant) for request in requests]
+        headers = [*events.task_headers(), *_trace_headers()]
+        violations = []
+        for i, record in enumerate(records):
+            size = record_bytes(record.task_id.encode(), record.value, headers)
+            if size > self._max_record_bytes:
+                text_bytes = len(requests[i].input.text.encode())
+                violations.append(
+                    (
+                        f"{prefix(i)}input.text",
+                        f"the task's Kafka record would be {size} bytes (its text {text_bytes}, the rest parameters, "
+                        f"ids and headers); the limit is {self._max_record_bytes} bytes (AIMESH_MAX_RECORD_BYTES): "
+                        f"shorten it by at least {size - self._max_record_bytes} bytes",
+                    )
+                )
+        if violations:
+            self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
+            await abort_invalid(context, InvalidTask(violations))
+        return records
+
+    def _record_of(self, request: ingest_pb2.SubmitTaskRequest, tenant: str) -> TaskRecord:
+        event = task_pb2.AITaskEvent(
+            schema_version=events.SCHEMA_VERSION,
+            task_id=str(uuid.uuid4()),
+            model_name=request.model_name,
+            model_version=request.model_version,
+            input=request.input,
+            parameters=request.parameters,
+            submitted_at=events.now_timestamp(),
+            idempotency_key=request.idempotency_key,
+            tenant=tenant,
+            priority=request.priority or task_pb2.PRIORITY_INTERACTIVE,
+        )
+        if request.HasField("deadline"):
+            event.deadline.CopyFrom(request.deadline)
+        return TaskRecord(self.topic_of(request), request.model_name, event, event.SerializeToString())
 
     async def _admit_or_abort(
         self, context: grpc.aio.ServicerContext[Any, Any], requests: Sequence[ingest_pb2.SubmitTaskRequest]
@@ -222,13 +302,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         requests: Sequence[ingest_pb2.SubmitTaskRequest],
+        records: Sequence[TaskRecord],
         reservation: Reservation | None,
     ) -> list[ingest_pb2.SubmitTaskResponse]:
-        submissions = [self._accept(request, reservation) for request in requests]
+        submissions = [self._accept(r, record, reservation) for r, record in zip(requests, records, strict=True)]
         outcomes = await asyncio.gather(*submissions, return_exceptions=True)
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
-            first = failures[0]
+            first = next((f for f in failures if isinstance(f, RecordTooLarge)), failures[0])
+            if isinstance(first, RecordTooLarge):
+                self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
+                await abort_invalid(context, InvalidTask([("input.text", str(first))]))
             if isinstance(first, BrokerUnavailable | TimeoutError):
                 unacknowledged = sum(isinstance(f, BrokerUnavailable | TimeoutError) for f in failures)
                 self._metrics.tasks_rejected.labels(REJECT_BROKER_UNAVAILABLE).inc(unacknowledged)
@@ -244,57 +328,102 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return [o for o in outcomes if isinstance(o, ingest_pb2.SubmitTaskResponse)]
 
     async def _accept(
-        self, request: ingest_pb2.SubmitTaskRequest, reservation: Reservation | None
+        self, request: ingest_pb2.SubmitTaskRequest, record: TaskRecord, reservation: Reservation | None
     ) -> ingest_pb2.SubmitTaskResponse:
-        tenant = auth.current_tenant()
         if request.idempotency_key:
             # Scoped per tenant: one tenant's key never returns another's task. A tenant name has no "/".
             accepted, duplicate = await self._idempotency.submit_once(
-                f"{tenant}/{request.idempotency_key}", lambda: self._publish(request, tenant, reservation)
+                f"{record.event.tenant}/{request.idempotency_key}",
+                lambda: self._publish(record, reservation),
+                self._resolve,
             )
         else:
-            accepted, duplicate = await self._publish(request, tenant, reservation), False
+            accepted, duplicate = await self._publish(record, reservation), False
         return ingest_pb2.SubmitTaskResponse(
             task_id=accepted.task_id, accepted_at=accepted.accepted_at, duplicate=duplicate
         )
 
-    async def _publish(
-        self, request: ingest_pb2.SubmitTaskRequest, tenant: str, reservation: Reservation | None
-    ) -> Accepted:
-        task_id = str(uuid.uuid4())
+    async def _publish(self, record: TaskRecord, reservation: Reservation | None) -> Accepted:
+        """Produce ``record`` and wait for its acknowledgement. Raises RecordTooLarge, BrokerUnavailable when it
+        was refused before it was queued (nothing written), or PublishInDoubt when it may have been written."""
+        task_id = record.task_id
         runtime.task_id_var.set(task_id)  # this coroutine runs as its own asyncio task (gather)
-        event = task_pb2.AITaskEvent(
-            schema_version=events.SCHEMA_VERSION,
-            task_id=task_id,
-            model_name=request.model_name,
-            model_version=request.model_version,
-            input=request.input,
-            parameters=request.parameters,
-            submitted_at=events.now_timestamp(),
-            idempotency_key=request.idempotency_key,
-            tenant=tenant,
-            priority=request.priority or task_pb2.PRIORITY_INTERACTIVE,
-        )
-        if request.HasField("deadline"):
-            event.deadline.CopyFrom(request.deadline)
-        topic = self.topic_of(request)
         headers = events.task_headers()
+        accepted = Accepted(task_id=task_id, accepted_at=record.event.submitted_at)
         if reservation is not None:
             reservation.bind(task_id)  # before producing: its result, however fast, finds it tracked
         try:
-            with tracing.send_span(topic, task_id, headers):
-                delivery: Awaitable[object] = self._producer.produce(
-                    topic, key=task_id, value=event.SerializeToString(), headers=headers
+            with tracing.send_span(record.topic, task_id, headers):
+                produced_at_ms = time.time_ns() // 1_000_000  # librdkafka stamps the record no earlier
+                delivery = asyncio.ensure_future(
+                    self._producer.produce(record.topic, key=task_id, value=record.value, headers=headers)
                 )
+                delivery.add_done_callback(_retrieve)
+                sent = SentRecord(record.topic, record.model_name, accepted, produced_at_ms, delivery)
                 with self._metrics.time_publish():
-                    await asyncio.wait_for(delivery, self._publish_timeout_s + 1.0)
+                    await self._delivered(sent, self._publish_timeout_s + 1.0)
         except BaseException:
             if reservation is not None:
                 reservation.unbind(task_id)
             raise
-        self._metrics.tasks_accepted.labels(request.model_name).inc()
-        log.debug("accepted task %s for model %s", task_id, request.model_name)
-        return Accepted(task_id=task_id, accepted_at=event.submitted_at)
+        self._metrics.tasks_accepted.labels(record.model_name).inc()
+        log.debug("accepted task %s for model %s", task_id, record.model_name)
+        return accepted
+
+    async def _delivered(self, sent: SentRecord, timeout_s: float) -> None:
+        """Wait for ``sent``'s delivery report and translate its failure."""
+        try:
+            await asyncio.wait_for(asyncio.shield(sent.delivery), timeout_s)
+        except TimeoutError:
+            # librdkafka is still trying: the record may yet be written.
+            raise PublishInDoubt("no delivery report in time", record=sent) from None
+        except BrokerUnavailable as e:
+            if _too_large(e):
+                raise RecordTooLarge(f"the producer refused the task's record as too large: {e}") from e
+            if e.kafka_error is None:
+                raise  # refused before it was queued: nothing was written
+            raise PublishInDoubt(str(e), record=sent, kafka_error=e.kafka_error) from e
+
+    async def _resolve(self, sent: SentRecord) -> Accepted:
+        """The retry of a key whose record is in doubt: its task when that record was delivered or is found in
+        its partition; else PublishInDoubt again. Never produces a second record."""
+        runtime.task_id_var.set(sent.accepted.task_id)
+        if not sent.delivery.done() or sent.delivery.exception() is None:
+            await self._delivered(sent, self._publish_timeout_s)
+        elif self._record_finder is None:
+            raise PublishInDoubt("an earlier record with this key may have been written", record=sent)
+        else:
+            try:
+                landed = await self._record_finder.landed(sent.topic, sent.accepted.task_id, sent.produced_at_ms)
+            except LookupUnavailable as e:
+                raise PublishInDoubt(f"cannot tell whether the earlier record landed: {e}", record=sent) from e
+            if not landed:
+                raise PublishInDoubt("the earlier record with this key is not in its partition (yet)", record=sent)
+            log.info("task %s: its record landed although its delivery was not acknowledged", sent.accepted.task_id)
+        self._metrics.tasks_accepted.labels(sent.model_name).inc()
+        return sent.accepted
+
+
+def _trace_headers() -> list[tuple[str, str | bytes | None]]:
+    """The trace headers the send span will add to a record in the current context (an upper bound)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    carrier.setdefault(*TRACEPARENT_HEADER)
+    return list(carrier.items())
+
+
+def _too_large(error: BrokerUnavailable) -> bool:
+    """Whether librdkafka (at produce) or the broker (in the delivery report) refused the record as too large."""
+    cause = error.__cause__
+    kafka_error = cause.args[0] if isinstance(cause, KafkaException) and cause.args else error.kafka_error
+    # librdkafka reports its own refusal with the broker's code, MSG_SIZE_TOO_LARGE, too.
+    return isinstance(kafka_error, KafkaError) and kafka_error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A delivery nobody awaits any more (the call gave up waiting) must not log "exception never retrieved".
+    if not future.cancelled():
+        future.exception()
 
 
 def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:

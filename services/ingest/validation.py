@@ -4,26 +4,42 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from tritonclient.utils import TRITON_RESERVED_REQUEST_PARAMS, TRITON_RESERVED_REQUEST_PARAMS_PREFIX
 
 from aimesh.errors import DeadlinePassed, InvalidTask, UnknownModel
 from aimesh.events import timestamp_s
 from aimesh.v1 import ingest_pb2, task_pb2
+
+from .parameters import ParameterCatalog
 
 PARAMETER_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_PARAMETERS = 32
 MAX_PARAMETER_VALUE_CHARS = 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 MAX_MODEL_NAME_CHARS = 128
-RESERVED_PARAMETER_PREFIX = "triton_"
+# Names tritonclient's infer() refuses as request parameters (it sets them itself from its own arguments):
+# a task carrying one would only fail in the worker, as a model error in the dead-letter topic.
+RESERVED_PARAMETER_PREFIX = TRITON_RESERVED_REQUEST_PARAMS_PREFIX
+RESERVED_PARAMETERS = frozenset(TRITON_RESERVED_REQUEST_PARAMS)
+# Triton serves versions from positive, numerically named directories without leading zeros, as int64.
+MODEL_VERSION = re.compile(r"[1-9][0-9]{0,18}")
+MAX_MODEL_VERSION = 2**63 - 1
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+MIN_TIMESTAMP_S = -62_135_596_800
+MAX_TIMESTAMP_S = 253_402_300_799
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What ingest accepts."""
+    """What ingest accepts. ``parameters`` declares each model's parameters (none declared: not checked)."""
 
     models: frozenset[str]
     max_text_bytes: int
+    max_deadline_s: float = 86_400.0
+    parameters: ParameterCatalog = field(default_factory=lambda: ParameterCatalog({}))
 
 
 def validate(request: ingest_pb2.SubmitTaskRequest, limits: Limits, *, prefix: str = "") -> None:
@@ -40,8 +56,8 @@ def validate(request: ingest_pb2.SubmitTaskRequest, limits: Limits, *, prefix: s
         bad("model_name", "required")
     elif len(request.model_name) > MAX_MODEL_NAME_CHARS:
         bad("model_name", f"longer than {MAX_MODEL_NAME_CHARS} characters")
-    if request.model_version and not request.model_version.isdigit():
-        bad("model_version", "must be a positive integer or empty")
+    if request.model_version and not _is_model_version(request.model_version):
+        bad("model_version", f"must be empty or an integer from 1 to {MAX_MODEL_VERSION} in ASCII digits")
 
     kind = request.input.WhichOneof("kind") if request.HasField("input") else None
     if kind is None:
@@ -58,21 +74,45 @@ def validate(request: ingest_pb2.SubmitTaskRequest, limits: Limits, *, prefix: s
     for key, value in request.parameters.items():
         if not PARAMETER_KEY.fullmatch(key):
             bad(f"parameters[{key!r}]", "key must be 1-64 characters of [a-z0-9_] starting with a letter")
-        elif key.startswith(RESERVED_PARAMETER_PREFIX):
-            bad(f"parameters[{key!r}]", f"keys starting with {RESERVED_PARAMETER_PREFIX!r} are reserved")
+        elif key.startswith(RESERVED_PARAMETER_PREFIX) or key in RESERVED_PARAMETERS:
+            bad(
+                f"parameters[{key!r}]",
+                f"is reserved by Triton ({', '.join(sorted(RESERVED_PARAMETERS))} and "
+                f"names starting with {RESERVED_PARAMETER_PREFIX!r})",
+            )
         if len(value) > MAX_PARAMETER_VALUE_CHARS:
             bad(f"parameters[{key!r}]", f"value longer than {MAX_PARAMETER_VALUE_CHARS} characters")
+    for key, problem in limits.parameters.check(request.model_name, request.parameters):
+        bad(f"parameters[{key!r}]", problem)
 
     if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
         bad("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
     if request.priority not in task_pb2.Priority.values():
         bad("priority", f"unknown priority {request.priority}: use PRIORITY_INTERACTIVE or PRIORITY_BATCH")
-    if request.HasField("deadline") and (request.deadline.nanos < 0 or request.deadline.nanos >= 1_000_000_000):
-        bad("deadline", "nanos must be within [0, 1e9)")
+    now = time.time()
+    out_of_range = _deadline_problem(request.deadline, now, limits.max_deadline_s)
+    if request.HasField("deadline") and out_of_range:
+        bad("deadline", out_of_range)
 
     if violations:
         raise InvalidTask(violations)
     if request.model_name not in limits.models:
         raise UnknownModel(request.model_name, limits.models)
-    if request.HasField("deadline") and timestamp_s(request.deadline) <= time.time():
+    if request.HasField("deadline") and timestamp_s(request.deadline) <= now:
         raise DeadlinePassed(f"{prefix}deadline is already in the past")
+
+
+def _is_model_version(version: str) -> bool:
+    # str.isdigit() also holds for "²" and "١": only ASCII digits name a Triton version.
+    return MODEL_VERSION.fullmatch(version) is not None and int(version) <= MAX_MODEL_VERSION
+
+
+def _deadline_problem(deadline: Timestamp, now: float, max_deadline_s: float) -> str | None:
+    """Why a deadline is out of range, or None. A past deadline is not out of range (it is a precondition)."""
+    if not 0 <= deadline.nanos < 1_000_000_000:
+        return "nanos must be within [0, 1e9)"
+    if not MIN_TIMESTAMP_S <= deadline.seconds <= MAX_TIMESTAMP_S:
+        return f"is not a valid Timestamp (years 1 to 9999); a deadline must lie within the next {max_deadline_s:g} s"
+    if timestamp_s(deadline) > now + max_deadline_s:
+        return f"is more than {max_deadline_s:g} s from now; a deadline must lie within the next {max_deadline_s:g} s"
+    return None

@@ -22,6 +22,25 @@ class BrokerUnavailable(AimeshError):
         self.kafka_error = kafka_error
 
 
+class PublishInDoubt(BrokerUnavailable):
+    """Kafka did not acknowledge a record that may still have been written (a delivery timeout): whoever
+    retries it must first learn whether it landed, or risk a second copy. ``record`` is what was sent."""
+
+    def __init__(self, message: str, *, record: Any, kafka_error: Any = None) -> None:
+        super().__init__(message, kafka_error=kafka_error)
+        self.record = record
+
+
+class RecordTooLarge(AimeshError):
+    """A record is larger than the producer may send (``AIMESH_MAX_RECORD_BYTES``, librdkafka's
+    message.max.bytes or the broker's max.message.bytes): no retry makes it fit."""
+
+    def __init__(self, message: str, *, record_bytes: int | None = None, limit_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.record_bytes = record_bytes
+        self.limit_bytes = limit_bytes
+
+
 class InvalidTask(AimeshError):
     """A task request breaks the contract. ``violations`` maps field paths to what is wrong."""
 

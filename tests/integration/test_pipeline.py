@@ -16,7 +16,14 @@ from aimesh.devstack.ports import free_ports
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2
 
-from .mesh_client import MeshClient, publish_garbage_then_expired_task, tensor, terminal_results_by_task
+from .mesh_client import (
+    MeshClient,
+    produce_raw,
+    publish_garbage_then_expired_task,
+    task_record,
+    tensor,
+    terminal_results_by_task,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -108,8 +115,11 @@ def test_every_worker_owns_partitions_of_each_tasks_topic(mesh: Stack) -> None:
         assert len(owners) == 2, f"{topic} partitions owned by {sorted(owners)} only"
 
 
-async def test_model_errors_become_failed_results(client: MeshClient) -> None:
-    bad_parameter = await client.submit("summarize", ARTICLE, parameters={"sentences": "many"})
+async def test_model_errors_become_failed_results(mesh: Stack, client: MeshClient) -> None:
+    # Ingest refuses a malformed declared parameter (INVALID_ARGUMENT); a record written straight to the topic
+    # reaches the model, which refuses it as bad input.
+    bad_parameter, record = task_record("summarize", ARTICLE, parameters={"sentences": "many"})
+    produce_raw(mesh.kafka_bootstrap, mesh.topics.tasks_topic, [(bad_parameter, record)])
     missing_model = await client.submit("ghost", "nobody serves this model")
     failed = await client.result(bad_parameter)
     assert failed.status == result_pb2.TASK_STATUS_FAILED

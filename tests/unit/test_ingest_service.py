@@ -42,17 +42,21 @@ async def start_ingest(
     **servicer_options: object,
 ) -> tuple[GrpcServer, RecordingProducer]:
     """An ingest on port 0 accepting ``sentiment``, its producer replaced at the seam, batch tasks on the topic
-    ``batch-tasks``. ``servicer_options`` (admission, rate_quotas, in_flight, metrics, max_batch_tasks) go to the
-    servicer. Stop the server when done."""
+    ``batch-tasks``. ``servicer_options`` (admission, rate_quotas, in_flight, metrics, max_batch_tasks, limits,
+    producer, record_finder, ...) go to the servicer. Stop the server when done."""
     producer = RecordingProducer()
-    options: dict[str, object] = {"max_batch_tasks": 3, **servicer_options}
+    options: dict[str, object] = {
+        "max_batch_tasks": 3,
+        "publish_timeout_s": 1.0,
+        "idempotency": IdempotencyKeys(60),
+        "limits": Limits(models=frozenset({"sentiment"}), max_text_bytes=max_text_bytes),
+        **servicer_options,
+    }
+    producer = options.pop("producer", producer)  # type: ignore[assignment]
     servicer = IngestServicer(
         producer,  # type: ignore[arg-type]
         tasks_topic="tasks",
         batch_tasks_topic="batch-tasks",
-        limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=max_text_bytes),
-        publish_timeout_s=1.0,
-        idempotency=IdempotencyKeys(60),
         **options,  # type: ignore[arg-type]
     )
     server = GrpcServer("127.0.0.1:0", ["aimesh.v1.IngestService"], auth=auth, max_message_bytes=max_message_bytes)

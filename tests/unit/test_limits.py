@@ -43,7 +43,16 @@ async def test_a_message_over_the_limit_is_resource_exhausted() -> None:
 def test_ingest_settings_keep_the_largest_text_within_a_message() -> None:
     with pytest.raises(ValueError, match="AIMESH_MAX_MESSAGE_BYTES"):
         IngestSettings(max_text_bytes=8 << 20, max_message_bytes=4 << 20)
-    assert IngestSettings(max_text_bytes=8 << 20, max_message_bytes=9 << 20).max_message_bytes == 9 << 20
+    assert (
+        IngestSettings(max_text_bytes=8 << 20, max_message_bytes=9 << 20, max_record_bytes=8 << 20).max_message_bytes
+        == 9 << 20
+    )
+
+
+def test_ingest_settings_keep_the_largest_text_within_a_record() -> None:
+    with pytest.raises(ValueError, match="AIMESH_MAX_RECORD_BYTES"):
+        IngestSettings(max_text_bytes=2_000_000, max_message_bytes=4 << 20, max_record_bytes=1_000_000)
+    assert IngestSettings().max_text_bytes <= IngestSettings().max_record_bytes
 
 
 @pytest.fixture

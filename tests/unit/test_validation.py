@@ -63,3 +63,25 @@ def test_priority_must_be_a_known_class() -> None:
         validate(request(priority=known), LIMITS)
     assert violations(request(priority=3), prefix="tasks[2].") == ["tasks[2].priority"]
     assert violations(request(priority=-1)) == ["priority"]
+
+
+def test_a_deadline_beyond_the_maximum_or_outside_timestamps_is_a_field_violation() -> None:
+    limits = Limits(models=frozenset({"sentiment"}), max_text_bytes=100, max_deadline_s=60)
+    for seconds in (10**13, -(10**13), int(time.time()) + 120):
+        with pytest.raises(InvalidTask) as info:
+            validate(request(deadline=Timestamp(seconds=seconds)), limits, prefix="tasks[0].")
+        assert [field for field, _ in info.value.violations] == ["tasks[0].deadline"]
+    validate(request(deadline=Timestamp(seconds=int(time.time()) + 50)), limits)
+
+
+def test_triton_reserved_parameter_names_are_refused() -> None:
+    reserved = ["priority", "timeout", "headers", "sequence_id", "sequence_start", "sequence_end", "binary_data_output"]
+    found = violations(request(parameters=dict.fromkeys(reserved, "1")))
+    assert sorted(found) == sorted(f"parameters[{name!r}]" for name in reserved)
+
+
+def test_model_version_takes_ascii_digits_only_in_triton_range() -> None:
+    for version in ("١", "²", "0", "01", "-1", str(2**63)):
+        assert violations(request(model_version=version)) == ["model_version"], version
+    validate(request(model_version=str(2**63 - 1)), LIMITS)
+    validate(request(model_version="3"), LIMITS)
