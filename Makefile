@@ -7,7 +7,7 @@ BIN := .cache/bin
 GRPCURL_VERSION := v1.9.4
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup proto demo up down test test-unit lint bench bench-tools clean tools
+.PHONY: setup proto demo up down test test-unit lint bench bench-tools soak clean tools
 
 # The virtual environment, the project (editable) and the generated protobuf code.
 $(VENV)/.installed: pyproject.toml
@@ -70,6 +70,13 @@ bench-tools:
 
 bench: setup bench-tools $(VENV)/.bench-installed
 	$(PY) benchmarks/run.py --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+# Soak: SOAK_MINUTES (default 30) of mixed load against a fresh stack, then the verdict (exit status) in docs/soak.md
+# with docs/soak_memory.png. `make soak SOAK_MINUTES=3` is a short run; SOAK_ARGS passes more options (--rate, ...).
+SOAK_MINUTES ?= 30
+SOAK_ARGS ?=
+soak: setup $(VENV)/.bench-installed
+	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES) --markdown docs/soak.md --plot docs/soak_memory.png $(SOAK_ARGS)
 
 clean:
 	rm -rf .run build *.egg-info src/aimesh/v1

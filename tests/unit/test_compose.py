@@ -91,6 +91,38 @@ def container_ports(service: Mapping[str, Any]) -> set[int]:
     return ports
 
 
+# Compose interpolation: ${NAME}, ${NAME:-default} (also when empty), ${NAME-default} (only when unset).
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?-)([^}]*))?\}")
+PUBLISH_HOST = "AIMESH_PUBLISH_HOST"
+DOCKER_MD = REPO_ROOT / "docs" / "docker.md"
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """``text`` as ``docker compose`` resolves its variables from ``env``."""
+
+    def value(match: re.Match[str]) -> str:
+        name, operator, default = match.groups()
+        if operator == ":-" and not env.get(name):
+            return default
+        if operator == "-" and name not in env:
+            return default
+        return env.get(name, "")
+
+    return _INTERPOLATION.sub(value, text)
+
+
+def published(service: Mapping[str, Any], env: Mapping[str, str]) -> list[tuple[str, int]]:
+    """(host address, container port) of every published port; an empty address means every interface."""
+    found = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, Mapping):
+            found.append((interpolate(str(entry.get("host_ip", "")), env), int(entry["target"])))
+            continue
+        parts = interpolate(str(entry), env).split("/", 1)[0].split(":")
+        found.append((parts[0] if len(parts) == 3 else "", int(parts[-1])))
+    return found
+
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)")
 _DURATION_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
 
@@ -261,6 +293,31 @@ def test_services_wait_for_what_they_need(services: dict[str, dict[str, Any]]) -
                 assert check.get("test") and not check.get("disable"), (
                     f"{name} waits for {dependency} to be healthy, but {dependency} has no healthcheck"
                 )
+
+
+# --- what reaches the host ------------------------------------------------------------------------------------
+def test_every_published_port_is_bound_to_loopback_by_default(services: dict[str, dict[str, Any]]) -> None:
+    # The services run with AIMESH_AUTH=off: a port on every interface would hand anyone on the network every result.
+    exposed = {
+        f"{name}:{port}": host or "every interface"
+        for name, service in services.items()
+        for host, port in published(service, {})
+        if host != "127.0.0.1"
+    }
+    assert not exposed, f"published beyond loopback by default: {exposed}"
+
+
+def test_one_variable_opens_every_published_port_deliberately(services: dict[str, dict[str, Any]]) -> None:
+    opened = {PUBLISH_HOST: "0.0.0.0"}
+    hosts = {f"{name}:{port}": host for name, service in services.items() for host, port in published(service, opened)}
+    assert hosts, "docker-compose.yml publishes no port"
+    assert set(hosts.values()) == {"0.0.0.0"}, f"{PUBLISH_HOST}=0.0.0.0 does not open them all: {hosts}"
+    assert PUBLISH_HOST in DOCKER_MD.read_text(), f"docs/docker.md does not say how {PUBLISH_HOST} opens the ports"
+
+
+def test_grafana_lets_no_anonymous_viewer_in_by_default(services: dict[str, dict[str, Any]]) -> None:
+    setting = environment(services["grafana"]).get("GF_AUTH_ANONYMOUS_ENABLED") or "false"
+    assert interpolate(setting, {}).strip().lower() == "false", f"GF_AUTH_ANONYMOUS_ENABLED is {setting!r}"
 
 
 # --- triton ---------------------------------------------------------------------------------------------------
