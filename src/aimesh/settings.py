@@ -54,6 +54,13 @@ class KafkaSettings(BaseSettings):
     dead_letter_topic: str = Field(
         "aimesh.tasks.dlq", description="Topic that receives task records the worker cannot process, with the reason."
     )
+    max_record_bytes: int = Field(
+        1_000_000,
+        ge=65536,
+        description="Largest Kafka record (key, value and headers) a service produces: librdkafka's "
+        "message.max.bytes default, below the broker's default max.message.bytes. Ingest refuses a task whose record "
+        "would be larger; the worker shrinks a result or dead-letter record that would be.",
+    )
     log_level: str = Field("INFO", description="Python log level for the service.")
     log_format: str = Field(
         "auto", pattern="^(auto|json|text)$", description="json, text, or auto (text on a terminal, else JSON)."
@@ -118,6 +125,24 @@ class ServerSettings(KafkaSettings):
     max_message_bytes: int = Field(
         4 << 20, ge=1024, description="Largest gRPC message received or sent; larger ones get RESOURCE_EXHAUSTED."
     )
+    grpc_keepalive_time_s: float = Field(
+        60.0, gt=0, description="The gRPC server pings a connection quiet for this long, to find dead clients."
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="A connection whose client does not answer a keepalive ping in this time is closed."
+    )
+    grpc_max_connection_age_s: float = Field(
+        1800.0,
+        gt=0,
+        description="The gRPC server asks a client to reconnect (GOAWAY) once its connection is this old, so load "
+        "rebalances and no connection lives forever.",
+    )
+    grpc_max_connection_age_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="Calls still open on a connection past its maximum age get this long, then end UNAVAILABLE "
+        "(the client library resumes watches with after_sequence).",
+    )
 
     @model_validator(mode="after")
     def _tls_files_come_together(self) -> ServerSettings:
@@ -142,7 +167,20 @@ class IngestSettings(ServerSettings):
         "summarize,sentiment,embed,sleep,generate",
         description="Comma-separated model names that ingest accepts; others get NOT_FOUND.",
     )
-    max_text_bytes: int = Field(1_000_000, gt=0, description="Largest accepted input text, UTF-8 bytes.")
+    max_text_bytes: int = Field(
+        1_000_000,
+        gt=0,
+        description="Largest accepted input text, UTF-8 bytes; the task's whole record must also fit "
+        "AIMESH_MAX_RECORD_BYTES, so this may not exceed it.",
+    )
+    max_deadline_s: float = Field(
+        86_400.0, gt=0, description="Latest deadline a task may ask for, in seconds from its submission."
+    )
+    model_parameters_file: str = Field(
+        "",
+        description="JSON file declaring each model's request parameters and their limits, replacing the built-in "
+        "declarations of the models it names; empty: the built-in declarations of the repository's models.",
+    )
     max_batch_tasks: int = Field(1000, gt=0, description="Most tasks in one SubmitTasks call.")
     publish_timeout_s: float = Field(
         5.0, gt=0, description="How long SubmitTask waits for the broker before answering UNAVAILABLE."
@@ -190,6 +228,11 @@ class IngestSettings(ServerSettings):
         if self.max_message_bytes <= self.max_text_bytes:
             raise ValueError(
                 "AIMESH_MAX_MESSAGE_BYTES must exceed AIMESH_MAX_TEXT_BYTES, or no text that large could arrive"
+            )
+        if self.max_text_bytes > self.max_record_bytes:
+            raise ValueError(
+                "AIMESH_MAX_TEXT_BYTES may not exceed AIMESH_MAX_RECORD_BYTES: no task with a text that large "
+                "could be published"
             )
         return self
 
@@ -304,6 +347,27 @@ class NotifierSettings(ServerSettings):
     )
     stream_idle_timeout_s: float = Field(
         600.0, gt=0, description="A WatchTask or WatchTasks stream with no update for this long ends DEADLINE_EXCEEDED."
+    )
+    stream_send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A WatchTask or WatchTasks stream whose client does not take an update for this long (its "
+        "HTTP/2 window stays full) ends DEADLINE_EXCEEDED and its buffer is freed.",
+    )
+    max_stream_buffer_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Most bytes of updates (serialized size) buffered for one WatchTask or WatchTasks stream; past "
+        "it the stream sends what it holds and ends RESOURCE_EXHAUSTED (resume with after_sequence).",
+    )
+    max_stream_buffer_updates: int = Field(
+        10_000, gt=0, description="Most updates buffered for one stream; past it, as for the bytes."
+    )
+    max_subscription_buffer_bytes: int = Field(
+        512 << 20,
+        ge=1024,
+        description="Most bytes buffered for all streams together; a stream that would pass it ends as above, and "
+        "new WatchTask/WatchTasks calls get RESOURCE_EXHAUSTED while less than one stream's buffer is free.",
     )
     max_updates_per_task: int = Field(
         10_000,
