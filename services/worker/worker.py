@@ -2,10 +2,12 @@
 result per task.
 
 Exactly once: a task's terminal result (and, for a record it cannot process, its dead-letter record) is
-published in the same Kafka transaction that commits the task's offset. Inference runs *outside*
-transactions; finished tasks wait in the ``Ledger`` until every earlier offset of their partition is
-finished too, then the publisher thread commits the whole finished head of every partition in one short
-transaction. A crash re-runs what was not committed; a read_committed consumer never sees a result twice.
+published in the same Kafka transaction that commits its partition's offsets. Inference runs *outside*
+transactions; a finished task is published by the next transaction, whatever still runs before it in its
+partition (a fast task never waits for a slow one). The committed offset stays the partition's lowest unpublished
+one, and the published offsets above it ride in the commit's metadata (``ledger``, ``finished_offsets``); a new
+owner of the partition reads both and skips exactly the tasks already published. A crash re-runs what was not
+published; a read_committed consumer never sees a result twice.
 
 Three threads, each with one job:
 - the consumer thread owns the Consumer: fetches, pauses (in-flight limit reached, Triton unhealthy,
@@ -61,12 +63,13 @@ from aimesh.metrics import WorkerMetrics, error_code_label, status_label
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
+from . import finished_offsets
 from .aborts import AbortPolicy
 from .batching import Batcher, BatchKey, CancelledByClient
 from .cancellation import CancellationReader, Cancellations
 from .health import TritonHealth
 from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, TritonInference
-from .ledger import Ledger, Outcome, OutRecord, Partition, Ready, Refusal, TopicPartitionKey
+from .ledger import Committed, Ledger, Outcome, OutRecord, Partition, Ready, Refusal, TopicPartitionKey
 from .record_limits import MAX_ERROR_HEADER_BYTES, RecordLimits, cut_utf8
 from .transactions import TransactionAborted, TransactionalPublisher, TransactionFatal
 
@@ -98,6 +101,8 @@ PUBLISH_WEDGED_S = 45.0
 # How many transactions a revoke tries before letting the partitions go unpublished: enough for an outcome to be
 # cut down twice (Kafka refusing its records) and published.
 REVOKE_PUBLISH_TRIES = 4
+# How long the worker tries to read the committed offsets of partitions it is assigned (each query, and in all).
+COMMITTED_QUERY_TIMEOUT_S, COMMITTED_TIMEOUT_S = 10.0, 60.0
 # How long a revoke waits for a publish in progress before letting the partitions go unpublished.
 REVOKE_LOCK_TIMEOUT_S = 20.0
 # How long a revoke waits for the broker to resolve a stuck transaction (by fencing it) before letting partitions go.
@@ -429,17 +434,39 @@ class Worker:
         assert self._consumer is not None
         self._rewind.clear()
         assignment = self._consumer.assignment()
-        committed = self._consumer.committed(assignment, timeout=30) if assignment else []
-        for tp in committed:
-            self._consumer.seek(
-                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-            )
-        self._ledger.assign([(tp.topic, tp.partition) for tp in assignment])
+        committed = self._committed(self._consumer, assignment)
+        for tp in assignment:
+            offset = committed.get((tp.topic, tp.partition), (OFFSET_BEGINNING, ""))[0]
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        self._ledger.assign([(tp.topic, tp.partition) for tp in assignment], committed)
         log.warning("rewound %d partitions to their committed offsets", len(assignment))
+
+    @staticmethod
+    def _committed(consumer: Consumer, partitions: list[TopicPartition]) -> dict[TopicPartitionKey, Committed]:
+        """The group's committed offset and its metadata (the published offsets above it) for each of ``partitions``
+        that has one. Retried while the broker is away: without it the partitions' published tasks would run again,
+        so an error here stops the worker (its restart asks again)."""
+        if not partitions:
+            return {}
+        asked = [TopicPartition(p.topic, p.partition) for p in partitions]
+        give_up = time.monotonic() + COMMITTED_TIMEOUT_S
+        while True:
+            try:
+                found = consumer.committed(asked, timeout=COMMITTED_QUERY_TIMEOUT_S)
+                break
+            except KafkaException as e:
+                if not e.args[0].retriable() or time.monotonic() >= give_up:
+                    raise
+                log.warning("committed offsets not read, retrying: %s", e.args[0].str())
+        committed = {(tp.topic, tp.partition): (tp.offset, tp.metadata or "") for tp in found if tp.offset >= 0}
+        skipped = {key: len(finished_offsets.decode(*value)) for key, value in committed.items()}
+        if any(skipped.values()):
+            log.info("offsets already published above the committed ones (skipped): %s", skipped)
+        return committed
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._group_metadata = consumer.consumer_group_metadata()
-        self._ledger.assign([(p.topic, p.partition) for p in partitions])
+        self._ledger.assign([(p.topic, p.partition) for p in partitions], self._committed(consumer, partitions))
         paused = [p for p in partitions if self._paused[self._class_of(p.topic)]]
         if paused:
             consumer.pause(paused)
@@ -557,7 +584,7 @@ class Worker:
                 self._work_ready.set()
 
     def _publish_ready(self, keys: set[TopicPartitionKey] | None = None) -> bool:
-        """Publish the finished head of every owned partition (or of ``keys``) and commit its offsets in one
+        """Publish what has finished in every owned partition (or in ``keys``) and commit their offsets in one
         transaction, or one transaction per partition after aborts that named no record (see ``aborts``). Call with
         ``_txn_lock`` held. False if a transaction was aborted (publish again)."""
         ready = self._ledger.ready(keys)
@@ -577,7 +604,7 @@ class Worker:
         # For each record: the Ready holding it, its outcome's index there, and its index in that outcome.
         owners = [(r, i, j) for r in ready for i, outcome in enumerate(r.outcomes) for j in range(len(outcome.records))]
         records = [record for r in ready for outcome in r.outcomes for record in outcome.records]
-        offsets = [TopicPartition(r.partition.key[0], r.partition.key[1], r.next_offset) for r in ready]
+        offsets = [TopicPartition(r.partition.key[0], r.partition.key[1], r.next_offset, r.metadata) for r in ready]
         self._publishing_since = time.monotonic()
         try:
             self._publisher.publish(records, offsets, self._group_metadata)

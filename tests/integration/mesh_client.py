@@ -312,3 +312,16 @@ def task_updates(
             if event.task_id in wanted:
                 updates[event.task_id].append(event)
     return updates
+
+
+def slow_head_on_every_partition(bootstrap: str, topic: str, partitions: int, delay_ms: int) -> list[str]:
+    """Write one slow ``sleep`` task straight onto each of ``partitions`` partitions of ``topic`` (ingest picks
+    the partition by task id); their task ids."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    ids = []
+    for partition in range(partitions):
+        task_id, value = task_record("sleep", f"slow head {partition}", parameters={"delay_ms": str(delay_ms)})
+        producer.produce(topic, key=task_id, value=value, partition=partition)
+        ids.append(task_id)
+    assert producer.flush(30) == 0
+    return ids
