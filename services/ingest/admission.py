@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from aimesh import finished_offsets
 from aimesh.background import BackgroundThread
 from aimesh.metrics import IngestMetrics
 
@@ -312,7 +313,7 @@ class KafkaLagSource:
         if not partitions:
             return {}
         committed = {
-            (tp.topic, tp.partition): tp.offset
+            (tp.topic, tp.partition): (tp.offset, tp.metadata or "")
             for tp in self._consumer.committed(partitions, timeout=MEASURE_TIMEOUT_S)
             if tp.error is None
         }
@@ -321,8 +322,21 @@ class KafkaLagSource:
         for tp in partitions:
             start, end = self._consumer.get_watermark_offsets(tp, timeout=MEASURE_TIMEOUT_S, cached=False)
             # A partition the group never committed is read from its log start (auto.offset.reset=earliest).
-            at = committed.get((tp.topic, tp.partition), -1)
+            at, metadata = committed.get((tp.topic, tp.partition), (-1, ""))
+            done_ahead = _published_ahead(at, metadata)
             at = at if at >= 0 else start
-            backlog[tp.topic] = backlog.get(tp.topic, 0) + max(0, end - at)
-            position[tp.topic] = position.get(tp.topic, 0) + at
+            backlog[tp.topic] = backlog.get(tp.topic, 0) + max(0, end - at - done_ahead)
+            position[tp.topic] = position.get(tp.topic, 0) + at + done_ahead
         return {topic: BacklogSample(backlog[topic], position[topic]) for topic in backlog}
+
+
+def _published_ahead(committed: int, metadata: str) -> int:
+    """How many tasks above the committed offset have their results published already (a slow task below them
+    still runs): the workers record them in the commit's metadata. Unreadable metadata counts none."""
+    if committed < 0:
+        return 0
+    try:
+        return len(finished_offsets.decode(committed, metadata))
+    except ValueError:
+        log.warning("unreadable finished-offsets metadata at committed offset %d", committed)
+        return 0

@@ -20,9 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from aimesh import finished_offsets
 from aimesh.kafka import Headers
-
-from . import finished_offsets
 
 TopicPartitionKey = tuple[str, int]
 # A committed offset and its metadata, as the group coordinator holds them.

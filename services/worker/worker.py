@@ -56,14 +56,13 @@ from typing import Any, Literal
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from opentelemetry.trace import Span
 
-from aimesh import events, runtime, tracing
+from aimesh import events, finished_offsets, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
 from aimesh.kafka import GROUP_MEMBER_PROPERTIES, AsyncProducer, Headers, Record, fetch
 from aimesh.metrics import WorkerMetrics, error_code_label, status_label
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 
-from . import finished_offsets
 from .aborts import AbortPolicy
 from .batching import Batcher, BatchKey, CancelledByClient
 from .cancellation import CancellationReader, Cancellations

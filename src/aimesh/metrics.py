@@ -239,7 +239,7 @@ class WorkerMetrics:
         self.triton_ready.set(1)
         self.tasks_in_flight = Gauge(
             "aimesh_worker_tasks_in_flight",
-            "Tasks this worker has fetched and not yet committed (running, or finished and awaiting publication).",
+            "Tasks this worker has fetched and not yet published (running, or finished and awaiting publication).",
             registry=self.registry,
         )
         self.consumer_lag_records = Gauge(

@@ -9,10 +9,12 @@ import time
 
 import grpc
 import pytest
+from confluent_kafka import TopicPartition
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from test_ingest_service import req, start_ingest
 
+from aimesh import finished_offsets
 from aimesh.ingest.admission import (
     UNKNOWN_RATE_RETRY_S,
     Admission,
@@ -20,6 +22,7 @@ from aimesh.ingest.admission import (
     BacklogSample,
     DrainEstimator,
     Estimate,
+    KafkaLagSource,
     LagUnavailable,
 )
 from aimesh.metrics import IngestMetrics
@@ -287,3 +290,35 @@ async def test_a_deadline_before_the_tasks_turn_is_backlog_too_long() -> None:
             assert len(producer.records) == 1
     finally:
         await server.stop(0)
+
+
+class FakeGroupConsumer:
+    """The librdkafka consumer calls KafkaLagSource makes, answering from fixed offsets."""
+
+    def __init__(self, committed: list[TopicPartition], watermarks: tuple[int, int]) -> None:
+        self._committed = committed
+        self._watermarks = watermarks
+
+    def list_topics(self, timeout: float) -> object:
+        partitions = {tp.partition: object() for tp in self._committed}
+        topic = type("Topic", (), {"error": None, "partitions": partitions})()
+        return type("Metadata", (), {"topics": {"aimesh.tasks": topic}})()
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return self._committed
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+        return self._watermarks
+
+
+def test_tasks_published_above_the_committed_offset_are_not_backlog() -> None:
+    # Partition 0: committed 100 with 30 published above it (a slow task at 100 still runs); partition 1: 150.
+    committed = [
+        TopicPartition("aimesh.tasks", 0, 100, finished_offsets.encode(100, range(101, 131))),
+        TopicPartition("aimesh.tasks", 1, 150),
+    ]
+    source = object.__new__(KafkaLagSource)
+    source._consumer = FakeGroupConsumer(committed, (0, 200))  # type: ignore[assignment]
+    sample = source.measure(["aimesh.tasks"])["aimesh.tasks"]
+    assert sample.backlog == (200 - 100 - 30) + (200 - 150)
+    assert sample.position == (100 + 30) + 150

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from aimesh.worker.finished_offsets import MAX_METADATA_BYTES, PREFIX, decode, encode, fitting
+from aimesh.finished_offsets import MAX_METADATA_BYTES, PREFIX, decode, encode, fitting
 
 
 def size(metadata: str) -> int:

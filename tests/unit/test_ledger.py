@@ -3,7 +3,7 @@ published, and the published offsets above it travel in the commit's metadata.""
 
 import random
 
-from aimesh.worker.finished_offsets import decode
+from aimesh.finished_offsets import decode
 from aimesh.worker.ledger import Ledger, Outcome, OutRecord
 
 TP = ("tasks", 0)
