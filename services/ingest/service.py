@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 from confluent_kafka import KafkaError, KafkaException
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2
 from opentelemetry import propagate
 
@@ -349,7 +349,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         task_id = record.task_id
         runtime.task_id_var.set(task_id)  # this coroutine runs as its own asyncio task (gather)
         headers = events.task_headers()
-        accepted = Accepted(task_id=task_id, accepted_at=record.event.submitted_at)
+        # A copy, not the event's own field: a sub-message keeps its whole message (the task's text) alive, and the
+        # idempotency keys keep this for AIMESH_IDEMPOTENCY_TTL_S (a soak run grew ingest by 200 MB in 30 minutes).
+        accepted = Accepted(task_id=task_id, accepted_at=timestamp_pb2.Timestamp())
+        accepted.accepted_at.CopyFrom(record.event.submitted_at)
         if reservation is not None:
             reservation.bind(task_id)  # before producing: its result, however fast, finds it tracked
         try:

@@ -179,3 +179,23 @@ async def test_an_unknown_priority_number_is_invalid_argument(ingest) -> None:
     assert status is not None and status.details[0].Unpack(bad_request)
     assert [v.field for v in bad_request.field_violations] == ["tasks[1].priority"]
     assert producer.records == []
+
+
+async def test_the_accepted_answer_a_key_remembers_does_not_hold_the_task_record() -> None:
+    # A protobuf sub-message keeps its whole message alive: an idempotency key remembering the event's own
+    # submitted_at kept the task's text in memory for AIMESH_IDEMPOTENCY_TTL_S (200 MB of ingest in a 30-minute soak).
+    producer = RecordingProducer()
+    servicer = IngestServicer(
+        producer,  # type: ignore[arg-type]
+        tasks_topic="tasks",
+        batch_tasks_topic="batch-tasks",
+        limits=Limits(models=frozenset({"sentiment"}), max_text_bytes=64),
+        idempotency=IdempotencyKeys(60),
+        publish_timeout_s=1.0,
+        max_batch_tasks=3,
+    )
+    record = servicer._record_of(req(), "default")
+    accepted = await servicer._publish(record, None)
+    assert accepted.accepted_at == record.event.submitted_at
+    record.event.submitted_at.seconds += 1000
+    assert accepted.accepted_at != record.event.submitted_at  # a copy: the record can go
