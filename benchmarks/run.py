@@ -1,11 +1,11 @@
 """The benchmark suite (``make bench``): every figure a ratio of two measurements made in the same round on the
 same machine, each round repeated ``--rounds`` times and the median quoted.
 
-    python benchmarks/run.py [--only throughput blog celery ingest latency ttft] [--rounds 3] [--quick]
+    python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol] [--rounds 3] [--quick]
                              [--markdown docs/benchmarks.md] [--plots docs]
 
 Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on),
-and so does ttft (time to first token of a streaming model).
+and so do ttft (time to first token of a streaming model) and hol (fast tasks behind slow ones).
 The blog and Celery baselines are compared with the mesh's throughput in the same round, so they bring the
 throughput sweep along.
 """
@@ -24,13 +24,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import blog, celery_bench, ingest, latency, throughput, ttft  # noqa: E402
+from benchmarks import blog, celery_bench, head_of_line, ingest, latency, throughput, ttft  # noqa: E402
 from benchmarks.common import Section, Workers, bench_stack, log, write_markdown  # noqa: E402
 
 # In the order they are measured in a round and listed in the document.
 MESH_BENCHMARKS = {"throughput": throughput, "blog": blog, "celery": celery_bench, "ingest": ingest}
-ALL = [*MESH_BENCHMARKS, "latency", "ttft"]
-ORDER = [throughput.TITLE, blog.TITLE, celery_bench.TITLE, ingest.TITLE, latency.TITLE, ttft.TITLE]
+ALL = [*MESH_BENCHMARKS, "latency", "ttft", "hol"]
+ORDER = [throughput.TITLE, blog.TITLE, celery_bench.TITLE, ingest.TITLE, latency.TITLE, ttft.TITLE, head_of_line.TITLE]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-tasks", type=int, default=200, help="sequential tasks per latency round")
     parser.add_argument("--latency-model", default="sentiment")
     parser.add_argument("--ttft-tasks", type=int, default=100, help="sequential streaming tasks per ttft round")
+    parser.add_argument("--hol-tasks", type=int, default=40, help="fast tasks per burst of the head-of-line round")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, small counts")
     parser.add_argument("--markdown", type=Path, help="write the sections measured into this file")
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(latency.report(latency.run_rounds(args), args, args.plots))
     if "ttft" in args.only:
         sections.append(ttft.report(ttft.run_rounds(args), args))
+    if "hol" in args.only:
+        sections.append(head_of_line.report(head_of_line.run_rounds(args), args, args.plots))
     for section in sections:
         print(f"\n## {section.title}\n\n{section.results}")
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
