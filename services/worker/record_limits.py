@@ -58,8 +58,9 @@ class RecordLimits:
         self.max_record_bytes = max_record_bytes
 
     def result_bytes(self, result: result_pb2.AIResultEvent) -> int:
-        key = result.task_id.encode()
-        return record_bytes(OutRecord(self.results_topic, key, result.SerializeToString(), events.result_headers()))
+        # ByteSize, not a serialization: this runs for every result, which is serialized once more to be sent.
+        key = len(result.task_id.encode())
+        return RECORD_OVERHEAD_BYTES + key + result.ByteSize() + headers_bytes(events.result_headers())
 
     def fit_result(self, result: result_pb2.AIResultEvent) -> result_pb2.AIResultEvent | None:
         """``result`` if its record fits; else a FAILED result, ERROR_CODE_RESULT_TOO_LARGE, without the output (None
