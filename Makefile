@@ -7,7 +7,7 @@ BIN := .cache/bin
 GRPCURL_VERSION := v1.9.4
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup proto demo up down test test-unit lint bench bench-tools soak clean tools
+.PHONY: setup proto demo up down test test-unit lint bench bench-tools soak clean tools malloc
 
 # The virtual environment, the project (editable) and the generated protobuf code.
 $(VENV)/.installed: pyproject.toml
@@ -29,17 +29,21 @@ proto:
 	$(PY) scripts/gen_protos.py
 
 # Third-party clients the end-to-end tests drive the mesh with: grpcurl (Go module proxy), kcat (Debian).
-tools: $(BIN)/grpcurl
+tools: $(BIN)/grpcurl malloc
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; }
+
+# jemalloc (Debian's libjemalloc2), which the local stack preloads into tritonserver: see docs/soak.md.
+malloc:
+	@ldconfig -p | grep -q 'libjemalloc\.so\.2 ' || { apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null; }
 
 $(BIN)/grpcurl:
 	mkdir -p $(BIN)
 	GOBIN=$(CURDIR)/$(BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
-demo: setup
+demo: setup malloc
 	$(PY) -m aimesh.devstack demo
 
-up: setup
+up: setup malloc
 	$(PY) -m aimesh.devstack up
 
 down:
@@ -75,7 +79,7 @@ bench: setup bench-tools $(VENV)/.bench-installed
 # with docs/soak_memory.png. `make soak SOAK_MINUTES=3` is a short run; SOAK_ARGS passes more options (--rate, ...).
 SOAK_MINUTES ?= 30
 SOAK_ARGS ?=
-soak: setup $(VENV)/.bench-installed
+soak: setup malloc $(VENV)/.bench-installed
 	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES) --markdown docs/soak.md --plot docs/soak_memory.png $(SOAK_ARGS)
 
 clean:

@@ -115,7 +115,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--rate", type=float, default=20.0, help="ordinary tasks per second")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--retention-s", type=float, help="the notifier's AIMESH_RETENTION_S (default: a sixth of the run)"
+        "--retention-s",
+        type=float,
+        help="the notifier's AIMESH_RETENTION_S and ingest's AIMESH_IDEMPOTENCY_TTL_S (default: a sixth of the run)",
     )
     parser.add_argument("--sample-interval-s", type=float, help="default 30, or a 30th of a run under 15 minutes")
     parser.add_argument("--restart", choices=["kill", "term"], default="kill", help="how worker-1 is stopped midway")
@@ -143,7 +145,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
 
 def start_stack(plan: Plan) -> Stack:
     settings = StackSettings.on_free_ports(Path(tempfile.mkdtemp(prefix="aimesh-soak-")), workers=plan.workers)
-    env = {**AUTH_ENV, "AIMESH_RETENTION_S": str(plan.retention_s), "AIMESH_LOG_FORMAT": "json"}
+    # Both memories that grow with recent traffic (the notifier's tasks, ingest's idempotency keys) are kept for
+    # less than the run, so that what they hold reaches its bound and a leak shows apart from it.
+    env = {
+        **AUTH_ENV,
+        "AIMESH_RETENTION_S": str(plan.retention_s),
+        "AIMESH_IDEMPOTENCY_TTL_S": str(plan.retention_s),
+        "AIMESH_LOG_FORMAT": "json",
+    }
     stack = Stack(settings, extra_env=env)
     log(f"starting a stack in {settings.run_dir}")
     try:

@@ -132,6 +132,7 @@ def _parameters(outcome: Outcome) -> str:
             f"{plan.workers}; worker-1 stopped ({plan.restart}) and started again at {plan.restart_at_s:.0f} s",
         ),
         ("notifier retention", f"AIMESH_RETENTION_S={plan.retention_s:g}"),
+        ("ingest idempotency keys kept", f"AIMESH_IDEMPOTENCY_TTL_S={plan.retention_s:g}"),
         (
             "hostile rounds",
             f"{len(plan.hostile_at_s)}: one in the warm-up, then at 30 s and every 60 s",

@@ -11,11 +11,17 @@ Running it outside pytriton takes three preparations, each from a failure seen o
 
 Every server gets its own shared-memory prefix for the Python backend, so the regions a killed server leaves
 in ``/dev/shm`` can be removed without touching another server's.
+
+The server (and so its backend stubs, which inherit its environment) runs on jemalloc when the system has it
+(Debian's ``libjemalloc2``, installed by ``make malloc``), as Triton's documentation advises against the memory
+growth glibc's allocator shows under large and varied requests; docs/soak.md has the measurements.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -38,6 +44,13 @@ _SHM_PREFIX_BASE = "triton_python_backend_shm_region_aimesh_"
 _EXCERPT_LINES = 15
 _EXCERPT_LINE_CHARS = 600
 _POLL_INTERVAL_S = 0.1
+
+_log = logging.getLogger(__name__)
+
+
+def jemalloc_library() -> str | None:
+    """The soname of the system's jemalloc (``libjemalloc.so.2``), for LD_PRELOAD; None when it is not installed."""
+    return ctypes.util.find_library("jemalloc")
 
 # Run by the target environment's interpreter, which may not be this one.
 _PROBE = """
@@ -132,7 +145,9 @@ class TritonServer:
         metrics_port: int,
         log_dir: Path,
         python_prefix: Path = Path(sys.prefix),
+        preload: str | None = None,
     ) -> None:
+        """``preload``: a library for LD_PRELOAD (an allocator); by default the system's jemalloc, if any."""
         self._model_repository = model_repository.resolve()
         self._grpc_port = grpc_port
         self._http_port = http_port
@@ -140,6 +155,7 @@ class TritonServer:
         self._log_dir = log_dir.resolve()
         # Not resolved: a venv's bin/python3 is a symlink, and resolving it would lose the venv.
         self._python_prefix = python_prefix.absolute()
+        self._preload = preload if preload is not None else jemalloc_library()
         if self._log_dir.is_relative_to(self._model_repository):
             # Triton would take the folder for a model without a config and refuse to start.
             raise ValueError(f"log_dir {log_dir} must not be inside the model repository {model_repository}")
@@ -191,6 +207,10 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(dist.python_libdir), str(dist.libs_dir), env.get("LD_LIBRARY_PATH", "")) if p
         )
+        if self._preload:
+            env["LD_PRELOAD"] = " ".join(p for p in (self._preload, env.get("LD_PRELOAD", "")) if p)
+        else:
+            _log.warning("jemalloc not found (make malloc installs it): tritonserver runs on glibc's allocator")
         command = [
             str(dist.binary),
             f"--model-repository={self._model_repository}",
