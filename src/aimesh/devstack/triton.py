@@ -52,6 +52,7 @@ def jemalloc_library() -> str | None:
     """The soname of the system's jemalloc (``libjemalloc.so.2``), for LD_PRELOAD; None when it is not installed."""
     return ctypes.util.find_library("jemalloc")
 
+
 # Run by the target environment's interpreter, which may not be this one.
 _PROBE = """
 import importlib.util, json, sys, sysconfig
