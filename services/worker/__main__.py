@@ -63,6 +63,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
                 worker_id=worker_id,
                 max_in_flight=settings.max_in_flight,
                 max_batch_size=settings.max_batch_size,
+                max_request_bytes=settings.max_request_bytes,
                 inference_timeout_s=settings.inference_timeout_s,
                 triton_retry=RetryPolicy(
                     initial_s=settings.retry_initial_s, max_s=settings.retry_max_s, budget_s=settings.retry_budget_s

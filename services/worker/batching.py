@@ -5,9 +5,10 @@ There is no timer. A task joins its key's queue, and the queue is sent once the 
 the event loop have run (``loop.call_soon``), so tasks that start together (a fetch of many records, or the
 slots a finished request frees) share a request, while a lone task waits for nothing. While ``max_concurrent``
 requests for the key are outstanding, tasks wait in the queue, which the next free request takes whole, up to
-``max_batch_size`` rows. The worker keeps many requests outstanding rather than holding rows back: Triton's
-dynamic batcher merges the requests it has queued into full batches, and rows still waiting in a worker cannot
-join them.
+``max_batch_size`` rows and ``max_request_bytes`` of text (a larger text goes alone), which bounds what one request
+holds in the worker, in Triton and in the model's shared memory. The worker keeps many requests outstanding rather
+than holding rows back: Triton's dynamic batcher merges the requests it has queued into full batches, and rows still
+waiting in a worker cannot join them.
 
 Tasks of different priority classes never share a request (the priority is part of the key, and Triton's
 request priority is per request), and a task cancelled by its client while it waits is dropped when the next
@@ -80,6 +81,7 @@ class Batched:
 @dataclass
 class _Item:
     text: str
+    size_bytes: int  # of the text in UTF-8, as it goes to Triton
     deadline: float | None  # epoch seconds
     metadata: dict[str, str]
     cancelled: Callable[[], bool]
@@ -93,11 +95,13 @@ class Batcher:
         *,
         max_batch_size: int,
         max_concurrent: int,
+        max_request_bytes: int = 4_194_304,
         timeout_s: float,
         on_request: Callable[[str, int], None] = lambda model, items: None,
     ) -> None:
         self._triton = triton
         self._max_batch_size = max_batch_size
+        self._max_request_bytes = max_request_bytes
         self._max_concurrent = max_concurrent
         self._timeout_s = timeout_s
         self._on_request = on_request
@@ -118,7 +122,7 @@ class Batcher:
         """This text's inference, run in whichever request it joins. Raises InferenceFailed (DEADLINE_EXCEEDED,
         retryable, once ``deadline`` passes), or CancelledByClient when ``cancelled()`` is true as the task is about
         to join a request."""
-        item = _Item(text, deadline, metadata, cancelled)
+        item = _Item(text, len(text.encode("utf-8")), deadline, metadata, cancelled)
         self._queues.setdefault(key, deque()).append(item)
         if key not in self._scheduled:
             self._scheduled.add(key)
@@ -149,14 +153,20 @@ class Batcher:
         queue = self._queues.get(key)
         while queue and self._outstanding.get(key, 0) < self._max_concurrent:
             items: list[_Item] = []
+            size_bytes = 0
             while queue and len(items) < self._max_batch_size:
-                item = queue.popleft()
+                item = queue[0]
                 if item.future.done():
+                    queue.popleft()
                     continue
                 if item.cancelled():
+                    queue.popleft()
                     item.future.set_exception(CancelledByClient("cancelled before it joined a request"))
                     continue
-                items.append(item)
+                if items and size_bytes + item.size_bytes > self._max_request_bytes:
+                    break  # it starts the next request
+                items.append(queue.popleft())
+                size_bytes += item.size_bytes
             if not items:
                 break
             self._outstanding[key] = self._outstanding.get(key, 0) + 1

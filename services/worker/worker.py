@@ -183,6 +183,7 @@ class Worker:
         cancel_consumer_config: dict[str, Any] | None = None,
         cancel_window_s: float = 3600.0,
         max_record_bytes: int = 1_000_000,
+        max_request_bytes: int = 4_194_304,
     ) -> None:
         self._consumer_config = consumer_config
         self._publisher = publisher
@@ -210,6 +211,7 @@ class Worker:
         self._batcher = Batcher(
             triton,
             max_batch_size=max_batch_size,
+            max_request_bytes=max_request_bytes,
             max_concurrent=MAX_CONCURRENT_REQUESTS,
             timeout_s=inference_timeout_s,
             on_request=lambda model, items: self._metrics.inference_batch_items.labels(model).observe(items),

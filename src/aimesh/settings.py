@@ -303,6 +303,11 @@ class WorkerSettings(KafkaSettings):
         256, gt=0, description="Most tasks one worker runs at once; fetched records beyond wait in a bounded backlog."
     )
     max_batch_size: int = Field(64, gt=0, description="Most tasks the worker sends to Triton in one request.")
+    max_request_bytes: int = Field(
+        4_194_304,
+        gt=0,
+        description="Most input text bytes in one Triton request; a task larger than this goes in a request alone.",
+    )
     transaction_timeout_s: float = Field(
         60.0, gt=0, description="Kafka transaction.timeout.ms; a transaction only spans publishing, never inference."
     )

@@ -97,3 +97,33 @@ def test_wait_ready_before_start_is_an_error(tmp_path: Path) -> None:
     server = _server(tmp_path, _repository(tmp_path, ECHO_MODEL))
     with pytest.raises(TritonServerError, match="before start"):
         server.wait_ready(1)
+
+
+def _maps_jemalloc(pid: int) -> bool:
+    return "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_server_and_stubs_run_on_jemalloc(tmp_path: Path) -> None:
+    # `make tools` installs it; the soak's memory bounds were measured with it (docs/soak.md).
+    server = _server(tmp_path, _repository(tmp_path, ECHO_MODEL))
+    with server:
+        pid = server.pid
+        assert pid is not None
+        members = live_group_members(pid)
+        assert len(members) == 2  # the server and the echo model's stub
+        assert all(_maps_jemalloc(member) for member in members), "tritonserver or its stub runs on glibc malloc"
+
+
+def test_preload_can_be_turned_off(tmp_path: Path) -> None:
+    grpc_port, http_port, metrics_port = free_ports(3)
+    repository = _repository(tmp_path, ECHO_MODEL)
+    server = TritonServer(
+        model_repository=repository,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        log_dir=tmp_path / "logs",
+        preload="",
+    )
+    with server:
+        assert server.pid is not None and not _maps_jemalloc(server.pid)

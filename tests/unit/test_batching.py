@@ -85,6 +85,15 @@ async def test_requests_hold_at_most_max_batch_size_and_keys_do_not_mix() -> Non
     assert sorted(t for r in triton.requests for t in r) == sorted([f"a{i}" for i in range(5)] + ["b0"])
 
 
+async def test_requests_hold_at_most_max_request_bytes_and_a_larger_text_goes_alone() -> None:
+    triton = FakeTriton()
+    b = Batcher(triton, max_batch_size=64, max_concurrent=4, max_request_bytes=1000, timeout_s=5)  # type: ignore[arg-type]
+    texts = ["a" * 400, "é" * 200, "b" * 400, "c" * 5000, "d" * 10, "e" * 10]  # "é" is 2 bytes in UTF-8
+    results = await asyncio.gather(*(b.infer(KEY, t, deadline=None, metadata={}) for t in texts))
+    assert triton.requests == [texts[:2], [texts[2]], [texts[3]], texts[4:]]
+    assert [r.inference.output.tensors[0].string_data[0] for r in results] == texts
+
+
 async def neighbours_of_a_bad_row(triton: FakeTriton) -> list[object]:
     """Send "first" alone, then "x", "bad" and "y" together while it runs; what each of the three got."""
     b = batcher(triton)

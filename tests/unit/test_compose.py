@@ -364,3 +364,9 @@ def test_triton_image_installs_the_model_packages_pyproject_pins(
     installed = set(dockerfile.replace("\\\n", " ").split())
     missing = [r for r in wanted if r not in installed]
     assert not missing, f"the triton image does not install {missing} (pinned in pyproject.toml)"
+
+
+def test_triton_runs_on_jemalloc(services: dict[str, dict[str, Any]]) -> None:
+    # As the local stack does (aimesh.devstack.triton): the soak's memory bounds were measured with it.
+    environment = services["triton"].get("environment", {})
+    assert "libjemalloc.so" in str(environment.get("LD_PRELOAD", "")), environment

@@ -233,3 +233,25 @@ class TestGenerate:
     def test_rejects_bad_parameters(self, parameters: dict[str, object], message: str) -> None:
         with pytest.raises(ValueError, match=message):
             ngram.GenerationOptions.from_parameters(parameters)
+
+
+class TestEmbedBoundedMemory:
+    def test_a_long_text_is_tokenized_from_a_prefix_with_the_same_tokens(self, encoder: Any) -> None:
+        words = ["kafka", "triton,", "worker's", "naïve", "résumé", "(batch)", "x" * 120, "日本語", "end."]
+        text = " ".join(words[i % len(words)] for i in range(40_000))  # about 400 KB
+        prefix = encoder.tokenized_prefix(text)
+        assert len(prefix) < 20_000
+        tokenizer = encoder._tokenizer
+        assert tokenizer.encode(prefix).ids == tokenizer.encode(text).ids
+
+    def test_short_and_unbroken_texts_are_tokenized_whole(self, encoder: Any) -> None:
+        assert encoder.tokenized_prefix("A short one.") == "A short one."
+        unbroken = "x" * 50_000  # no whitespace to cut before: the whole text, as before
+        assert encoder.tokenized_prefix(unbroken) == unbroken
+
+    def test_a_batch_runs_in_passes_with_the_vectors_of_one_pass(self, encoder: Any) -> None:
+        texts = [f"Sentence number {i} about {'streams ' * (i % 7)}and queues." for i in range(minilm.ROWS_PER_PASS * 3 + 5)]
+        whole = encoder.encode(texts)
+        one_by_one = np.concatenate([encoder.encode([t]) for t in texts])
+        assert whole.shape == (len(texts), minilm.EMBEDDING_DIM)
+        np.testing.assert_allclose(whole, one_by_one, atol=1e-5)

@@ -22,6 +22,14 @@ from tokenizers import Tokenizer
 
 EMBEDDING_DIM = 384
 
+#: Rows per forward pass. A pass's attention scores are rows x 12 heads x length^2 float32 (50 MB for 16 rows of 256
+#: tokens, 200 MB for a whole batch of 64), so a batch runs in passes and holds the memory of one.
+ROWS_PER_PASS = 16
+#: The first prefix of a text the tokenizer is tried on; doubled until it fills ``max_seq_length`` tokens.
+_PREFIX_CHARS = 4096
+# Characters every BERT normaliser and pre-tokenizer takes for whitespace: a cut just before one splits no word.
+_WORD_BREAKS = " \t\n\r"
+
 
 @dataclass(frozen=True)
 class _Layer:
@@ -132,7 +140,23 @@ class MiniLMEncoder:
         """Return an ``(len(texts), 384)`` float32 array of L2-normalised mean-pooled embeddings."""
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        encodings = self._tokenizer.encode_batch(list(texts))
+        passes = [texts[i : i + ROWS_PER_PASS] for i in range(0, len(texts), ROWS_PER_PASS)]
+        return np.concatenate([self._encode_pass([self.tokenized_prefix(t) for t in rows]) for rows in passes])
+
+    def tokenized_prefix(self, text: str) -> str:
+        """The shortest prefix tried (cut before whitespace) that the tokenizer turns into the same truncated tokens
+        as the whole ``text``: a 1 MB text is not tokenized whole (with its overflow) to keep its first 256 tokens."""
+        size = _PREFIX_CHARS
+        while size < len(text):
+            cut = max(text.rfind(c, 0, size) for c in _WORD_BREAKS)
+            # Every word before the cut is whole, so once they fill the sequence the rest of the text cannot matter.
+            if cut > 0 and len(self._tokenizer.encode(text[:cut]).ids) >= self.max_seq_length:
+                return text[:cut]
+            size *= 2
+        return text
+
+    def _encode_pass(self, texts: list[str]) -> np.ndarray:
+        encodings = self._tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         type_ids = np.array([e.type_ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.float32)

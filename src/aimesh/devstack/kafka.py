@@ -283,7 +283,11 @@ class KafkaBroker:
     def _java_command(self) -> list[str]:
         return [
             "java",
+            # The whole heap from the start, touched at once, as Kafka's operations guide runs brokers (-Xms equal
+            # to -Xmx): a heap that grows in steps reads as a leak in the soak's memory samples (docs/soak.md).
+            f"-Xms{self._heap_mb}m",
             f"-Xmx{self._heap_mb}m",
+            "-XX:+AlwaysPreTouch",
             # The client compiler only: a dev or test broker lives minutes, and on a 2-core machine C2's compiler
             # thread took a third of a core for all of a benchmark round (measured after 15,000 tasks), more
             # than the broker's C1-compiled code loses in speed.

@@ -148,7 +148,7 @@ class TritonServer:
         python_prefix: Path = Path(sys.prefix),
         preload: str | None = None,
     ) -> None:
-        """``preload``: a library for LD_PRELOAD (an allocator); by default the system's jemalloc, if any."""
+        """``preload``: a library for LD_PRELOAD (an allocator); by default the system's jemalloc, if any; "": none."""
         self._model_repository = model_repository.resolve()
         self._grpc_port = grpc_port
         self._http_port = http_port
@@ -156,7 +156,11 @@ class TritonServer:
         self._log_dir = log_dir.resolve()
         # Not resolved: a venv's bin/python3 is a symlink, and resolving it would lose the venv.
         self._python_prefix = python_prefix.absolute()
-        self._preload = preload if preload is not None else jemalloc_library()
+        if preload is None:
+            preload = jemalloc_library() or ""
+            if not preload:
+                _log.warning("jemalloc not found (make malloc installs it): tritonserver runs on glibc's allocator")
+        self._preload = preload
         if self._log_dir.is_relative_to(self._model_repository):
             # Triton would take the folder for a model without a config and refuse to start.
             raise ValueError(f"log_dir {log_dir} must not be inside the model repository {model_repository}")
@@ -210,8 +214,6 @@ class TritonServer:
         )
         if self._preload:
             env["LD_PRELOAD"] = " ".join(p for p in (self._preload, env.get("LD_PRELOAD", "")) if p)
-        else:
-            _log.warning("jemalloc not found (make malloc installs it): tritonserver runs on glibc's allocator")
         command = [
             str(dist.binary),
             f"--model-repository={self._model_repository}",
