@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := .cache/bin
 GRPCURL_VERSION := v1.9.4
+HELM_VERSION := v4.3.2
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup proto demo up down test test-unit lint bench bench-tools soak clean tools malloc
+.PHONY: setup proto demo up down test test-unit lint bench bench-tools soak clean tools malloc helm
 
 # The virtual environment, the project (editable) and the generated protobuf code.
 $(VENV)/.installed: pyproject.toml
@@ -28,8 +29,9 @@ setup: $(VENV)/.installed src/aimesh/v1/__init__.py
 proto:
 	$(PY) scripts/gen_protos.py
 
-# Third-party clients the end-to-end tests drive the mesh with: grpcurl (Go module proxy), kcat (Debian).
-tools: $(BIN)/grpcurl malloc
+# Third-party clients the end-to-end tests drive the mesh with: grpcurl (Go module proxy), kcat (Debian); helm
+# (Go module proxy) and the chart's offline validator (deploy/helm/validate), which tests/integration/test_helm.py run.
+tools: $(BIN)/grpcurl $(BIN)/helm $(BIN)/helm-validate malloc
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; }
 
 # jemalloc (Debian's libjemalloc2), which the local stack preloads into tritonserver: see docs/soak.md.
@@ -39,6 +41,19 @@ malloc:
 $(BIN)/grpcurl:
 	mkdir -p $(BIN)
 	GOBIN=$(CURDIR)/$(BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+$(BIN)/helm:
+	mkdir -p $(BIN)
+	GOBIN=$(CURDIR)/$(BIN) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
+$(BIN)/helm-validate: deploy/helm/validate/main.go deploy/helm/validate/go.mod deploy/helm/validate/go.sum
+	mkdir -p $(BIN)
+	cd deploy/helm/validate && go build -trimpath -o $(CURDIR)/$(BIN)/helm-validate .
+
+# The chart, offline: helm lint, and every object of the default rendering strictly decoded into its API type.
+helm: $(BIN)/helm $(BIN)/helm-validate
+	helm lint --strict deploy/helm/aimesh
+	set -o pipefail; helm template aimesh deploy/helm/aimesh | helm-validate
 
 demo: setup malloc
 	$(PY) -m aimesh.devstack demo
