@@ -13,8 +13,8 @@ from aimesh.metrics import MetricsServer, WorkerMetrics, new_registry
 from aimesh.retry import RetryPolicy
 from aimesh.settings import WorkerSettings
 
-from .inference import TritonInference
 from .transactions import TransactionalPublisher, transactional_config
+from .triton_pool import connect
 from .worker import ProducerWedged, Worker
 
 log = logging.getLogger("aimesh.worker")
@@ -50,7 +50,8 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
         max_record_bytes=settings.max_record_bytes,
     )
     processed = 0
-    async with AsyncProducer(producer_cfg) as progress, TritonInference(settings.triton_url) as triton, metrics_server:
+    triton_client = connect(settings.triton_url, metrics=metrics)
+    async with AsyncProducer(producer_cfg) as progress, triton_client as triton, metrics_server:
         while True:
             worker = Worker(
                 consumer_config=consumer_cfg,

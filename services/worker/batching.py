@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from aimesh.v1 import result_pb2
 
-from .inference import Inference, InferenceFailed, TritonInference
+from .inference import Inference, InferenceFailed, Triton
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class _Item:
 class Batcher:
     def __init__(
         self,
-        triton: TritonInference,
+        triton: Triton,
         *,
         max_batch_size: int,
         max_concurrent: int,

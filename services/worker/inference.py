@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -34,6 +34,8 @@ _RETRYABLE_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED.name: result_pb2.ERROR_CODE_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED.name: result_pb2.ERROR_CODE_DEADLINE_EXCEEDED,
 }
+# What gRPC answers when the server cannot be reached (refused, reset, no route) or is going away.
+_UNREACHABLE = grpc.StatusCode.UNAVAILABLE.name
 _PERMANENT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT.name: result_pb2.ERROR_CODE_INVALID_INPUT,
     grpc.StatusCode.NOT_FOUND.name: result_pb2.ERROR_CODE_MODEL_NOT_FOUND,
@@ -42,12 +44,16 @@ _PERMANENT_CODES = {
 
 
 class InferenceFailed(AimeshError):
-    """A Triton call that did not produce outputs."""
+    """A Triton call that did not produce outputs. ``unreachable``: the server could not be reached or dropped the
+    call (gRPC UNAVAILABLE), so the same request may succeed on another server."""
 
-    def __init__(self, code: result_pb2.ErrorCode.ValueType, message: str, *, retryable: bool) -> None:
+    def __init__(
+        self, code: result_pb2.ErrorCode.ValueType, message: str, *, retryable: bool, unreachable: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.retryable = retryable
+        self.unreachable = unreachable
 
     def to_proto(self) -> result_pb2.TaskError:
         return result_pb2.TaskError(code=self.code, message=str(self), retryable=self.retryable)
@@ -80,7 +86,7 @@ def _classify(e: InferenceServerException) -> InferenceFailed:
     status = (e.status() or "").removeprefix("StatusCode.")
     message = e.message() or str(e)
     if status in _RETRYABLE_CODES:
-        return InferenceFailed(_RETRYABLE_CODES[status], message, retryable=True)
+        return InferenceFailed(_RETRYABLE_CODES[status], message, retryable=True, unreachable=status == _UNREACHABLE)
     # Triton answers an unknown or unloaded model with a plain error status; its message is the only signal.
     if "unknown model" in message or "is not found" in message:
         return InferenceFailed(result_pb2.ERROR_CODE_MODEL_NOT_FOUND, message, retryable=False)
@@ -94,7 +100,7 @@ def _classify_rpc(e: grpc.aio.AioRpcError) -> InferenceFailed:
     name = e.code().name
     message = e.details() or name
     if name in _RETRYABLE_CODES:
-        return InferenceFailed(_RETRYABLE_CODES[name], message, retryable=True)
+        return InferenceFailed(_RETRYABLE_CODES[name], message, retryable=True, unreachable=name == _UNREACHABLE)
     if name in _PERMANENT_CODES:
         return InferenceFailed(_PERMANENT_CODES[name], message, retryable=False)
     return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
@@ -128,22 +134,66 @@ def to_output_tensor(name: str, datatype: str, array: npt.NDArray[Any]) -> resul
     return tensor
 
 
-class TritonInference:
-    """Async client of one Triton server. Use as ``async with TritonInference(url) as triton``."""
+class Triton(Protocol):
+    """What the worker asks of Triton: one server (TritonInference) or several (``triton_pool.TritonPool``)."""
 
-    def __init__(self, url: str) -> None:
+    @property
+    def url(self) -> str: ...
+
+    async def is_ready(self, timeout_s: float = 2.0) -> bool: ...
+
+    async def infer_batch(
+        self,
+        model_name: str,
+        texts: list[str],
+        *,
+        model_version: str = "",
+        parameters: dict[str, str] | None = None,
+        timeout_s: float,
+        queue_timeout_s: float | None = None,
+        metadata: dict[str, str] | None = None,
+        priority: int = 0,
+    ) -> list[Inference]: ...
+
+    async def model_info(self, model_name: str, model_version: str = "", *, timeout_s: float = 10.0) -> ModelInfo: ...
+
+    def stream(
+        self,
+        model_name: str,
+        text: str,
+        *,
+        model_version: str = "",
+        parameters: dict[str, str] | None = None,
+        timeout_s: float,
+        stop: asyncio.Event,
+        metadata: dict[str, str] | None = None,
+    ) -> AsyncGenerator[Token, None]: ...
+
+    async def close(self) -> None: ...
+
+
+class TritonInference:
+    """Async client of one Triton gRPC target (one server, or a ``dns:///`` name gRPC balances). Use as
+    ``async with TritonInference(url) as triton``; it connects at the first call at the latest.
+
+    ``channel_args`` replaces tritonclient's channel options (its defaults: no message size limit, keepalive)."""
+
+    def __init__(self, url: str, *, channel_args: Sequence[tuple[str, Any]] | None = None) -> None:
         self.url = url
+        self.channel_args = list(channel_args) if channel_args is not None else None
         self._client: triton_aio.InferenceServerClient | None = None
+        self._closed = False
         self._models: dict[tuple[str, str], ModelInfo] = {}
 
     async def __aenter__(self) -> TritonInference:
-        self._client = triton_aio.InferenceServerClient(self.url)
+        self._require()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
@@ -311,5 +361,8 @@ class TritonInference:
 
     def _require(self) -> triton_aio.InferenceServerClient:
         if self._client is None:
-            raise RuntimeError("TritonInference is not open")
+            if self._closed:
+                raise RuntimeError(f"TritonInference {self.url} is closed")
+            # Created on the event loop: a grpc.aio channel belongs to the loop it was made on.
+            self._client = triton_aio.InferenceServerClient(self.url, channel_args=self.channel_args)
         return self._client

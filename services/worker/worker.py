@@ -67,7 +67,7 @@ from .aborts import AbortPolicy
 from .batching import Batcher, BatchKey, CancelledByClient
 from .cancellation import CancellationReader, Cancellations
 from .health import TritonHealth
-from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, TritonInference
+from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, Triton
 from .ledger import Committed, Ledger, Outcome, OutRecord, Partition, Ready, Refusal, TopicPartitionKey
 from .record_limits import MAX_ERROR_HEADER_BYTES, RecordLimits, cut_utf8
 from .transactions import TransactionAborted, TransactionalPublisher, TransactionFatal
@@ -166,7 +166,7 @@ class Worker:
         consumer_config: dict[str, Any],
         publisher: TransactionalPublisher,
         progress: AsyncProducer,
-        triton: TritonInference,
+        triton: Triton,
         tasks_topic: str,
         results_topic: str,
         dead_letter_topic: str,

@@ -233,10 +233,25 @@ class WorkerMetrics:
         )
         self.triton_ready = Gauge(
             "aimesh_worker_triton_ready",
-            "1 while the worker's Triton server is ready, 0 while it is not (the worker then fetches nothing).",
+            "1 while the worker's Triton server is ready (with several: any of them), 0 while it is not (the worker "
+            "then fetches nothing).",
             registry=self.registry,
         )
         self.triton_ready.set(1)
+        self.triton_endpoint_requests = Counter(
+            "aimesh_worker_triton_endpoint_requests_total",
+            "Requests (micro-batches and streams) sent to each Triton endpoint of a list in AIMESH_TRITON_URL, by "
+            "outcome: ok, unreachable (sent again to another endpoint that is up, if any), error.",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.triton_endpoint_up = Gauge(
+            "aimesh_worker_triton_endpoint_up",
+            "1 while the worker sends requests to this Triton endpoint of a list in AIMESH_TRITON_URL, 0 while it is "
+            "down (a call found it unreachable or its readiness probe failed) and routed around.",
+            ["endpoint"],
+            registry=self.registry,
+        )
         self.tasks_in_flight = Gauge(
             "aimesh_worker_tasks_in_flight",
             "Tasks this worker has fetched and not yet published (running, or finished and awaiting publication).",

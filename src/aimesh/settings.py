@@ -287,7 +287,11 @@ def _tenant_entries(text: str, variable: str) -> dict[str, str]:
 class WorkerSettings(KafkaSettings):
     """Settings of the inference worker."""
 
-    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
+    triton_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton gRPC endpoint host:port; several, comma-separated, to spread requests over them and route "
+        "around a dead one; or one dns:///name:port target, gRPC round_robin over every address the name resolves to.",
+    )
     worker_group: str = Field("aimesh-workers", description="Kafka consumer group of the workers.")
     worker_group_protocol: Literal["consumer", "classic"] = Field(
         "consumer",

@@ -80,6 +80,8 @@ def test_names_follow_the_prometheus_conventions() -> None:
         "aimesh_worker_refused_records_total",
         "aimesh_worker_publish_blocked",
         "aimesh_worker_triton_ready",
+        "aimesh_worker_triton_endpoint_requests_total",
+        "aimesh_worker_triton_endpoint_up",
         "aimesh_worker_tasks_in_flight",
         "aimesh_worker_consumer_lag_records",
         "aimesh_notifier_active_subscriptions",
