@@ -44,8 +44,12 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def stack(fault_stack: Stack) -> Stack:
     """The fault stack with every part running and every worker in the group: a test that failed half-way may
     have left a part stopped, or a worker running outside its group."""
-    s = fault_stack
-    if s.kafka is not None and s.kafka.pid is None:
+    return restored(fault_stack)
+
+
+def restored(s: Stack) -> Stack:
+    """``s`` with every part running (every Kafka node of a cluster) and every worker in the group."""
+    if s.kafka is not None and not all(node.running for node in s.kafka.nodes):
         s.start_kafka()
     if s.triton is not None and s.triton.pid is None:
         s.start_triton()

@@ -6,6 +6,7 @@ tests, which start one stack per test session on free ports.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -24,14 +25,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aimesh.settings import KafkaSettings
 
-from .kafka import KafkaBroker, create_topics, ensure_kafka_jars
+from .kafka import KafkaCluster, create_topics, ensure_kafka_jars, replication_for
 from .ports import free_port_block, free_ports
 from .process import ManagedProcess, stop_pid
 from .triton import TritonServer
 
 log = logging.getLogger(__name__)
 
-_Part = TypeVar("_Part", KafkaBroker, TritonServer)
+_Part = TypeVar("_Part", KafkaCluster, TritonServer)
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -44,11 +45,20 @@ class StackSettings(BaseSettings):
     run_dir: Path = Field(ROOT / ".run", description="Logs, Kafka data and the state file.")
     cache_dir: Path = Field(ROOT / ".cache", description="Kafka jars.")
     model_repository: Path = Field(ROOT / "models", description="Triton model repository.")
-    kafka_port: int = Field(9092, description="Kafka client listener.")
-    kafka_controller_port: int = Field(9093, description="Kafka KRaft controller listener.")
+    kafka_port: int = Field(9092, description="Kafka client listener (of node 0; node i uses this port + 2i).")
+    kafka_controller_port: int = Field(
+        9093, description="Kafka KRaft controller listener (of node 0; node i uses this port + 2i)."
+    )
+    brokers: int = Field(1, description="Kafka nodes: 1, or 3 (a KRaft cluster, every topic on 3 replicas, 2 in sync).")
     triton_grpc_port: int = Field(8001, description="Triton gRPC.")
     triton_http_port: int = Field(8000, description="Triton HTTP.")
     triton_metrics_port: int = Field(8002, description="Triton Prometheus metrics.")
+    triton_servers: int = Field(
+        1,
+        ge=1,
+        description="Triton servers: the first on the Triton ports above, the others on free ports; the workers get "
+        "them all as a list.",
+    )
     ingest_port: int = Field(50051, description="Ingest gRPC.")
     notifier_port: int = Field(50052, description="Notifier gRPC.")
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Ingest Prometheus metrics; 0: none.")
@@ -61,15 +71,20 @@ class StackSettings(BaseSettings):
     results_partitions: int = Field(6, ge=1, description="Partitions of the results topic.")
     ready_timeout_s: float = Field(180.0, description="How long to wait for each part to be healthy.")
 
+    def kafka_ports(self) -> list[tuple[int, int]]:
+        """Each Kafka node's (client, controller) port."""
+        return [(self.kafka_port + 2 * i, self.kafka_controller_port + 2 * i) for i in range(self.brokers)]
+
     @model_validator(mode="after")
     def _ports_do_not_collide(self) -> StackSettings:
+        if self.brokers not in (1, 3):
+            raise ValueError(f"brokers must be 1 or 3, not {self.brokers}")
         first_worker = self.worker_metrics_port
         worker_metrics = list(range(first_worker, first_worker + self.workers)) if first_worker else []
         if worker_metrics and worker_metrics[-1] > 65535:
             raise ValueError(f"worker metrics ports {first_worker}+ run past 65535 for {self.workers} workers")
         ports = [
-            self.kafka_port,
-            self.kafka_controller_port,
+            *(port for node in self.kafka_ports() for port in node),
             self.triton_grpc_port,
             self.triton_http_port,
             self.triton_metrics_port,
@@ -89,8 +104,9 @@ class StackSettings(BaseSettings):
         """Settings for a stack in ``run_dir`` whose every port was free a moment ago, so it runs beside others
         (tests, parallel runs). ``overrides`` sets any other field (``workers``, ``tasks_partitions``, ...)."""
         workers = overrides.get("workers", cls.model_fields["workers"].default)
-        if not isinstance(workers, int):
-            raise TypeError(f"workers must be an int, not {workers!r}")
+        brokers = overrides.get("brokers", cls.model_fields["brokers"].default)
+        if not isinstance(workers, int) or not isinstance(brokers, int):
+            raise TypeError(f"workers and brokers must be ints, not {workers!r} and {brokers!r}")
         ports = free_ports(9)
         names = (
             "kafka_port",
@@ -104,7 +120,11 @@ class StackSettings(BaseSettings):
             "notifier_metrics_port",
         )
         fields: dict[str, object] = dict(zip(names, ports, strict=True))
-        fields["worker_metrics_port"] = free_port_block(workers, avoid=ports)  # worker i serves on this port + i
+        first_worker = free_port_block(workers, avoid=ports)
+        fields["worker_metrics_port"] = first_worker  # worker i serves on this port + i
+        if brokers > 1:  # Kafka node i listens on kafka_port + 2i and kafka_controller_port + 2i
+            first_node = free_port_block(2 * brokers, avoid=[*ports, *range(first_worker, first_worker + workers)])
+            fields.update(kafka_port=first_node, kafka_controller_port=first_node + 1)
         fields.update(run_dir=run_dir, **overrides)
         return cls.model_validate(fields)
 
@@ -130,18 +150,27 @@ class Stack:
         self.topics = KafkaSettings()
         self.log_dir = settings.run_dir / "logs"
         self._extra_env = extra_env or {}
-        self.kafka: KafkaBroker | None = None
-        self.triton: TritonServer | None = None
+        self.kafka: KafkaCluster | None = None
+        self.triton: TritonServer | None = None  # the first of ``tritons``
+        self.tritons: list[TritonServer] = []
+        self._extra_triton_ports = self._free_triton_ports(settings.triton_servers - 1)
         self.services: dict[str, ManagedProcess] = {}
 
     # --- addresses --------------------------------------------------------------------------------------
     @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.settings.kafka_port}"
+        """Every Kafka node's client listener, comma separated (``bootstrap.servers``)."""
+        return ",".join(f"127.0.0.1:{port}" for port, _ in self.settings.kafka_ports())
 
     @property
     def triton_url(self) -> str:
+        """The first Triton server's gRPC address."""
         return f"127.0.0.1:{self.settings.triton_grpc_port}"
+
+    @property
+    def triton_urls(self) -> list[str]:
+        """Every Triton server's gRPC address, the first one's first."""
+        return [self.triton_url, *(f"127.0.0.1:{grpc_port}" for grpc_port, _, _ in self._extra_triton_ports)]
 
     @property
     def ingest_address(self) -> str:
@@ -184,7 +213,7 @@ class Stack:
                 "AIMESH_CANCEL_TOPIC": self.topics.cancel_topic,
                 "AIMESH_RESULTS_TOPIC": self.topics.results_topic,
                 "AIMESH_DEAD_LETTER_TOPIC": self.topics.dead_letter_topic,
-                "AIMESH_TRITON_URL": self.triton_url,
+                "AIMESH_TRITON_URL": ",".join(self.triton_urls),
                 "AIMESH_INGEST_ADDRESS": self.ingest_address,
                 "AIMESH_NOTIFIER_ADDRESS": self.notifier_address,
                 "AIMESH_METRICS_HOST": "127.0.0.1",
@@ -202,25 +231,21 @@ class Stack:
         say("fetching Kafka jars (cached after the first run)")
         lib_dir = ensure_kafka_jars(s.cache_dir / "kafka")
         say(f"starting Kafka on {self.kafka_bootstrap}")
-        self.kafka = KafkaBroker(
+        self.kafka = KafkaCluster(
             data_dir=s.run_dir / "kafka",
-            port=s.kafka_port,
-            controller_port=s.kafka_controller_port,
+            ports=s.kafka_ports(),
             lib_dir=lib_dir,
             log_dir=self.log_dir / "kafka",
         )
         self.kafka.start()
-        say(f"starting Triton on {self.triton_url} with {s.model_repository}")
-        self.triton = TritonServer(
-            model_repository=s.model_repository,
-            grpc_port=s.triton_grpc_port,
-            http_port=s.triton_http_port,
-            metrics_port=s.triton_metrics_port,
-            log_dir=self.log_dir,
-        )
-        self.triton.start()
+        say(f"starting Triton on {','.join(self.triton_urls)} with {s.model_repository}")
+        self.tritons = [self._triton_server(i) for i in range(s.triton_servers)]
+        self.triton = self.tritons[0]
+        for triton in self.tritons:
+            triton.start()
         self.kafka.wait_ready(s.ready_timeout_s)
         say("Kafka ready; creating topics")
+        replicas, min_in_sync = replication_for(s.brokers)
         create_topics(
             self.kafka_bootstrap,
             {
@@ -230,10 +255,13 @@ class Stack:
                 self.topics.results_topic: s.results_partitions,
                 self.topics.dead_letter_topic: 1,
             },
+            replication_factor=replicas,
+            min_insync_replicas=min_in_sync if s.brokers > 1 else None,
         )
         self.start_service("notifier", "aimesh.notifier")
         self.start_service("ingest", "aimesh.ingest")
-        self.triton.wait_ready(s.ready_timeout_s)
+        for triton in self.tritons:
+            triton.wait_ready(s.ready_timeout_s)
         say("Triton ready; starting workers")
         for i in range(s.workers):
             self.start_worker(i)
@@ -313,24 +341,27 @@ class Stack:
             self.services[name].stop(timeout_s=40)
         return self.start_worker(index)
 
-    def stop_triton(self, *, kill: bool = False) -> None:
-        """Stop Triton: gracefully (SIGTERM, in-flight requests finish), or with ``kill`` as a crash (SIGKILL)."""
-        triton = self._require(self.triton, "Triton")
+    def stop_triton(self, *, kill: bool = False, index: int = 0) -> None:
+        """Stop Triton server ``index``: gracefully (SIGTERM, in-flight requests finish), or with ``kill`` as a crash
+        (SIGKILL)."""
+        triton = self._require(self.tritons[index] if index < len(self.tritons) else None, f"Triton {index}")
         if kill:
             triton.kill()
         else:
             triton.stop()
 
-    def start_triton(self, *, wait: bool = True) -> None:
-        """Start Triton again on the same ports and repository; with ``wait``, return once every model is ready."""
-        triton = self._require(self.triton, "Triton")
+    def start_triton(self, *, wait: bool = True, index: int = 0) -> None:
+        """Start Triton server ``index`` again on the same ports and repository; with ``wait``, return once every
+        model is ready."""
+        triton = self._require(self.tritons[index] if index < len(self.tritons) else None, f"Triton {index}")
         triton.start()
         if wait:
             triton.wait_ready(self.settings.ready_timeout_s)
 
     def stop_kafka(self, *, kill: bool = False) -> None:
-        """Stop the broker: a clean shutdown, or with ``kill`` a crash (SIGKILL). Its data folder stays, and a
-        restarted node is refused (DUPLICATE_BROKER_REGISTRATION) until the killed one's broker session expires."""
+        """Stop the broker (every node of a cluster; ``kafka.nodes`` stops one): a clean shutdown, or with ``kill`` a
+        crash (SIGKILL). Its data folder stays, and a restarted node is refused (DUPLICATE_BROKER_REGISTRATION) until
+        the killed one's broker session expires."""
         kafka = self._require(self.kafka, "Kafka")
         if kill:
             kafka.kill()
@@ -338,12 +369,36 @@ class Stack:
             kafka.stop()
 
     def start_kafka(self, *, wait: bool = True) -> None:
-        """Start the broker again on the same data folder and ports: same topics, records and committed offsets.
-        With ``wait``, return once it is registered and answering metadata requests."""
+        """Start the broker (every node of a cluster not running) again on the same data folder and ports: same
+        topics, records and committed offsets. With ``wait``, return once it is registered and answering metadata
+        requests."""
         kafka = self._require(self.kafka, "Kafka")
         kafka.start()
         if wait:
             kafka.wait_ready(self.settings.ready_timeout_s)
+
+    def _triton_server(self, index: int) -> TritonServer:
+        """Triton server ``index``: the first on the settings' ports and logging to ``log_dir``, the others on the
+        free ports picked for them, each logging to ``log_dir/triton-<index>``."""
+        s = self.settings
+        grpc_port, http_port, metrics_port = (
+            (s.triton_grpc_port, s.triton_http_port, s.triton_metrics_port)
+            if index == 0
+            else self._extra_triton_ports[index - 1]
+        )
+        return TritonServer(
+            model_repository=s.model_repository,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            log_dir=self.log_dir / f"triton-{index}" if index else self.log_dir,
+        )
+
+    def _free_triton_ports(self, servers: int) -> list[tuple[int, int, int]]:
+        """(gRPC, HTTP, metrics) ports for ``servers`` more Triton servers: free a moment ago, none of the settings'."""
+        taken = {port for port in self.settings.model_dump().values() if isinstance(port, int)}
+        ports = [p for p in free_ports(3 * servers + len(taken)) if p not in taken][: 3 * servers]
+        return [(ports[i], ports[i + 1], ports[i + 2]) for i in range(0, 3 * servers, 3)]
 
     @staticmethod
     def _require(part: _Part | None, name: str) -> _Part:
@@ -353,10 +408,11 @@ class Stack:
 
     def state(self) -> StackState:
         pids = {name: p.pid for name, p in self.services.items() if p.pid}
-        if self.triton and self.triton.pid:
-            pids["triton"] = self.triton.pid
-        if self.kafka and self.kafka.pid:
-            pids["kafka"] = self.kafka.pid
+        for index, triton in enumerate(self.tritons):
+            if triton.pid:
+                pids[f"triton-{index}" if index else "triton"] = triton.pid
+        if self.kafka:
+            pids.update(self.kafka.pids())
         return StackState(
             pids=pids,
             kafka_bootstrap=self.kafka_bootstrap,
@@ -372,8 +428,8 @@ class Stack:
             process = self.services[name]
             if process.alive():
                 process.stop(timeout_s=40)
-        if self.triton is not None:
-            self.triton.stop()
+        for triton in self.tritons:
+            triton.stop()
         if self.kafka is not None:
             self.kafka.stop()
 
@@ -416,10 +472,19 @@ def stop_from_state(run_dir: Path, say: Callable[[str], None] = print) -> bool:
     state = read_state(run_dir)
     if state is None:
         return False
+
+    def stop(name: str) -> None:
+        pid = state.pids[name]
+        say(f"stopping {name} (pid {pid})" if stop_pid(pid, timeout_s=40) else f"{name} was not running")
+
     order = sorted(state.pids, key=_stop_rank)
+    kafka_nodes = [name for name in order if name.startswith("kafka")]
     for name in order:
-        pid = state.pids.get(name)
-        if pid is not None:
-            say(f"stopping {name} (pid {pid})" if stop_pid(pid, timeout_s=40) else f"{name} was not running")
+        if name not in kafka_nodes:
+            stop(name)
+    # Every Kafka node at once: one after another, the last one's controlled shutdown would wait for a controller
+    # quorum that ended with the second-last.
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(kafka_nodes))) as pool:
+        list(pool.map(stop, kafka_nodes))
     (run_dir / STATE_FILE).unlink()
     return True
