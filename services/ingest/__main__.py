@@ -27,6 +27,25 @@ from .validation import Limits
 
 log = logging.getLogger("aimesh.ingest")
 
+#: How long librdkafka keeps trying to deliver a task record. Far longer than AIMESH_PUBLISH_TIMEOUT_S, after which
+#: the client is answered UNAVAILABLE with the record in doubt: a record that times out while its request is in flight
+#: makes the idempotent producer bump its epoch and send the other in-flight records again, which the broker then
+#: cannot tell from new ones (librdkafka#4953). A broker SIGKILLed in a three-broker cluster held acks=all writes for
+#: its fencing time and so duplicated task records (tests/fault/test_broker_cluster.py). A minute outlasts a
+#: broker's fencing and a leader election.
+MESSAGE_TIMEOUT_S = 60.0
+
+
+def ingest_producer_config(settings: IngestSettings) -> dict[str, object]:
+    return producer_config(
+        settings.kafka_bootstrap,
+        client_id=f"aimesh-ingest-{socket.gethostname()}-{os.getpid()}",
+        delivery_timeout_s=settings.publish_timeout_s,
+        message_timeout_s=max(MESSAGE_TIMEOUT_S, settings.publish_timeout_s),
+        # The producer's own limit is the one ingest checks records against (AIMESH_KAFKA_CONFIG may still set it).
+        extra={"message.max.bytes": settings.max_record_bytes, **settings.kafka_client_config()},
+    )
+
 
 async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
     authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
@@ -35,13 +54,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         if settings.model_parameters_file
         else ParameterCatalog.built_in()
     )
-    config = producer_config(
-        settings.kafka_bootstrap,
-        client_id=f"aimesh-ingest-{socket.gethostname()}-{os.getpid()}",
-        delivery_timeout_s=settings.publish_timeout_s,
-        # The producer's own limit is the one ingest checks records against (AIMESH_KAFKA_CONFIG may still set it).
-        extra={"message.max.bytes": settings.max_record_bytes, **settings.kafka_client_config()},
-    )
+    config = ingest_producer_config(settings)
     metrics = IngestMetrics(new_registry(), models=settings.model_names)
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
     kafka = {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_client_config()}

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from aimesh.ingest.__main__ import MESSAGE_TIMEOUT_S, ingest_producer_config
 from aimesh.kafka import consumer_config, producer_config
-from aimesh.settings import KafkaSettings, NotifierSettings
+from aimesh.settings import IngestSettings, KafkaSettings, NotifierSettings
 
 SASL_SSL = {
     "security.protocol": "SASL_SSL",
@@ -70,3 +71,14 @@ def test_worker_group_protocols() -> None:
 def test_the_assignment_protocol_cannot_be_overridden() -> None:
     with pytest.raises(ValueError, match="group.protocol"):
         KafkaSettings(kafka_config='{"group.protocol": "classic"}').kafka_client_config()
+
+
+def test_ingest_keeps_delivering_long_after_it_answers_the_client() -> None:
+    # A record that times out in flight makes the idempotent producer bump its epoch and resend the others in
+    # flight as new records: duplicate tasks (tests/fault/test_broker_cluster.py). The client's answer comes after
+    # AIMESH_PUBLISH_TIMEOUT_S; librdkafka keeps trying for a minute.
+    config = ingest_producer_config(IngestSettings(publish_timeout_s=2.0))
+    assert config["message.timeout.ms"] == MESSAGE_TIMEOUT_S * 1000 >= 60_000
+    assert config["enable.idempotence"] is True and config["acks"] == "all"
+    longer = ingest_producer_config(IngestSettings(publish_timeout_s=90.0))
+    assert longer["message.timeout.ms"] == 90_000
