@@ -46,9 +46,7 @@ DOCUMENT = (
 
 class TestSummarize:
     def test_splits_sentences_but_not_abbreviations(self) -> None:
-        text = (
-            'Dr. Smith arrived, e.g. by train. "Great!" she said.  Then?\n\nA new paragraph\nwith two lines'
-        )
+        text = 'Dr. Smith arrived, e.g. by train. "Great!" she said.  Then?\n\nA new paragraph\nwith two lines'
         assert textrank.split_sentences(text) == [
             "Dr. Smith arrived, e.g. by train.",
             '"Great!" she said.',
@@ -250,7 +248,9 @@ class TestEmbedBoundedMemory:
         assert encoder.tokenized_prefix(unbroken) == unbroken
 
     def test_a_batch_runs_in_passes_with_the_vectors_of_one_pass(self, encoder: Any) -> None:
-        texts = [f"Sentence number {i} about {'streams ' * (i % 7)}and queues." for i in range(minilm.ROWS_PER_PASS * 3 + 5)]
+        texts = [
+            f"Sentence number {i} about {'streams ' * (i % 7)}and queues." for i in range(minilm.ROWS_PER_PASS * 3 + 5)
+        ]
         whole = encoder.encode(texts)
         one_by_one = np.concatenate([encoder.encode([t]) for t in texts])
         assert whole.shape == (len(texts), minilm.EMBEDDING_DIM)
