@@ -94,9 +94,11 @@ def tasks_for(concurrency: int, seconds: float, delay_ms: int, least: int = 20) 
 
 # --- the mesh --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def bench_stack(*, workers: int = 2, extra_env: Mapping[str, str] | None = None) -> Iterator[Stack]:
+def bench_stack(*, workers: int = 2, brokers: int = 1, extra_env: Mapping[str, str] | None = None) -> Iterator[Stack]:
     """A fresh mesh on free ports (every port, metrics included, so it runs beside a developer's stack)."""
-    settings = StackSettings.on_free_ports(Path(tempfile.mkdtemp(prefix="aimesh-bench-")), workers=workers)
+    settings = StackSettings.on_free_ports(
+        Path(tempfile.mkdtemp(prefix="aimesh-bench-")), workers=workers, brokers=brokers
+    )
     # Admission control off: the benchmarks prefill tasks that per-run consumer groups read, so the workers'
     # group never commits and ingest would see an ever-growing backlog that nothing drains.
     env = {"AIMESH_LOG_LEVEL": "WARNING", "AIMESH_ADMISSION_MAX_WAIT_S": "0", **AUTH_ENV, **(extra_env or {})}

@@ -1,11 +1,12 @@
 """The benchmark suite (``make bench``): every figure a ratio of two measurements made in the same round on the
 same machine, each round repeated ``--rounds`` times and the median quoted.
 
-    python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol] [--rounds 3] [--quick]
+    python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol cluster] [--rounds 3] [--quick]
                              [--markdown docs/benchmarks.md] [--plots docs]
 
 Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on),
-and so do ttft (time to first token of a streaming model) and hol (fast tasks behind slow ones).
+and so do ttft (time to first token of a streaming model), hol (fast tasks behind slow ones) and cluster (a
+three-broker cluster against one broker).
 The blog and Celery baselines are compared with the mesh's throughput in the same round, so they bring the
 throughput sweep along.
 """
@@ -24,13 +25,22 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import blog, celery_bench, head_of_line, ingest, latency, throughput, ttft  # noqa: E402
+from benchmarks import blog, celery_bench, cluster, head_of_line, ingest, latency, throughput, ttft  # noqa: E402
 from benchmarks.common import Section, Workers, bench_stack, log, write_markdown  # noqa: E402
 
 # In the order they are measured in a round and listed in the document.
 MESH_BENCHMARKS = {"throughput": throughput, "blog": blog, "celery": celery_bench, "ingest": ingest}
-ALL = [*MESH_BENCHMARKS, "latency", "ttft", "hol"]
-ORDER = [throughput.TITLE, blog.TITLE, celery_bench.TITLE, ingest.TITLE, latency.TITLE, ttft.TITLE, head_of_line.TITLE]
+ALL = [*MESH_BENCHMARKS, "latency", "ttft", "hol", "cluster"]
+ORDER = [
+    throughput.TITLE,
+    blog.TITLE,
+    celery_bench.TITLE,
+    ingest.TITLE,
+    latency.TITLE,
+    ttft.TITLE,
+    head_of_line.TITLE,
+    cluster.TITLE,
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(ttft.report(ttft.run_rounds(args), args))
     if "hol" in args.only:
         sections.append(head_of_line.report(head_of_line.run_rounds(args), args, args.plots))
+    if "cluster" in args.only:
+        sections.append(cluster.report(cluster.run_rounds(args), args))
     for section in sections:
         print(f"\n## {section.title}\n\n{section.results}")
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])

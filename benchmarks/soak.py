@@ -270,7 +270,7 @@ def reasons(outcome: Outcome) -> list[str]:
             "up with the load"
         )
     if outcome.tally.watch_gaps:
-        found.append(f"{len(outcome.tally.watch_gaps)} resumed watches skipped or repeated a sequence")
+        found.append(f"{len(outcome.tally.watch_gaps)} resumed watches missed, repeated or reordered an update")
     return found
 
 

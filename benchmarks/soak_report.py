@@ -162,7 +162,7 @@ def _tasks(outcome: Outcome) -> str:
             ", ".join(f"{o.removeprefix('CANCEL_OUTCOME_')} {n}" for o, n in sorted(tally.cancel_outcomes.items()))
             or "-",
         ),
-        ("resumed watches with a gap or repeat", str(len(tally.watch_gaps))),
+        ("resumed watches that missed, repeated or reordered an update", str(len(tally.watch_gaps))),
         ("ordinary tasks refused by admission control", _refusals(outcome)),
         ("ordinary calls failed", ", ".join(f"{e} {n}" for e, n in sorted(tally.errors.items())) or "0"),
         (

@@ -32,7 +32,8 @@ log = logging.getLogger("aimesh.ingest")
 #: makes the idempotent producer bump its epoch and send the other in-flight records again, which the broker then
 #: cannot tell from new ones (librdkafka#4953). A broker SIGKILLed in a three-broker cluster held acks=all writes for
 #: its fencing time and so duplicated task records (tests/fault/test_broker_cluster.py). A minute outlasts a
-#: broker's fencing and a leader election.
+#: broker's fencing and a leader election. Never more than half AIMESH_IDEMPOTENCY_TTL_S: a key in doubt must outlive
+#: its record's last chance to land, or a retry with it would publish a second task.
 MESSAGE_TIMEOUT_S = 60.0
 
 
@@ -41,7 +42,7 @@ def ingest_producer_config(settings: IngestSettings) -> dict[str, object]:
         settings.kafka_bootstrap,
         client_id=f"aimesh-ingest-{socket.gethostname()}-{os.getpid()}",
         delivery_timeout_s=settings.publish_timeout_s,
-        message_timeout_s=max(MESSAGE_TIMEOUT_S, settings.publish_timeout_s),
+        message_timeout_s=max(settings.publish_timeout_s, min(MESSAGE_TIMEOUT_S, settings.idempotency_ttl_s / 2)),
         # The producer's own limit is the one ingest checks records against (AIMESH_KAFKA_CONFIG may still set it).
         extra={"message.max.bytes": settings.max_record_bytes, **settings.kafka_client_config()},
     )

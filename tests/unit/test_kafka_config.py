@@ -82,3 +82,6 @@ def test_ingest_keeps_delivering_long_after_it_answers_the_client() -> None:
     assert config["enable.idempotence"] is True and config["acks"] == "all"
     longer = ingest_producer_config(IngestSettings(publish_timeout_s=90.0))
     assert longer["message.timeout.ms"] == 90_000
+    # A key in doubt outlives its record's last chance to land.
+    short_keys = ingest_producer_config(IngestSettings(publish_timeout_s=2.0, idempotency_ttl_s=30.0))
+    assert short_keys["message.timeout.ms"] == 15_000
