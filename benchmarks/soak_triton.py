@@ -105,20 +105,23 @@ def summarise(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="write every sample here")
-    args = parser.parse_args(argv)
+def standalone_server(log_prefix: str) -> TritonServer:
+    """The local stack's server and models on free ports, alone, logging to a new temporary folder."""
     grpc_port, http_port, metrics_port = free_ports(3)
-    log_dir = Path(tempfile.mkdtemp(prefix="aimesh-triton-memory-"))
-    server = TritonServer(
+    return TritonServer(
         model_repository=ROOT / "models",
         grpc_port=grpc_port,
         http_port=http_port,
         metrics_port=metrics_port,
-        log_dir=log_dir,
+        log_dir=Path(tempfile.mkdtemp(prefix=log_prefix)),
     )
-    with server:
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write every sample here")
+    args = parser.parse_args(argv)
+    with standalone_server("aimesh-triton-memory-") as server:
         rows = asyncio.run(run(server))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,11 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aimesh.devstack.ports import free_ports  # noqa: E402
-from aimesh.devstack.stack import ROOT  # noqa: E402
 from aimesh.devstack.triton import TritonServer  # noqa: E402
 from aimesh.worker.inference import InferenceFailed, TritonInference  # noqa: E402
 from benchmarks.soak_memory import sample  # noqa: E402
+from benchmarks.soak_triton import standalone_server  # noqa: E402
 
 TEXT = "The release went smoothly and everyone was pleased. " * 3
 Shape = Callable[[TritonInference], Awaitable[None]]
@@ -128,16 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=35.0, help="per shape and run")
     args = parser.parse_args(argv)
-    grpc_port, http_port, metrics_port = free_ports(3)
-    log_dir = Path(tempfile.mkdtemp(prefix="aimesh-triton-patterns-"))
-    server = TritonServer(
-        model_repository=ROOT / "models",
-        grpc_port=grpc_port,
-        http_port=http_port,
-        metrics_port=metrics_port,
-        log_dir=log_dir,
-    )
-    with server:
+    with standalone_server("aimesh-triton-patterns-") as server:
         asyncio.run(run(server, args.seconds))
     return 0
 
