@@ -28,13 +28,13 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from confluent_kafka import ElectionType, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._metadata import ClusterMetadata
 from confluent_kafka.cimpl import NewTopic
+
+from .process import Launched
 
 # The dev stack runs from a checkout: the POM and log4j config live in the repository, not in the package.
 _DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy" / "kafka"
@@ -95,7 +95,7 @@ def ensure_kafka_jars(cache_dir: Path, *, pom: Path = DEFAULT_POM, timeout_s: fl
     return lib_dir
 
 
-class KafkaBroker:
+class KafkaBroker(Launched):
     """One Kafka 4.x node acting as broker and controller, listening on 127.0.0.1.
 
     ``data_dir`` holds ``server.properties`` and the log segments; it survives `stop` and `kill`, so starting
@@ -254,23 +254,6 @@ class KafkaBroker:
         process.wait()
         self._process = None
 
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            self.wait_ready(self.ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _server_properties(self) -> str:
         controller = f"127.0.0.1:{self._controller_port}"
         listeners = f"PLAINTEXT://{self.bootstrap},CONTROLLER://{controller}"
@@ -351,7 +334,7 @@ class KafkaBroker:
         return "\n".join(parts) or f"(no log files in {self._log_dir})"
 
 
-class KafkaCluster:
+class KafkaCluster(Launched):
     """Kafka nodes on 127.0.0.1, each a broker and a KRaft controller; with one node, exactly the single `KafkaBroker`.
 
     ``ports`` gives each node's (client, controller) port; node ``i`` (an index from 0) has node id ``i + 1``. One
@@ -373,6 +356,8 @@ class KafkaCluster:
     ) -> None:
         if not ports:
             raise ValueError("a Kafka cluster needs at least one node")
+        # The ``with`` form waits for the nodes one after another.
+        self.ready_timeout_s = KafkaBroker.ready_timeout_s * len(ports)
         if len(ports) == 1:
             ((port, controller_port),) = ports
             self.nodes = [
@@ -534,23 +519,6 @@ class KafkaCluster:
             if node.node_id == node_id:
                 return index
         raise KafkaBrokerError(f"node id {node_id} is not one of this cluster's nodes")
-
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            self.wait_ready(KafkaBroker.ready_timeout_s * len(self.nodes))
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def coordinator_partition(key: str, partitions: int) -> int:

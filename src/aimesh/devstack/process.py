@@ -9,6 +9,41 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+
+class Launched:
+    """The ``with`` form of a server the stack launches (a Kafka broker or cluster, Triton): start, wait until it is
+    ready within ``ready_timeout_s`` (stopping it again if it never is), stop on the way out."""
+
+    ready_timeout_s: float
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout_s: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        try:
+            self.wait_ready(self.ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class ManagedProcess:

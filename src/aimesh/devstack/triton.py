@@ -31,11 +31,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from tritonclient.grpc import InferenceServerClient
 from tritonclient.utils import InferenceServerException
+
+from .process import Launched
 
 _SHM_DIR = Path("/dev/shm")
 # The Python backend's default region prefix, kept as the start of ours so that the usual clean-up glob
@@ -126,7 +126,7 @@ def _everything_ready(client: InferenceServerClient, *, timeout_s: float) -> boo
     return bool(index) and all(model.get("state") == "READY" for model in index)
 
 
-class TritonServer:
+class TritonServer(Launched):
     """One ``tritonserver`` process serving ``model_repository`` on 127.0.0.1, CPU only.
 
     All models in the repository load at start (model control mode NONE) and configurations are used as
@@ -303,23 +303,6 @@ class TritonServer:
         # server is reaped, holding its shared memory.
         _wait_group_gone(process.pid, timeout_s=10.0)
         self._finish(process)
-
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            self.wait_ready(self.ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @staticmethod
     def _kill_group(process: subprocess.Popen[bytes]) -> None:
