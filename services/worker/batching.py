@@ -122,7 +122,9 @@ class Batcher:
         """This text's inference, run in whichever request it joins. Raises InferenceFailed (DEADLINE_EXCEEDED,
         retryable, once ``deadline`` passes), or CancelledByClient when ``cancelled()`` is true as the task is about
         to join a request."""
-        item = _Item(text, len(text.encode("utf-8")), deadline, metadata, cancelled)
+        # An ASCII text's length is its UTF-8 size (str.isascii is a flag check): only others are encoded to measure.
+        size_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
+        item = _Item(text, size_bytes, deadline, metadata, cancelled)
         self._queues.setdefault(key, deque()).append(item)
         if key not in self._scheduled:
             self._scheduled.add(key)
