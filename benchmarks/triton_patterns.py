@@ -2,7 +2,7 @@
 driven through the worker's own client (``TritonInference``) with each request shape the worker sends, each shape for
 ``--seconds`` twice in a row, sampling the server's anonymous memory (``RssAnon``) before and after:
 
-    python benchmarks/triton_patterns.py [--seconds 35]
+    python benchmarks/triton_patterns.py [--seconds 35] [--runs 2] [--shapes stream_whole ...]
 
 A leak grows on the second run of a shape as on the first; a pool or cache reaching its size grows on the first
 only. docs/soak.md quotes a run.
@@ -14,8 +14,13 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,6 +89,32 @@ async def stream_cancelled(t: TritonInference) -> None:
     await asyncio.gather(*[_stream(t, 50, 1) for _ in range(4)])
 
 
+async def _cancelled_at_end(client: triton_aio.InferenceServerClient) -> None:
+    data = np.array([[b"the worker asks"]], dtype=np.object_)
+    tensor = InferInput("TEXT", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    sent = asyncio.Event()
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        yield {"model_name": "generate", "inputs": [tensor], "parameters": {"max_tokens": "4", "token_delay_ms": "0"}}
+        await sent.wait()  # never set: the request side stays open
+
+    responses = client.stream_infer(requests(), stream_timeout=10)
+    async for result, _ in responses:
+        final = result is not None and result.get_response().parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            break
+    responses.cancel()
+
+
+async def stream_cancelled_at_end(t: TritonInference) -> None:  # how the worker ended whole streams before
+    client = triton_aio.InferenceServerClient(t.url)
+    try:
+        await asyncio.gather(*[_cancelled_at_end(client) for _ in range(4)])
+    finally:
+        await client.close()
+
+
 SHAPES: dict[str, tuple[Shape, int]] = {  # name: (one round, calls per round)
     "plain": (plain, 8),
     "worker_form": (worker_form, 8),
@@ -91,6 +122,7 @@ SHAPES: dict[str, tuple[Shape, int]] = {  # name: (one round, calls per round)
     "queue_timeout": (queue_timeout, 16),
     "stream_whole": (stream_whole, 4),
     "stream_cancelled": (stream_cancelled, 4),
+    "stream_cancelled_at_end": (stream_cancelled_at_end, 4),
 }
 
 
@@ -101,13 +133,14 @@ def anon_mb(server: TritonServer) -> float:
     return taken.anon_bytes / 2**20
 
 
-async def run(server: TritonServer, seconds: float) -> None:
+async def run(server: TritonServer, seconds: float, shapes: list[str], runs: int) -> None:
     async with TritonInference(server.grpc_url) as t:
         await plain(t)
         await stream_whole(t)
         print(f"start: anon {anon_mb(server):.1f} MB", flush=True)
-        for name, (shape, calls) in SHAPES.items():
-            for repeat in (1, 2):
+        for name in shapes:
+            shape, calls = SHAPES[name]
+            for repeat in range(1, runs + 1):
                 before, rounds, end = anon_mb(server), 0, time.monotonic() + seconds
                 while time.monotonic() < end:
                     await shape(t)
@@ -125,9 +158,11 @@ async def run(server: TritonServer, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=35.0, help="per shape and run")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each shape in a row")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="default: all")
     args = parser.parse_args(argv)
     with standalone_server("aimesh-triton-patterns-") as server:
-        asyncio.run(run(server, args.seconds))
+        asyncio.run(run(server, args.seconds, args.shapes, args.runs))
     return 0
 
 

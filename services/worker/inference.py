@@ -106,6 +106,26 @@ def _classify_rpc(e: grpc.aio.AioRpcError) -> InferenceFailed:
     return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
 
 
+# How long a stream's call may take to end after its final response before it is cancelled instead.
+STREAM_END_WAIT_S = 2.0
+
+
+async def _ended(responses: Any) -> None:
+    """Wait for Triton to end a stream's call after its final response (the request side half-closed), reading and
+    dropping anything more. Cancelling the call instead works too, but Triton's gRPC server then keeps about a
+    kilobyte of each such stream's state for good (docs/soak.md, "the generate streams"); one that does not end
+    within STREAM_END_WAIT_S is cancelled by the caller all the same."""
+
+    async def drain() -> None:
+        async for _ in responses:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), STREAM_END_WAIT_S)
+    except (TimeoutError, grpc.aio.AioRpcError) as e:
+        log.debug("a stream's call did not end cleanly after its final response: %s", e)
+
+
 def _classify_stream_error(message: str, *, tokens: int) -> InferenceFailed:
     """An error response inside a stream. Triton passes only the message, not the model's error code: an error
     before the first token is the model refusing the request (its parameters, say), one naming an unknown model is
@@ -305,8 +325,7 @@ class TritonInference:
                 "model_version": model_version,
                 "parameters": dict(parameters or {}),
             }
-            # Keep the request side open until the answer is complete: a half-closed stream is not needed by Triton,
-            # but nothing is gained by closing it early either.
+            # The request side stays open until the final response, then half-closes so that Triton ends the call.
             await finished.wait()
 
         try:
@@ -353,6 +372,8 @@ class TritonInference:
                 tokens += 1
                 yield Token(piece, final, response.model_version)
                 if final:
+                    finished.set()
+                    await _ended(responses)
                     return
         finally:
             stopped.cancel()
