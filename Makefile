@@ -95,7 +95,9 @@ bench: setup bench-tools $(VENV)/.bench-installed
 SOAK_MINUTES ?= 30
 SOAK_ARGS ?=
 soak: setup malloc $(VENV)/.bench-installed
-	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES) --markdown docs/soak.md --plot docs/soak_memory.png $(SOAK_ARGS)
+	@mkdir -p .cache
+	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES) --markdown docs/soak.md --plot docs/soak_memory.png \
+		--samples .cache/soak_samples.csv $(SOAK_ARGS)
 
 clean:
 	rm -rf .run build *.egg-info src/aimesh/v1

@@ -45,7 +45,7 @@ from benchmarks.soak_ledger import (  # noqa: E402
     wait_caught_up,
 )
 from benchmarks.soak_load import MAX_REFUSED_SHARE, Load, Tally  # noqa: E402
-from benchmarks.soak_memory import Growth, MemoryWatch, Sample, growth, per_request_growth  # noqa: E402
+from benchmarks.soak_memory import Growth, MemoryWatch, Sample, growth, per_request_growth, write_samples  # noqa: E402
 
 WORKER_GROUP = "aimesh-workers"
 RESTARTED_WORKER = 1
@@ -128,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--markdown", type=Path, help="write the report here (its other sections are kept)")
     parser.add_argument("--plot", type=Path, help="write the memory plot here (needs matplotlib: the bench extra)")
     parser.add_argument("--json", type=Path, help="write the verdict and counts here")
+    parser.add_argument("--samples", type=Path, help="write every memory sample here (CSV)")
     args = parser.parse_args(argv)
     run_s = args.minutes * 60
     plan = Plan(
@@ -312,6 +313,8 @@ def write_outputs(outcome: Outcome, args: argparse.Namespace) -> None:
         log(f"wrote {args.markdown}")
     if args.json:
         args.json.write_text(json.dumps(soak_report.summary(outcome), indent=2, default=str))
+    if args.samples:
+        write_samples(outcome.samples, args.samples)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,9 @@ NEAR_LIMIT_BYTES = [100, 600, 2_000, 20_000]  # below AIMESH_MAX_TEXT_BYTES
 # larger, does not (999,770 bytes there). The band is narrow and moves with the records' other fields, so each round
 # sweeps it in 25-byte steps, shifted by 5 bytes a round.
 BAND_UNDER_BYTES = range(150, 300, 25)
+# The warm-up's burst of near-limit texts: enough for several requests of the largest size on each `sleep` instance.
+LARGEST_REQUESTS = 24
+LARGEST_REQUESTS_DELAY_MS = 300
 FAR_FUTURE_S = 10**13  # issue 11: once overflowed the worker's Triton queue timeout
 
 BAD_PARAMETERS: list[tuple[str, dict[str, str]]] = [
@@ -88,6 +91,8 @@ class Hostile:
             await channel.close()
 
     async def round(self, index: int, recent_ids: Sequence[str]) -> None:
+        if index == 0:
+            await self._largest_requests()
         large = await self._oversize_texts(index)
         await self._deadlines(index)
         for model, parameters in self._rng.sample(BAD_PARAMETERS, 3):
@@ -98,6 +103,19 @@ class Hostile:
             self._start_unread(large, list(recent_ids)[-50:])
 
     # --- probes ---------------------------------------------------------------------------------------------
+    async def _largest_requests(self) -> None:
+        """Near-limit texts all at once (the warm-up's round): Triton requests of the largest size the worker sends
+        (AIMESH_MAX_REQUEST_BYTES), several in flight on every ``sleep`` instance, so that the Python backend's
+        shared-memory regions reach their high-water mark before the window rather than at a chance moment in it."""
+        text = "x" * (self._max_text_bytes - NEAR_LIMIT_BYTES[-1])
+        parameters = {"delay_ms": str(LARGEST_REQUESTS_DELAY_MS)}
+        await asyncio.gather(
+            *[
+                self._submit("largest requests (warm-up)", self._request("sleep", parameters, text=text))
+                for _ in range(LARGEST_REQUESTS)
+            ]
+        )
+
     async def _oversize_texts(self, index: int) -> list[str]:
         """Over the text limit, and sizes just under it whose record, or echoed result, may not fit a Kafka record;
         the ids of those accepted."""

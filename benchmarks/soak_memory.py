@@ -1,6 +1,6 @@
 """The soak's memory watch: resident memory and open file descriptors of every process of a local stack (Kafka's JVM,
 tritonserver and its Python backend stubs, ingest, each worker, the notifier), sampled on a thread, and the growth of
-each over a window, fitted by least squares.
+each over a window, as a robust (Theil-Sen) slope.
 
 RSS is split as the kernel counts it (``/proc/<pid>/status``): anonymous memory (the heap: where a leak shows) and
 shared memory (``RssShmem``: pages of ``/dev/shm`` regions mapped and touched, such as the Python backend's regions,
@@ -9,13 +9,14 @@ which tritonserver and its stubs both map).
 
 from __future__ import annotations
 
+import csv
 import re
 import threading
 import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class Growth:
-    """One process over the window: its RSS by a least-squares line, and its descriptors."""
+    """One process over the window: its RSS by a Theil-Sen line, and its descriptors."""
 
     name: str
     pids: tuple[int, ...]  # every instance seen in the run; the fit uses the last one
@@ -180,7 +181,7 @@ def _growth_of(name: str, series: Sequence[Sample], window_from_s: float, warmup
     slope = _slope(window)
     pct = None
     if slope is not None:
-        at_start = float(np.polyval(np.polyfit([s.t_s for s in window], [s.rss_bytes for s in window], 1), fit_from_s))
+        at_start = float(np.median([s.rss_bytes - slope * (s.t_s - fit_from_s) for s in window]))
         pct = slope * _TEN_MINUTES_S / at_start * 100
     return Growth(
         name=name,
@@ -208,10 +209,24 @@ def _cpu_pct(window: Sequence[Sample]) -> float | None:
 
 
 def _slope(window: Sequence[Sample], least: int = 4) -> float | None:
-    """Bytes per second of the least-squares line through the window's RSS; None under ``least`` samples."""
+    """Bytes per second of the window's RSS by the Theil-Sen estimator (the median of the slopes between every two
+    samples): a process whose RSS spikes at a few sampling moments (a model's working set, freed seconds later) does
+    not move it, a steady climb or a step that stays does. None under ``least`` samples."""
     if len(window) < least or window[-1].t_s <= window[0].t_s:
         return None
-    return float(np.polyfit([s.t_s for s in window], [s.rss_bytes for s in window], 1)[0])
+    t = np.array([s.t_s for s in window])
+    rss = np.array([s.rss_bytes for s in window], dtype=float)
+    i, j = np.triu_indices(len(window), k=1)
+    apart = t[j] > t[i]
+    return float(np.median((rss[j] - rss[i])[apart] / (t[j] - t[i])[apart]))
+
+
+def write_samples(samples: Iterable[Sample], path: Path) -> None:
+    """Every sample as CSV, for a look at a run afterwards."""
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow([f.name for f in fields(Sample)])
+        writer.writerows(astuple(s) for s in sorted(samples, key=lambda s: (s.t_s, s.name)))
 
 
 def per_request_growth(

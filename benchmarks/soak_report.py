@@ -95,8 +95,10 @@ def run_section(outcome: Outcome, plot: str | None) -> str:
         _tasks(outcome),
         _hostile(outcome),
         "### Memory and file descriptors\n\n"
-        f"Sampled every {plan.sample_interval_s:g} s. Growth: the slope of a least-squares line through the RSS "
-        f"samples from {plan.run_s - plan.window_s:.0f} s to the end of the load ({plan.window_s / 60:.3g} minutes"
+        f"Sampled every {plan.sample_interval_s:g} s. Growth: the Theil-Sen slope (the median of the slopes "
+        "between every two samples, which a spike at a few sampling moments does not move and a climb or a step "
+        f"that stays does) of the RSS samples from {plan.run_s - plan.window_s:.0f} s to the end of the load "
+        f"({plan.window_s / 60:.3g} minutes"
         + ("; the last two thirds of this short run" if plan.window_s < 20 * 60 else "")
         + "), as a percentage of the line's value at the window's start, per 10 minutes. The restarted worker is "
         f"judged on its new instance from {plan.window_s / 4:.0f} s after it started. Anon and shmem split the last "

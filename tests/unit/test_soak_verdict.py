@@ -26,6 +26,19 @@ def test_a_flat_process_passes_and_a_steady_climb_of_three_percent_per_10_minute
     assert not by_name["notifier"].passed
 
 
+def test_spikes_at_a_few_sampling_moments_late_in_the_window_are_not_growth() -> None:
+    # A model's working set caught at three samples near the end (a least-squares line reads +7.1% per 10 min).
+    rss = [100.0] * 40
+    rss[31] = rss[35] = rss[38] = 140.0
+    (judged,) = growth(series("stub embed_0_0", 1, 0, rss), window_from_s=0, warmup_s=0)
+    assert judged.pct_per_10_min == pytest.approx(0.0, abs=1e-6) and judged.passed
+
+
+def test_a_step_that_stays_is_growth() -> None:
+    (judged,) = growth(series("stub sleep_0_0", 1, 0, [50.0] * 20 + [55.0] * 21), window_from_s=0, warmup_s=0)
+    assert judged.pct_per_10_min is not None and judged.pct_per_10_min > 2.0 and not judged.passed
+
+
 def test_a_restarted_process_is_judged_on_its_new_instance_after_its_warm_up() -> None:
     # The killed instance was large; the new one climbs for its first minute, then stays flat.
     old = series("worker-1", 10, 0, [300.0] * 20)
