@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
+from aimesh import tracing
 from aimesh.metrics import WorkerMetrics
 
 from .inference import Inference, InferenceFailed, ModelInfo, Token, Triton, TritonInference
@@ -247,6 +248,7 @@ class TritonPool:
         while (endpoint := self._pick(tried)) is not None:
             tried.add(endpoint)
             endpoint.outstanding += 1
+            tracing.set_server_address(endpoint.url)
             try:
                 result = await call(endpoint.triton)
             except InferenceFailed as e:
@@ -325,6 +327,7 @@ class TritonPool:
         while (endpoint := self._pick(tried)) is not None:
             tried.add(endpoint)
             endpoint.outstanding += 1
+            tracing.set_server_address(endpoint.url)
             responses = 0
             try:
                 tokens = endpoint.triton.stream(

@@ -222,24 +222,36 @@ def process_span(
 
 @contextmanager
 def infer_span(model: str, *, server_address: str, batch_items: int, task_id: str) -> Iterator[Span]:
-    """A CLIENT span for one Triton inference call."""
+    """A CLIENT span for one Triton inference call. ``server_address``: the Triton target, or a list of them that
+    the call picks from (the worker's pool then names the one it used: ``set_server_address``)."""
     if not _recording():
         yield trace.get_current_span()
         return
-    host, _, port = server_address.rpartition(":")
     attributes: dict[str, str | int] = {
         "rpc.system": "grpc",
         "rpc.service": "inference.GRPCInferenceService",
         "rpc.method": "ModelInfer",
-        "server.address": host or server_address,
         "aimesh.model.name": model,
         "aimesh.inference.batch_items": batch_items,
         TASK_ID: task_id,
+        **_server_attributes(server_address),
     }
-    if port.isdigit():
-        attributes["server.port"] = int(port)
     with _tracer().start_as_current_span(f"infer {model}", kind=SpanKind.CLIENT, attributes=attributes) as span:
         yield span
+
+
+def set_server_address(address: str) -> None:
+    """Name on the current span the server a call went to (``host:port``), once the call has picked it."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(_server_attributes(address))
+
+
+def _server_attributes(address: str) -> dict[str, str | int]:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or "," in address:
+        return {"server.address": address}
+    return {"server.address": host, "server.port": int(port)}
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from test_triton_pool import FakeServer, pool_of
 
 from aimesh import events, tracing
 from aimesh.kafka import Headers
@@ -44,3 +45,16 @@ def test_missing_or_garbled_context_starts_a_new_trace(exporter: InMemorySpanExp
         pass
     (span,) = exporter.get_finished_spans()
     assert span.parent is None
+
+
+async def test_an_infer_span_names_the_triton_endpoint_the_pool_sent_the_call_to(
+    exporter: InMemorySpanExporter,
+) -> None:
+    first, second = FakeServer("10.0.0.1:8001"), FakeServer("10.0.0.2:8001")
+    first.down = True
+    pool = pool_of(first, second)
+    exporter.clear()
+    with tracing.infer_span("sleep", server_address=pool.url, batch_items=1, task_id="t"):
+        await pool.infer_batch("sleep", ["x"], timeout_s=5.0)
+    (span,) = exporter.get_finished_spans()
+    assert (span.attributes["server.address"], span.attributes["server.port"]) == ("10.0.0.2", 8001)
