@@ -26,6 +26,9 @@ from .ledger import OutRecord
 # value and header-count varints) and up to 10 per header (two length varints): counted generously.
 RECORD_OVERHEAD_BYTES = 64
 HEADER_OVERHEAD_BYTES = 10
+# What tracing adds to a result record's headers when it is sent: traceparent (55 characters) and, when the task's
+# trace carries one, tracestate (at most 512 by W3C Trace Context).
+TRACE_CONTEXT_BYTES = len("traceparent") + 55 + len("tracestate") + 512 + 2 * HEADER_OVERHEAD_BYTES
 # What a dead-letter record keeps at most of its error message and of its key when it has to be cut.
 MAX_ERROR_HEADER_BYTES = 4096
 MAX_CUT_KEY_BYTES = 1024
@@ -60,7 +63,8 @@ class RecordLimits:
     def result_bytes(self, result: result_pb2.AIResultEvent) -> int:
         # ByteSize, not a serialization: this runs for every result, which is serialized once more to be sent.
         key = len(result.task_id.encode())
-        return RECORD_OVERHEAD_BYTES + key + result.ByteSize() + headers_bytes(events.result_headers())
+        headers = headers_bytes(events.result_headers()) + TRACE_CONTEXT_BYTES
+        return RECORD_OVERHEAD_BYTES + key + result.ByteSize() + headers
 
     def fit_result(self, result: result_pb2.AIResultEvent) -> result_pb2.AIResultEvent | None:
         """``result`` if its record fits; else a FAILED result, ERROR_CODE_RESULT_TOO_LARGE, without the output (None

@@ -38,6 +38,24 @@ def test_a_result_that_fits_is_kept_as_it_is() -> None:
     assert limits().fit_result(small) is small
 
 
+def sent(r: result_pb2.AIResultEvent, *trace_context: tuple[str, bytes]) -> OutRecord:
+    return OutRecord("results", TASK_ID.encode(), r.SerializeToString(), [*events.result_headers(), *trace_context])
+
+
+def test_a_result_whose_record_fits_only_without_its_trace_context_headers_is_too_large() -> None:
+    trace_context = [
+        ("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+        ("tracestate", b"v=" + b"s" * 510),
+    ]
+    over = record_bytes(sent(result("x" * LIMIT))) - LIMIT
+    at_the_limit = result("x" * (LIMIT - over))
+    assert record_bytes(sent(at_the_limit)) <= LIMIT < record_bytes(sent(at_the_limit, *trace_context))
+
+    fitted = limits().fit_result(at_the_limit)
+
+    assert fitted is not None and fitted.error.code == result_pb2.ERROR_CODE_RESULT_TOO_LARGE
+
+
 def test_a_result_over_the_limit_becomes_a_failed_result_too_large_that_fits() -> None:
     big = result("x" * LIMIT)
     fitted = limits().fit_result(big)
