@@ -310,6 +310,35 @@ class NotifierMetrics:
             self.cancel_requests.labels(outcome)
 
 
+class GatewayMetrics:
+    """What the HTTP gateway measures: requests by route and status, their duration, and open streams."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "aimesh_gateway_requests_total",
+            "HTTP requests answered, by route template (`/v1/tasks/{task_id}`, never a task id), method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "aimesh_gateway_request_seconds",
+            "From a request's arrival to the end of its answer (a stream: until it closes), by route and method.",
+            ["route", "method"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.open_streams = Gauge(
+            "aimesh_gateway_open_streams",
+            "Open streams by kind: `sse` (an events stream), `websocket` (a connection), `watch` (a task a "
+            "WebSocket watches).",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("sse", "websocket", "watch"):
+            self.open_streams.labels(kind)
+
+
 class MetricsServer:
     """Serves a registry at ``http://host:port/metrics`` from a thread of its own; port 0 serves nothing.
 

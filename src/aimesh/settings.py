@@ -388,3 +388,51 @@ class NotifierSettings(ServerSettings):
         5.0, gt=0, description="How long CancelTask waits for the broker before answering UNAVAILABLE."
     )
     metrics_port: int = Field(9103, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
+
+
+class GatewaySettings(KafkaSettings):
+    """Settings of the HTTP/JSON gateway: where it listens, and the ingest and notifier it calls over gRPC.
+    (It reads no Kafka topic; the base class brings logging and the metrics host.)"""
+
+    gateway_address: str = Field("127.0.0.1:8080", description="host:port the HTTP gateway binds.")
+    ingest_address: str = Field("127.0.0.1:50051", description="host:port of the ingest gRPC server the gateway calls.")
+    notifier_address: str = Field(
+        "127.0.0.1:50052", description="host:port of the notifier gRPC server the gateway calls."
+    )
+    client_tls: bool = Field(False, description="Call ingest and the notifier over TLS (implied by a client file).")
+    client_ca_file: str = Field("", description="PEM CA bundle that verifies ingest and the notifier (TLS).")
+    client_cert_file: str = Field("", description="PEM client certificate for mutual TLS with ingest and the notifier.")
+    client_key_file: str = Field("", description="PEM private key of the client certificate.")
+    gateway_tls_cert_file: str = Field("", description="PEM certificate chain of the gateway; with the key, HTTPS.")
+    gateway_tls_key_file: str = Field("", description="PEM private key of the gateway.")
+    gateway_cors_origins: str = Field(
+        "", description="Origins allowed to call the gateway from a browser (CORS), comma separated; `*` allows any."
+    )
+    gateway_max_body_bytes: int = Field(
+        4 << 20, ge=1024, description="Largest request body the gateway reads; larger ones get 413."
+    )
+    gateway_heartbeat_s: float = Field(
+        15.0, gt=0, description="Seconds between heartbeat comments on an idle Server-Sent Events stream."
+    )
+    gateway_call_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of each unary gRPC call the gateway makes; past it the answer is 504."
+    )
+    gateway_max_ws_subscriptions: int = Field(
+        100, gt=0, description="Most tasks one WebSocket connection may watch at once; more are refused (429)."
+    )
+    shutdown_grace_s: float = Field(5.0, ge=0, description="Grace period for open requests and streams on SIGTERM.")
+    metrics_port: int = Field(9104, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
+
+    @model_validator(mode="after")
+    def _tls_files_come_together(self) -> GatewaySettings:
+        if bool(self.gateway_tls_cert_file) != bool(self.gateway_tls_key_file):
+            raise ValueError(
+                "AIMESH_GATEWAY_TLS_CERT_FILE and AIMESH_GATEWAY_TLS_KEY_FILE are set together or not at all"
+            )
+        if bool(self.client_cert_file) != bool(self.client_key_file):
+            raise ValueError("AIMESH_CLIENT_CERT_FILE and AIMESH_CLIENT_KEY_FILE are set together or not at all")
+        return self
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.gateway_cors_origins.split(",") if o.strip()]

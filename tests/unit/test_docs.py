@@ -4,14 +4,14 @@ import re
 from pathlib import Path
 
 from aimesh.devstack.stack import StackSettings
-from aimesh.settings import IngestSettings, NotifierSettings, WorkerSettings
+from aimesh.settings import GatewaySettings, IngestSettings, NotifierSettings, WorkerSettings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def variables_read() -> set[str]:
     names = set()
-    for cls in (IngestSettings, WorkerSettings, NotifierSettings, StackSettings):
+    for cls in (IngestSettings, WorkerSettings, NotifierSettings, GatewaySettings, StackSettings):
         prefix = cls.model_config["env_prefix"]
         names |= {f"{prefix}{field}".upper() for field in cls.model_fields}
     return names

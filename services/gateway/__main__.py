@@ -1,0 +1,87 @@
+"""Run the gateway: ``python -m aimesh.gateway`` or ``aimesh-gateway``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from aimesh import runtime
+from aimesh.metrics import GatewayMetrics, MetricsServer, new_registry
+from aimesh.settings import GatewaySettings
+
+from .app import create_app
+from .telemetry import RedactAccessToken
+
+log = logging.getLogger("aimesh.gateway")
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn without signal handlers of its own: the service's (``runtime.stop_event_on_signals``) are the only
+    ones, so one SIGTERM is one graceful stop (with both, uvicorn raised the signal again once it had stopped,
+    and the service took it for a second one)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def stop(self) -> None:
+        """Stop as uvicorn's own SIGTERM handler would: sse-starlette hooks that handler to end open event
+        streams, which uvicorn would otherwise wait out for the whole grace period."""
+        self.handle_exit(signal.SIGTERM, None)
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set: then open event streams end, WebSockets close (1012) and requests in flight
+    get ``AIMESH_SHUTDOWN_GRACE_S``. Raises RuntimeError if the address cannot be bound."""
+    metrics = GatewayMetrics(new_registry())
+    listener = listen(settings.gateway_address)  # bound first: a port in use stops the gateway before it starts
+    server = GatewayServer(uvicorn_config(create_app(settings, metrics=metrics), settings))
+    for logger in ("uvicorn.access", "uvicorn.error"):  # the access log, and the WebSocket handshakes
+        logging.getLogger(logger).addFilter(RedactAccessToken())
+    async with MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry):
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        scheme = "https" if settings.gateway_tls_cert_file else "http"
+        log.info("gateway listening on %s://%s", scheme, settings.gateway_address)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stopping.done():
+            server.stop()
+        stopping.cancel()
+        await serving
+
+
+def listen(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, int(port)), family=family, backlog=2048)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot bind {address}: {e}") from e
+
+
+def uvicorn_config(app: ASGIApp, settings: GatewaySettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_config=None,  # runtime.configure_logging's handlers, JSON or text like every service
+        ws_max_size=settings.gateway_max_body_bytes,  # a WebSocket message is bounded like a request body
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        ssl_certfile=settings.gateway_tls_cert_file or None,
+        ssl_keyfile=settings.gateway_tls_key_file or None,
+        server_header=False,
+    )
+
+
+def main() -> None:
+    runtime.run_service("gateway", GatewaySettings(), serve)
+
+
+if __name__ == "__main__":
+    main()
