@@ -1,14 +1,16 @@
 # syntax=docker/dockerfile:1
 #
-# One image for the three aimesh services; the command picks which one runs:
+# One image for the four aimesh services; the command picks which one runs:
 #
 #   docker build -t aimesh .
 #   docker run aimesh aimesh-ingest      # (the default command)
 #   docker run aimesh aimesh-worker
 #   docker run aimesh aimesh-notifier
+#   docker run aimesh aimesh-gateway     # the HTTP/JSON gateway and its web page
 #
 # Configuration is the AIMESH_* environment (src/aimesh/settings.py). Inside a container the gRPC servers must
-# bind all interfaces: AIMESH_INGEST_ADDRESS=0.0.0.0:50051, AIMESH_NOTIFIER_ADDRESS=0.0.0.0:50052.
+# bind all interfaces: AIMESH_INGEST_ADDRESS=0.0.0.0:50051, AIMESH_NOTIFIER_ADDRESS=0.0.0.0:50052, and the gateway
+# AIMESH_GATEWAY_ADDRESS=0.0.0.0:8080.
 # Triton and the models' Python packages run in their own container (docker-compose.yml), not in this image.
 
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -39,7 +41,7 @@ RUN rm -rf src/aimesh/v1 \
  && /opt/codegen/bin/python scripts/gen_protos.py \
  && python -m venv --without-pip /opt/aimesh \
  && pip --python /opt/aimesh/bin/python install . \
- && /opt/aimesh/bin/python -c "import aimesh.v1.task_pb2, aimesh.ingest.__main__, aimesh.worker.__main__, aimesh.notifier.__main__"
+ && /opt/aimesh/bin/python -c "import aimesh.v1.task_pb2, aimesh.ingest.__main__, aimesh.worker.__main__, aimesh.notifier.__main__, aimesh.gateway.__main__"
 
 # --- runtime --------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -56,8 +58,8 @@ COPY --from=build /opt/aimesh /opt/aimesh
 USER 10001:10001
 WORKDIR /home/aimesh
 
-# 50051: ingest gRPC, 50052: notifier gRPC (the worker serves nothing).
-EXPOSE 50051 50052
+# 50051: ingest gRPC, 50052: notifier gRPC, 8080: the gateway's HTTP (the worker serves nothing).
+EXPOSE 50051 50052 8080
 
 # No entrypoint wrapper: the command is the console script of the service, which runs as PID 1 and drains on
 # SIGTERM itself (compose adds an init process with `init: true` to reap children).

@@ -30,9 +30,11 @@ proto:
 	$(PY) scripts/gen_protos.py
 
 # Third-party clients the end-to-end tests drive the mesh with: grpcurl (Go module proxy), kcat (Debian); helm
-# (Go module proxy) and the chart's offline validator (deploy/helm/validate), which tests/integration/test_helm.py run.
+# (Go module proxy) and the chart's offline validator (deploy/helm/validate), which tests/integration/test_helm.py run;
+# Debian's chromium, the browser tests/integration/test_gateway_browser.py drives with Playwright.
 tools: $(BIN)/grpcurl $(BIN)/helm $(BIN)/helm-validate malloc
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; }
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 # jemalloc (Debian's libjemalloc2), which the local stack preloads into tritonserver: see docs/soak.md.
 malloc:

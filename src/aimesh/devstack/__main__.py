@@ -1,6 +1,6 @@
 """``aimesh-stack``: run the whole mesh locally.
 
-aimesh-stack up      start Kafka, Triton, topics, ingest, workers, notifier; return when healthy
+aimesh-stack up      start Kafka, Triton, topics, ingest, workers, notifier, gateway; return when healthy
 aimesh-stack down    stop what ``up`` started
 aimesh-stack demo    up (unless already up), run the demo tasks, stream results, then stop
 """
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         say("a stack is already running; running the demo against it")
         state = read_state(settings.run_dir)
         assert state is not None
+        if state.gateway_url:
+            say(f"the web page of this stack: {state.gateway_url}")
         return 1 if asyncio.run(run_demo(state.ingest_address, state.notifier_address)) else 0
 
     stack = Stack(settings)
@@ -52,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         write_state(settings.run_dir, stack.state())
         say(f"ingest {stack.ingest_address}, notifier {stack.notifier_address}; `make down` stops it")
+        if settings.gateway_port:
+            say(f"web page and HTTP API: {stack.gateway_url} (API under {stack.gateway_url}/v1)")
         return 0
+    if settings.gateway_port:
+        say(f"the web page runs at {stack.gateway_url} while the demo does; `make up` keeps it running")
     try:
         failed = asyncio.run(run_demo(stack.ingest_address, stack.notifier_address))
     finally:

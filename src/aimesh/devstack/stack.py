@@ -1,4 +1,4 @@
-"""The whole mesh on loopback: Kafka, Triton, topics, then ingest, workers and notifier.
+"""The whole mesh on loopback: Kafka, Triton, topics, then ingest, workers, notifier and the HTTP gateway.
 
 Used by ``aimesh-stack up/down/demo`` (``make up``, ``make down``, ``make demo``) and by the integration
 tests, which start one stack per test session on free ports.
@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,8 +63,12 @@ class StackSettings(BaseSettings):
     )
     ingest_port: int = Field(50051, description="Ingest gRPC.")
     notifier_port: int = Field(50052, description="Notifier gRPC.")
+    gateway_port: int = Field(
+        8080, ge=0, le=65535, description="Gateway HTTP: the web page and the HTTP API; 0: no gateway."
+    )
     ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Ingest Prometheus metrics; 0: none.")
     notifier_metrics_port: int = Field(9103, ge=0, le=65535, description="Notifier Prometheus metrics; 0: none.")
+    gateway_metrics_port: int = Field(9104, ge=0, le=65535, description="Gateway Prometheus metrics; 0: none.")
     worker_metrics_port: int = Field(
         9110, ge=0, le=65535, description="Prometheus metrics of worker 0; worker i uses this port + i; 0: none."
     )
@@ -90,8 +96,10 @@ class StackSettings(BaseSettings):
             self.triton_metrics_port,
             self.ingest_port,
             self.notifier_port,
+            self.gateway_port,
             self.ingest_metrics_port,
             self.notifier_metrics_port,
+            self.gateway_metrics_port,
             *worker_metrics,
         ]
         clashes = sorted({p for p in ports if p and ports.count(p) > 1})
@@ -107,7 +115,7 @@ class StackSettings(BaseSettings):
         brokers = overrides.get("brokers", cls.model_fields["brokers"].default)
         if not isinstance(workers, int) or not isinstance(brokers, int):
             raise TypeError(f"workers and brokers must be ints, not {workers!r} and {brokers!r}")
-        ports = free_ports(9)
+        ports = free_ports(11)
         names = (
             "kafka_port",
             "kafka_controller_port",
@@ -116,8 +124,10 @@ class StackSettings(BaseSettings):
             "triton_metrics_port",
             "ingest_port",
             "notifier_port",
+            "gateway_port",
             "ingest_metrics_port",
             "notifier_metrics_port",
+            "gateway_metrics_port",
         )
         fields: dict[str, object] = dict(zip(names, ports, strict=True))
         first_worker = free_port_block(workers, avoid=ports)
@@ -138,6 +148,7 @@ class StackState:
     triton_url: str = ""
     ingest_address: str = ""
     notifier_address: str = ""
+    gateway_url: str = ""  # empty: the stack runs no gateway
     metrics_urls: dict[str, str] = field(default_factory=dict)
 
 
@@ -180,14 +191,23 @@ class Stack:
     def notifier_address(self) -> str:
         return f"127.0.0.1:{self.settings.notifier_port}"
 
+    @property
+    def gateway_url(self) -> str:
+        """The gateway's base URL: the web page at ``/``, the HTTP API under ``/v1``."""
+        if not self.settings.gateway_port:
+            raise RuntimeError("this stack runs no gateway (gateway_port is 0)")
+        return f"http://127.0.0.1:{self.settings.gateway_port}"
+
     def metrics_port(self, name: str) -> int:
-        """The metrics port of service process ``name`` (``ingest``, ``notifier``, ``worker-<i>``); 0 (none) for
-        any other, such as an extra process a test starts beside them."""
+        """The metrics port of service process ``name`` (``ingest``, ``notifier``, ``gateway``, ``worker-<i>``); 0
+        (none) for any other, such as an extra process a test starts beside them."""
         s = self.settings
         if name == "ingest":
             return s.ingest_metrics_port
         if name == "notifier":
             return s.notifier_metrics_port
+        if name == "gateway":
+            return s.gateway_metrics_port
         index = name.removeprefix("worker-")
         if index != name and index.isdigit() and s.worker_metrics_port:
             return s.worker_metrics_port + int(index)
@@ -267,7 +287,12 @@ class Stack:
             self.start_worker(i)
         self.wait_grpc_healthy(self.ingest_address, "ingest")
         self.wait_grpc_healthy(self.notifier_address, "notifier")
+        if s.gateway_port:
+            self.start_gateway()
         self.wait_workers(s.workers)
+        if s.gateway_port:
+            self.wait_http_healthy(f"{self.gateway_url}/healthz", "gateway")
+            say(f"gateway ready at {self.gateway_url}")
         say(f"mesh ready in {time.monotonic() - t0:.1f}s (logs in {self.log_dir})")
 
     def start_service(self, name: str, module: str, extra_env: dict[str, str] | None = None) -> ManagedProcess:
@@ -281,6 +306,28 @@ class Stack:
 
     def start_worker(self, index: int) -> ManagedProcess:
         return self.start_service(f"worker-{index}", "aimesh.worker", {"AIMESH_WORKER_ID": f"worker-{index}"})
+
+    def start_gateway(self) -> ManagedProcess:
+        """The HTTP gateway, a client of ingest and the notifier (their addresses come with ``service_env``)."""
+        address = f"127.0.0.1:{self.settings.gateway_port}"
+        return self.start_service("gateway", "aimesh.gateway", {"AIMESH_GATEWAY_ADDRESS": address})
+
+    def wait_http_healthy(self, url: str, name: str) -> None:
+        """Wait until a GET of ``url`` (service ``name``'s health endpoint) answers 200."""
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        process = self.services.get(name)
+        while True:
+            if process is not None and not process.alive():
+                raise RuntimeError(f"{name} exited with {process.returncode()}:\n{process.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet, or answering an error status while it starts
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} at {url} not healthy in time")
+            time.sleep(0.2)
 
     def wait_grpc_healthy(self, address: str, name: str, *, credentials: grpc.ChannelCredentials | None = None) -> None:
         """Wait until service ``name`` at ``address`` answers its health check SERVING (over TLS with
@@ -419,11 +466,12 @@ class Stack:
             triton_url=self.triton_url,
             ingest_address=self.ingest_address,
             notifier_address=self.notifier_address,
+            gateway_url=self.gateway_url if self.settings.gateway_port else "",
             metrics_urls={name: self.metrics_url(name) for name in self.services if self.metrics_port(name)},
         )
 
     def stop(self) -> None:
-        """Ingest, workers, notifier (each drains into Kafka), then Triton, then Kafka. Idempotent."""
+        """The gateway, ingest, workers, notifier (each drains into Kafka), then Triton, then Kafka. Idempotent."""
         for name in sorted(self.services, key=_stop_rank):
             process = self.services[name]
             if process.alive():
@@ -447,7 +495,7 @@ class Stack:
 
 def _stop_rank(name: str) -> int:
     """Stop order: what produces work first, what serves everyone last."""
-    for rank, prefix in enumerate(("ingest", "worker", "notifier", "triton", "kafka")):
+    for rank, prefix in enumerate(("gateway", "ingest", "worker", "notifier", "triton", "kafka")):
         if name.startswith(prefix):
             return rank
     return 0
