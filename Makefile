@@ -8,7 +8,7 @@ GRPCURL_VERSION := v1.9.4
 HELM_VERSION := v4.3.2
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup proto demo up down test test-unit lint bench bench-tools soak clean tools malloc helm
+.PHONY: setup proto openapi demo up down test test-unit lint bench bench-tools soak clean tools malloc helm
 
 # The virtual environment, the project (editable) and the generated protobuf code.
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,11 @@ setup: $(VENV)/.installed src/aimesh/v1/__init__.py
 
 proto:
 	$(PY) scripts/gen_protos.py
+
+# docs/openapi.json, the gateway's OpenAPI document, rewritten from its routes and the protos: run it after changing
+# either (tests/unit/test_gateway.py fails while the checked-in document differs).
+openapi: setup
+	$(PY) -m aimesh.gateway.openapi
 
 # Third-party clients the end-to-end tests drive the mesh with: grpcurl (Go module proxy), kcat (Debian); helm
 # (Go module proxy) and the chart's offline validator (deploy/helm/validate), which tests/integration/test_helm.py run;

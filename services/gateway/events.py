@@ -9,6 +9,7 @@ is an ``error`` event carrying the problem, and the stream ends.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -34,9 +35,14 @@ def resume_point(last_event_id: str | None, after_sequence: int | None) -> int:
     first opened (its ``after_sequence`` included) and sends the newer position in the header."""
     if last_event_id is None:
         return after_sequence or 0
-    if not last_event_id.strip().isdigit() or int(last_event_id) > MAX_SEQUENCE:
+    # ASCII digits only: str.isdigit() also takes "²" (a latin-1 header byte), which int() refuses.
+    position = last_event_id.strip()
+    if not _SEQUENCE.fullmatch(position) or int(position) > MAX_SEQUENCE:
         raise bad_request("Last-Event-ID must be the sequence number of an update", "Last-Event-ID")
-    return int(last_event_id)
+    return int(position)
+
+
+_SEQUENCE = re.compile(r"[0-9]{1,10}")  # MAX_SEQUENCE has 10 digits
 
 
 @router.get(

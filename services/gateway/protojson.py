@@ -8,12 +8,13 @@ descriptors, so the OpenAPI document cannot drift from the protos.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+import math
+from typing import Any, NoReturn, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .problems import Problem, bad_request
 
@@ -25,14 +26,14 @@ JSON_MEDIA_TYPE = "application/json"
 async def read_message(request: Request, message_type: type[M], max_body_bytes: int) -> M:
     """The request's body as ``message_type``; a Problem for a wrong content type (415), a body over
     ``max_body_bytes`` (413, refused before it is read when Content-Length says so), malformed JSON or a body
-    that is not the message (400)."""
+    that is not the message (400), a client gone before its body arrived (499)."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != JSON_MEDIA_TYPE:
         raise Problem(415, f"the body must be {JSON_MEDIA_TYPE}, not {media_type or 'missing'}")
     body = await _read_limited(request, max_body_bytes)
     try:
-        parsed = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        parsed = parse_json(body)
+    except ValueError as e:
         raise bad_request(f"the body is not JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise bad_request(f"the body must be a JSON object, a {message_type.DESCRIPTOR.full_name}")
@@ -47,16 +48,51 @@ async def _read_limited(request: Request, max_body_bytes: int) -> bytes:
     if declared.isdigit() and int(declared) > max_body_bytes:
         raise _too_large(max_body_bytes)
     chunks, size = [], 0
-    async for chunk in request.stream():  # a chunked body has no length to check first
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise _too_large(max_body_bytes)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # a chunked body has no length to check first
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _too_large(max_body_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody reads this answer: it keeps a client that left mid-body (or sent a body h11 could not read)
+        # out of the 500s and the error log.
+        raise Problem(499, "the client closed the connection before its body arrived") from None
     return b"".join(chunks)
 
 
 def _too_large(max_body_bytes: int) -> Problem:
     return Problem(413, f"the body is larger than {max_body_bytes} bytes")
+
+
+MAX_INTEGER_DIGITS = 20  # a uint64 has 20: a longer integer fits no protobuf field
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``text`` parsed as JSON (RFC 8259); ValueError for anything else, also for what Python's json module
+    reads beyond the RFC (NaN, Infinity) and numbers no protobuf field holds (a float that overflows to
+    infinity, which json_format cannot convert; an integer past 20 digits, which int() refuses past 4,300)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise ValueError("it nests too deeply") from None
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text[:30]} is out of range")
+    return number
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ValueError(f"the number {text[:30]}... is out of range")
+    return int(text)
 
 
 def to_json(message: Message) -> dict[str, Any]:

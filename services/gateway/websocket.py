@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +24,7 @@ from aimesh.metrics import GatewayMetrics
 
 from .events import MAX_SEQUENCE
 from .problems import Problem, bad_request, from_rpc_error
-from .protojson import to_json
+from .protojson import parse_json, to_json
 from .upstream import Caller, Upstream
 
 router = APIRouter()
@@ -68,7 +69,10 @@ def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> 
     browser), the gateway's own origin, or one of AIMESH_GATEWAY_CORS_ORIGINS."""
     if origin is None or "*" in allowed or origin in allowed:
         return True
-    return urlsplit(origin).netloc == host
+    try:
+        return urlsplit(origin).netloc == host
+    except ValueError:  # not a URL ("http://[::1"): no page of the gateway's own
+        return False
 
 
 class WatchSession:
@@ -159,8 +163,8 @@ def parse_command(text: str | None) -> tuple[list[str], dict[str, int], list[str
     if text is None:
         raise bad_request("send JSON text messages")
     try:
-        command = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+        command = parse_json(text)
+    except ValueError as e:
         raise bad_request(f"the message is not JSON: {e}") from None
     if not isinstance(command, dict) or not command.keys() <= {"subscribe", "afterSequence", "unsubscribe"}:
         raise bad_request('a message is {"subscribe": [ids], "afterSequence": {id: n}} or {"unsubscribe": [ids]}')
@@ -173,9 +177,13 @@ def parse_command(text: str | None) -> tuple[list[str], dict[str, int], list[str
 
 
 def _ids(value: Any, name: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+    if not isinstance(value, list) or not all(isinstance(i, str) and not _SURROGATE.search(i) for i in value):
         raise bad_request(f"{name} is a list of task ids", name)
     return value
+
+
+# A JSON escape such as \ud800 reads as a lone surrogate, which no protobuf string (so no WatchTask) can carry.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _is_sequence(value: Any) -> bool:
