@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from aimesh import runtime
 from aimesh.metrics import GatewayMetrics, MetricsServer, new_registry
@@ -20,6 +21,8 @@ from .app import create_app
 from .telemetry import RedactAccessToken
 
 log = logging.getLogger("aimesh.gateway")
+
+HEAD_LIMIT_BYTES = 16 * 1024  # h11's default bound on a request line and headers; llhttp and uvicorn have none
 
 
 class GatewayServer(uvicorn.Server):
@@ -35,6 +38,39 @@ class GatewayServer(uvicorn.Server):
         """Stop as uvicorn's own SIGTERM handler would: sse-starlette hooks that handler to end open event
         streams, which uvicorn would otherwise wait out for the whole grace period."""
         self.handle_exit(signal.SIGTERM, None)
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with h11's bound on a request's head put back.
+
+    httptools parses in C; h11 parsed each chunk of a chunked body in Python, so one client sending a megabyte in
+    one-byte chunks held the event loop, and every other client, for seconds. But neither llhttp nor uvicorn bounds
+    a head: a client could send one endless header and the gateway buffered all of it. A head still unfinished
+    once more than ``HEAD_LIMIT_BYTES`` has arrived gets uvicorn's plain 400 and the connection is closed (a whole
+    head that arrives in one read, at most asyncio's 256 KiB, is parsed, as with h11)."""
+
+    _in_head = True
+    _heads = 0  # heads completed on this connection
+    _head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._heads
+        super().data_received(data)
+        # A read that completed a head is not counted: the rest of it may be a body, or the start of a next head.
+        if self._heads != heads or not self._in_head or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > HEAD_LIMIT_BYTES:
+            self.logger.warning("Request head over %d bytes.", HEAD_LIMIT_BYTES)
+            self.send_400_response("Invalid HTTP request received.")
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._heads, self._head_bytes = False, self._heads + 1, 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # the next request on the connection starts its head
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
@@ -70,6 +106,7 @@ def listen(address: str) -> socket.socket:
 def uvicorn_config(app: ASGIApp, settings: GatewaySettings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
+        http=BoundedHeadProtocol,
         log_config=None,  # runtime.configure_logging's handlers, JSON or text like every service
         ws_max_size=settings.gateway_max_body_bytes,  # a WebSocket message is bounded like a request body
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),

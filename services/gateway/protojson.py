@@ -55,7 +55,7 @@ async def _read_limited(request: Request, max_body_bytes: int) -> bytes:
                 raise _too_large(max_body_bytes)
             chunks.append(chunk)
     except ClientDisconnect:
-        # Nobody reads this answer: it keeps a client that left mid-body (or sent a body h11 could not read)
+        # Nobody reads this answer: it keeps a client that left mid-body (or sent a body the parser refused)
         # out of the 500s and the error log.
         raise Problem(499, "the client closed the connection before its body arrived") from None
     return b"".join(chunks)

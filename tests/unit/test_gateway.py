@@ -246,7 +246,7 @@ async def test_api_keys_are_checked_by_the_servers_behind() -> None:
         missing = await gateway.http.post("/v1/tasks", json=a_task())
         wrong = await gateway.http.post("/v1/tasks", json=a_task(), headers={"Authorization": "Bearer nope"})
         right = await gateway.http.post("/v1/tasks", json=a_task(), headers={"Authorization": f"Bearer {KEY}"})
-        garbled = await gateway.http.post("/v1/tasks", json=a_task(), headers={"Authorization": "Bearer k\x7f"})
+        garbled = await gateway.http.post("/v1/tasks", json=a_task(), headers={"Authorization": b"Bearer k\xe9"})
 
     assert (missing.status_code, wrong.status_code, right.status_code, garbled.status_code) == (401, 401, 202, 401)
     assert missing.json()["grpcStatus"] == "UNAUTHENTICATED"
