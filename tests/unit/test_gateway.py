@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, TracerProvider
 
 from aimesh.auth import Authenticator, hash_key
-from aimesh.gateway.__main__ import GatewayServer, uvicorn_config
+from aimesh.gateway.__main__ import GatewayServer, listen, uvicorn_config
 from aimesh.gateway.app import create_app
 from aimesh.gateway.openapi import CHECKED_IN, render
 from aimesh.gateway.telemetry import RedactAccessToken
@@ -53,7 +53,7 @@ async def running_gateway(
     of the test polling for readiness."""
     config = GatewaySettings(ingest_address=fakes.ingest_address, notifier_address=fakes.notifier_address, **settings)
     metrics = GatewayMetrics()
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = listen("127.0.0.1:0")
     server = GatewayServer(
         uvicorn_config(
             create_app(config, metrics=metrics, static_dir=static_dir, tracer_provider=tracer_provider), config
@@ -375,3 +375,12 @@ def test_the_access_log_never_shows_an_access_token() -> None:
 
     assert "secret" not in record.getMessage()
     assert "access_token=***&x=1" in record.getMessage()
+
+
+def test_connections_to_the_gateway_send_small_answers_at_once() -> None:
+    # Without TCP_NODELAY a small answer on a kept-alive connection waited for the client's delayed ACK (~40 ms).
+    listener = listen("127.0.0.1:0")
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
