@@ -1,12 +1,13 @@
 """The benchmark suite (``make bench``): every figure a ratio of two measurements made in the same round on the
 same machine, each round repeated ``--rounds`` times and the median quoted.
 
-    python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol cluster] [--rounds 3] [--quick]
-                             [--markdown docs/benchmarks.md] [--plots docs]
+    python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol cluster gateway] [--rounds 3]
+                             [--quick] [--markdown docs/benchmarks.md] [--plots docs]
 
 Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on),
 and so do ttft (time to first token of a streaming model), hol (fast tasks behind slow ones) and cluster (a
-three-broker cluster against one broker).
+three-broker cluster against one broker), and so does gateway (Server-Sent Events through the HTTP gateway against
+WatchTask, and idle event streams on one gateway process).
 The blog and Celery baselines are compared with the mesh's throughput in the same round, so they bring the
 throughput sweep along.
 """
@@ -25,12 +26,22 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import blog, celery_bench, cluster, head_of_line, ingest, latency, throughput, ttft  # noqa: E402
+from benchmarks import (  # noqa: E402
+    blog,
+    celery_bench,
+    cluster,
+    gateway,
+    head_of_line,
+    ingest,
+    latency,
+    throughput,
+    ttft,
+)
 from benchmarks.common import Section, Workers, bench_stack, log, write_markdown  # noqa: E402
 
 # In the order they are measured in a round and listed in the document.
 MESH_BENCHMARKS = {"throughput": throughput, "blog": blog, "celery": celery_bench, "ingest": ingest}
-ALL = [*MESH_BENCHMARKS, "latency", "ttft", "hol", "cluster"]
+ALL = [*MESH_BENCHMARKS, "latency", "ttft", "hol", "cluster", "gateway"]
 ORDER = [
     throughput.TITLE,
     blog.TITLE,
@@ -40,6 +51,8 @@ ORDER = [
     ttft.TITLE,
     head_of_line.TITLE,
     cluster.TITLE,
+    "Rolling restart of the three-broker cluster",  # written by hand from a fault test: kept beside the cluster
+    gateway.TITLE,
 ]
 
 
@@ -55,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-model", default="sentiment")
     parser.add_argument("--ttft-tasks", type=int, default=100, help="sequential streaming tasks per ttft round")
     parser.add_argument("--hol-tasks", type=int, default=40, help="fast tasks per burst of the head-of-line round")
+    parser.add_argument("--gateway-tasks", type=int, default=200, help="sequential tasks per path per gateway round")
+    parser.add_argument("--gateway-streams", type=int, default=1000, help="idle event streams held per gateway round")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, small counts")
     parser.add_argument("--markdown", type=Path, help="write the sections measured into this file")
@@ -63,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.seconds, args.ingest_requests = 1, 1.0, 1000
         args.latency_tasks, args.ttft_tasks, args.warmup = 30, 30, 5
+        args.gateway_tasks, args.gateway_streams = 30, 100
     args.concurrency = sorted(args.concurrency or ([1, 8, 64] if args.quick else [1, 8, 32, 64, 128]))
     if {"blog", "celery"} & set(args.only) and "throughput" not in args.only:
         args.only = ["throughput", *args.only]
@@ -100,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(head_of_line.report(head_of_line.run_rounds(args), args, args.plots))
     if "cluster" in args.only:
         sections.append(cluster.report(cluster.run_rounds(args), args))
+    if "gateway" in args.only:
+        sections.append(gateway.report(gateway.run_rounds(args), args))
     for section in sections:
         print(f"\n## {section.title}\n\n{section.results}")
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
