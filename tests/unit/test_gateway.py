@@ -380,7 +380,7 @@ def test_the_access_log_never_shows_an_access_token() -> None:
 def test_connections_to_the_gateway_send_small_answers_at_once() -> None:
     # Without TCP_NODELAY a small answer on a kept-alive connection waited for the client's delayed ACK (~40 ms).
     listener = listen("127.0.0.1:0")
-    with listener, socket.create_connection(listener.getsockname()) as client:
+    with listener, socket.create_connection(listener.getsockname()):
         accepted, _ = listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
