@@ -308,6 +308,9 @@ async def test_a_body_that_is_not_json_is_400_or_415(http: httpx.AsyncClient) ->
 
 
 # --- API keys: a gateway in front of an ingest and a notifier that ask for them --------------------------------
+RATE_LIMITED = "initech"  # a tenant whose ingest quota is one task per 100 s
+
+
 @dataclass(frozen=True)
 class KeyedGateway:
     url: str
@@ -319,7 +322,7 @@ class KeyedGateway:
 
 @pytest.fixture(scope="module")
 def keyed(mesh: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedGateway]:
-    keys = {"acme": new_key(), "globex": new_key()}
+    keys = {"acme": new_key(), "globex": new_key(), RATE_LIMITED: new_key()}
     keys_file: Path = tmp_path_factory.mktemp("gateway-keys") / "keys.txt"
     keys_file.write_text("".join(f"{tenant}:{hash_key(key)}\n" for tenant, key in keys.items()))
     ingest_port, notifier_port, gateway_port = free_ports(3)
@@ -327,7 +330,8 @@ def keyed(mesh: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Key
     auth = {"AIMESH_AUTH": "on", "AIMESH_API_KEYS_FILE": str(keys_file)}
     upstream = {"AIMESH_INGEST_ADDRESS": ingest, "AIMESH_NOTIFIER_ADDRESS": notifier}
     names = ("ingest-keyed", "notifier-keyed", "gateway-keyed")
-    mesh.start_service(names[0], "aimesh.ingest", {**auth, **upstream})
+    quota = {"AIMESH_TENANT_RATE_OVERRIDES": f"{RATE_LIMITED}=0.01:1"}  # one task, then one per 100 s
+    mesh.start_service(names[0], "aimesh.ingest", {**auth, **upstream, **quota})
     mesh.start_service(names[1], "aimesh.notifier", {**auth, **upstream})
     mesh.start_service(names[2], "aimesh.gateway", {**upstream, "AIMESH_GATEWAY_ADDRESS": f"127.0.0.1:{gateway_port}"})
     try:
@@ -371,3 +375,49 @@ async def test_a_key_is_taken_from_the_header_or_the_query_and_another_tenants_t
         theirs = problem_of(await http.get(f"/v1/tasks/{task_id}", headers=keyed.headers("globex")), 404)
         unknown = problem_of(await http.get(f"/v1/tasks/{other_id}", headers=keyed.headers("globex")), 404)
         assert json.dumps(theirs).replace(task_id, "<id>") == json.dumps(unknown).replace(other_id, "<id>")
+
+
+async def test_a_tenant_over_its_rate_quota_gets_429_with_retry_after(keyed: KeyedGateway) -> None:
+    async with httpx.AsyncClient(base_url=keyed.url, timeout=30) as http:
+        first = await submit(http, "sentiment", "hello", headers=keyed.headers(RATE_LIMITED))
+        assert first.status_code == 202, first.text
+
+        refused = await submit(http, "sentiment", "hello again", headers=keyed.headers(RATE_LIMITED))
+
+        problem = problem_of(refused, 429)
+        assert problem["grpcStatus"] == "RESOURCE_EXHAUSTED", problem
+        assert 1 <= int(refused.headers["Retry-After"]) <= 100
+
+
+async def test_an_ingest_that_cannot_be_reached_is_503_with_retry_after(mesh: Stack) -> None:
+    (nobody_port, gateway_port) = free_ports(2)
+    upstream = {
+        "AIMESH_INGEST_ADDRESS": f"127.0.0.1:{nobody_port}",  # nothing listens there
+        "AIMESH_NOTIFIER_ADDRESS": mesh.notifier_address,
+        "AIMESH_GATEWAY_ADDRESS": f"127.0.0.1:{gateway_port}",
+    }
+    gateway = mesh.start_service("gateway-no-ingest", "aimesh.gateway", upstream)
+    url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            health = await until_listening(http, "/healthz")
+            problem_of(health, 503)  # not ready: one of the services behind it is down
+
+            refused = await submit(http, "sentiment", "hello")
+
+        problem = problem_of(refused, 503)
+        assert problem["grpcStatus"] == "UNAVAILABLE", problem
+        assert int(refused.headers["Retry-After"]) >= 1
+    finally:
+        mesh.services.pop("gateway-no-ingest")
+        gateway.stop()
+
+
+async def until_listening(http: httpx.AsyncClient, path: str, timeout_s: float = 30.0) -> httpx.Response:
+    """The first answer to GET ``path`` once the gateway accepts connections."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                return await http.get(path)
+            except httpx.ConnectError:
+                await asyncio.sleep(0.1)
