@@ -314,43 +314,47 @@ class Stack:
 
     def wait_http_healthy(self, url: str, name: str) -> None:
         """Wait until a GET of ``url`` (service ``name``'s health endpoint) answers 200."""
-        deadline = time.monotonic() + self.settings.ready_timeout_s
-        process = self.services.get(name)
-        while True:
-            if process is not None and not process.alive():
-                raise RuntimeError(f"{name} exited with {process.returncode()}:\n{process.log_tail()}")
+
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
-                    if response.status == 200:
-                        return
+                    return bool(response.status == 200)
             except (urllib.error.URLError, OSError):
-                pass  # not listening yet, or answering an error status while it starts
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} at {url} not healthy in time")
-            time.sleep(0.2)
+                return False  # not listening yet, or answering an error status while it starts
+
+        self._wait_healthy(name, url, healthy)
 
     def wait_grpc_healthy(self, address: str, name: str, *, credentials: grpc.ChannelCredentials | None = None) -> None:
         """Wait until service ``name`` at ``address`` answers its health check SERVING (over TLS with
         ``credentials``)."""
-        deadline = time.monotonic() + self.settings.ready_timeout_s
-        process = self.services.get(name)
         channel_cm = (
             grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
         )
         with channel_cm as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if process is not None and not process.alive():
-                    raise RuntimeError(f"{name} exited with {process.returncode()}:\n{process.log_tail()}")
+
+            def healthy() -> bool:
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
                 except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} at {address} not healthy in time")
-                time.sleep(0.2)
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            self._wait_healthy(name, address, healthy)
+
+    def _wait_healthy(self, name: str, where: str, healthy: Callable[[], bool]) -> None:
+        """Poll ``healthy`` until it holds, failing at once if service ``name``'s process has exited and after the
+        stack's ready timeout otherwise."""
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        process = self.services.get(name)
+        while True:
+            if process is not None and not process.alive():
+                raise RuntimeError(f"{name} exited with {process.returncode()}:\n{process.log_tail()}")
+            if healthy():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} at {where} not healthy in time")
+            time.sleep(0.2)
 
     def wait_workers(self, count: int, group: str = "aimesh-workers", *, timeout_s: float | None = None) -> None:
         """Wait until ``count`` members of the worker group hold assignments and the group is stable (at most
