@@ -1,7 +1,11 @@
-"""Remembering idempotency keys, so a retried submission returns the first task's id.
+"""Task ids derived from idempotency keys, and remembering the keys, so a retried submission returns the first
+task's id.
 
-The memory is per ingest process and bounded by a time to live: with several ingest replicas behind a
-load balancer a key is only deduplicated by the replica that saw it (documented in docs/design.md).
+A submission with a key gets a task id derived from its tenant and key (``derived_task_id``), the same in every
+ingest replica: a retry through another replica publishes a record with the same id, hence the same record key and
+partition, and the worker that owns the partition runs only the first of them (``aimesh.worker.duplicates``). That
+is the guarantee across replicas. The memory here is per ingest process and bounded by a time to live: it spares a
+retry through the same replica a second record, and resolves records in doubt.
 
 A key whose record may have been written without being acknowledged (a delivery timeout) is never forgotten:
 it stays *in doubt* with the record's task id, and a retry with that key only resolves the doubt (learns
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +25,17 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aimesh.errors import PublishInDoubt
+
+# The namespace of derived task ids. Fixed for good: a new one would give a key retried across the change a second
+# task id, and so a second execution.
+TASK_ID_NAMESPACE = uuid.UUID("cf429220-42dd-4fcb-bc8e-95e8386ecce8")
+
+
+def derived_task_id(tenant: str, key: str) -> str:
+    """The task id of ``tenant``'s submission with idempotency ``key``: a UUID version 5 in canonical (lower-case)
+    form. Tenant and key are length-prefixed, so no two pairs name the same id (``a`` + ``b/c`` and ``a/b`` + ``c``
+    do not meet)."""
+    return str(uuid.uuid5(TASK_ID_NAMESPACE, f"{len(tenant)}:{tenant}{len(key)}:{key}"))
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from aimesh.metrics import (
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
 
 from .admission import Admission
-from .idempotency import Accepted, IdempotencyKeys, SentRecord
+from .idempotency import Accepted, IdempotencyKeys, SentRecord, derived_task_id
 from .quotas import InFlightTasks, RateQuotas, Reservation
 from .record_finder import LookupUnavailable, RecordFinder
 from .record_size import record_bytes
@@ -201,7 +201,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def _record_of(self, request: ingest_pb2.SubmitTaskRequest, tenant: str) -> TaskRecord:
         event = task_pb2.AITaskEvent(
             schema_version=events.SCHEMA_VERSION,
-            task_id=str(uuid.uuid4()),
+            # With a key, the same id in every replica: a retry through another one is dropped by the worker.
+            task_id=derived_task_id(tenant, request.idempotency_key) if request.idempotency_key else str(uuid.uuid4()),
             model_name=request.model_name,
             model_version=request.model_version,
             input=request.input,

@@ -76,6 +76,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
                 cancel_topic=settings.cancel_topic,
                 cancel_consumer_config=cancel_cfg,
                 cancel_window_s=settings.cancel_window_s,
+                idempotency_window_s=settings.idempotency_window_s,
                 max_record_bytes=settings.max_record_bytes,
             )
             try:

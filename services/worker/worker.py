@@ -66,6 +66,7 @@ from aimesh.v1 import result_pb2, task_pb2
 from .aborts import AbortPolicy
 from .batching import Batcher, BatchKey, CancelledByClient
 from .cancellation import CancellationReader, Cancellations
+from .duplicates import Duplicates
 from .health import TritonHealth
 from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, Triton
 from .ledger import Committed, Ledger, Outcome, OutRecord, Partition, Ready, Refusal, TopicPartitionKey
@@ -184,8 +185,10 @@ class Worker:
         cancel_window_s: float = 3600.0,
         max_record_bytes: int = 1_000_000,
         max_request_bytes: int = 4_194_304,
+        idempotency_window_s: float = 3600.0,
     ) -> None:
         self._consumer_config = consumer_config
+        self._duplicates = Duplicates(idempotency_window_s, consumer_config)
         self._publisher = publisher
         self._progress = progress
         self._triton = triton
@@ -412,7 +415,11 @@ class Worker:
                         continue
                     record = Record.of(message)
                     partition = self._ledger.fetched((record.topic, record.partition), record.offset)
-                    if partition is not None:
+                    if partition is None:
+                        continue
+                    if self._duplicates.is_duplicate(partition.key, record.key, record.offset, message.timestamp()[1]):
+                        self._drop_duplicate(record, partition)
+                    else:
                         self._loop.call_soon_threadsafe(self._enqueue, record, partition)
         finally:
             self._stop_lag.set()
@@ -440,6 +447,7 @@ class Worker:
             offset = committed.get((tp.topic, tp.partition), (OFFSET_BEGINNING, ""))[0]
             self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         self._ledger.assign([(tp.topic, tp.partition) for tp in assignment], committed)
+        self._duplicates.assign([(tp.topic, tp.partition) for tp in assignment], committed)
         log.warning("rewound %d partitions to their committed offsets", len(assignment))
 
     @staticmethod
@@ -467,7 +475,9 @@ class Worker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._group_metadata = consumer.consumer_group_metadata()
-        self._ledger.assign([(p.topic, p.partition) for p in partitions], self._committed(consumer, partitions))
+        keys, committed = [(p.topic, p.partition) for p in partitions], self._committed(consumer, partitions)
+        self._ledger.assign(keys, committed)
+        self._duplicates.assign(keys, committed)
         paused = [p for p in partitions if self._paused[self._class_of(p.topic)]]
         if paused:
             consumer.pause(paused)
@@ -503,8 +513,18 @@ class Worker:
         self._forget([(p.topic, p.partition) for p in partitions])
         log.warning("lost %s", [p.partition for p in partitions])
 
+    def _drop_duplicate(self, record: Record, partition: Partition) -> None:
+        """Finish ``record`` without running it: an earlier record of its partition carries its (derived) task id.
+        Its offset is committed like any other; nothing is published for it."""
+        task_id = (record.key or b"").decode()
+        log.info("not running %s: an earlier record of its partition carries task %s", record.where(), task_id)
+        counted = self._metrics.duplicate_tasks.labels(record.topic).inc
+        if self._ledger.finished(partition, record.offset, Outcome(on_committed=counted)):
+            self._work_ready.set()
+
     def _forget(self, keys: list[TopicPartitionKey]) -> None:
         released = self._ledger.release(keys)
+        self._duplicates.release(keys)
         if released and self._loop is not None:
             self._loop.call_soon_threadsafe(self._cancel_tasks_of, released)
         self._forget_lag(set(keys))

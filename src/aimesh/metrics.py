@@ -225,6 +225,13 @@ class WorkerMetrics:
             ["record", "action"],
             registry=self.registry,
         )
+        self.duplicate_tasks = Counter(
+            "aimesh_worker_duplicate_tasks_total",
+            "Task records not run because an earlier record of their partition carries the same task id (one derived "
+            "from an idempotency key: a retry another ingest replica published), counted once their offsets commit.",
+            ["topic"],
+            registry=self.registry,
+        )
         self.publish_blocked = Gauge(
             "aimesh_worker_publish_blocked",
             "1 while a topic the worker publishes to refuses every record (missing, not authorized): nothing is "

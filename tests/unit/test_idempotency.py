@@ -1,10 +1,11 @@
 import asyncio
+import uuid
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aimesh.errors import BrokerUnavailable, PublishInDoubt
-from aimesh.ingest.idempotency import Accepted, IdempotencyKeys, SentRecord
+from aimesh.ingest.idempotency import Accepted, IdempotencyKeys, SentRecord, derived_task_id
 
 
 class Clock:
@@ -119,3 +120,18 @@ async def test_a_failed_resolution_keeps_the_key_in_doubt() -> None:
     with pytest.raises(RuntimeError):
         await keys.submit_once("k", submit, broken)
     assert keys.in_doubt("k") is record
+
+
+def test_a_task_id_derived_from_tenant_and_key_is_the_same_in_every_replica() -> None:
+    task_id = derived_task_id("acme", "order-17")
+    assert task_id == derived_task_id("acme", "order-17")
+    parsed = uuid.UUID(task_id)
+    assert parsed.version == 5 and str(parsed) == task_id  # canonical, lower-case
+    assert derived_task_id("globex", "order-17") != task_id
+    assert derived_task_id("acme", "order-18") != task_id
+
+
+def test_tenant_and_key_are_joined_unambiguously() -> None:
+    assert derived_task_id("a", "b/c") != derived_task_id("a/b", "c")
+    assert derived_task_id("ab", "c") != derived_task_id("a", "bc")
+    assert derived_task_id("1:a", "b") != derived_task_id("1", "a1:b")

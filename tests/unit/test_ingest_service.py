@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,7 +15,7 @@ from aimesh.auth import Authenticator
 from aimesh.errors import BrokerUnavailable
 from aimesh.events import decode_task
 from aimesh.grpc_edge import GrpcServer
-from aimesh.ingest.idempotency import IdempotencyKeys
+from aimesh.ingest.idempotency import IdempotencyKeys, derived_task_id
 from aimesh.ingest.service import IngestServicer
 from aimesh.ingest.validation import Limits
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
@@ -199,3 +200,26 @@ async def test_the_accepted_answer_a_key_remembers_does_not_hold_the_task_record
     assert accepted.accepted_at == record.event.submitted_at
     record.event.submitted_at.seconds += 1000
     assert accepted.accepted_at != record.event.submitted_at  # a copy: the record can go
+
+
+async def test_two_replicas_give_one_key_the_same_task_id_derived_from_tenant_and_key() -> None:
+    servers = [await start_ingest() for _ in range(2)]
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{servers[0][0].port}") as one,
+            grpc.aio.insecure_channel(f"127.0.0.1:{servers[1][0].port}") as two,
+        ):
+            first = await ingest_pb2_grpc.IngestServiceStub(one).SubmitTask(req(idempotency_key="order-17"))
+            batch = await ingest_pb2_grpc.IngestServiceStub(two).SubmitTasks(
+                ingest_pb2.SubmitTasksRequest(tasks=[req(idempotency_key="order-17"), req()])
+            )
+    finally:
+        for server, _ in servers:
+            await server.stop(0)
+    assert batch.tasks[0].task_id == first.task_id
+    assert not batch.tasks[0].duplicate  # this replica had not seen the key: the worker drops its record
+    [(_, key, value, _)] = servers[0][1].records
+    event = decode_task(value)
+    assert key == event.task_id == first.task_id == derived_task_id(event.tenant, "order-17")
+    assert [k for _, k, _, _ in servers[1][1].records][0] == first.task_id
+    assert uuid.UUID(batch.tasks[1].task_id).version == 4  # without a key: a random id

@@ -78,6 +78,7 @@ def test_names_follow_the_prometheus_conventions() -> None:
         "aimesh_worker_dead_lettered_total",
         "aimesh_worker_transactions_total",
         "aimesh_worker_refused_records_total",
+        "aimesh_worker_duplicate_tasks_total",
         "aimesh_worker_publish_blocked",
         "aimesh_worker_triton_ready",
         "aimesh_worker_triton_endpoint_requests_total",
