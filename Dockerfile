@@ -51,7 +51,8 @@ ENV PATH=/opt/aimesh/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 
 RUN groupadd --system --gid 10001 aimesh \
- && useradd --system --uid 10001 --gid aimesh --home-dir /home/aimesh --create-home --shell /usr/sbin/nologin aimesh
+ && useradd --system --uid 10001 --gid aimesh --home-dir /home/aimesh --create-home --shell /usr/sbin/nologin aimesh \
+ && install -d -o aimesh -g aimesh /var/lib/aimesh/notifier
 
 COPY --from=build /opt/aimesh /opt/aimesh
 

@@ -94,10 +94,13 @@ def tasks_for(concurrency: int, seconds: float, delay_ms: int, least: int = 20) 
 
 # --- the mesh --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def bench_stack(*, workers: int = 2, brokers: int = 1, extra_env: Mapping[str, str] | None = None) -> Iterator[Stack]:
-    """A fresh mesh on free ports (every port, metrics included, so it runs beside a developer's stack)."""
+def bench_stack(
+    *, workers: int = 2, brokers: int = 1, extra_env: Mapping[str, str] | None = None, **overrides: object
+) -> Iterator[Stack]:
+    """A fresh mesh on free ports (every port, metrics included, so it runs beside a developer's stack);
+    ``overrides`` sets other StackSettings fields (``ingest_replicas``, ...)."""
     settings = StackSettings.on_free_ports(
-        Path(tempfile.mkdtemp(prefix="aimesh-bench-")), workers=workers, brokers=brokers
+        Path(tempfile.mkdtemp(prefix="aimesh-bench-")), workers=workers, brokers=brokers, **overrides
     )
     # Admission control off: the benchmarks prefill tasks that per-run consumer groups read, so the workers'
     # group never commits and ingest would see an ever-growing backlog that nothing drains.

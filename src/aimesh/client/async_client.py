@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from aimesh.client.errors import ClientError, deadline_exceeded
 from aimesh.client.retry import RetryPolicy
+from aimesh.client.targets import ROUND_ROBIN, grpc_target
 from aimesh.client.tls import ClientTls
 from aimesh.client.watch import WatchCursor
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, task_pb2
@@ -61,7 +62,8 @@ class TaskSpec:
 
 
 class AsyncClient:
-    """An asyncio client of ingest (``ingest_address``) and the notifier (``notifier_address``).
+    """An asyncio client of ingest (``ingest_address``) and the notifier (``notifier_address``); either may name
+    several replicas (a list, or comma separated IP addresses), and calls are spread over them (``targets``).
 
     ``api_key`` is sent as ``authorization: Bearer <key>``; ``tls`` makes both channels TLS (mutual TLS with a
     client certificate). ``timeout_s`` is the default deadline of each unary call, retries included (each
@@ -72,16 +74,17 @@ class AsyncClient:
 
     def __init__(
         self,
-        ingest_address: str = DEFAULT_INGEST_ADDRESS,
-        notifier_address: str = DEFAULT_NOTIFIER_ADDRESS,
+        ingest_address: str | Sequence[str] = DEFAULT_INGEST_ADDRESS,
+        notifier_address: str | Sequence[str] = DEFAULT_NOTIFIER_ADDRESS,
         *,
         api_key: str | None = None,
         tls: ClientTls | None = None,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.ingest_address = ingest_address
-        self.notifier_address = notifier_address
+        # The gRPC targets, built now so that a malformed list fails here rather than at the first call.
+        self.ingest_address = grpc_target(ingest_address)
+        self.notifier_address = grpc_target(notifier_address)
         self._tls = tls
         self._timeout_s = timeout_s
         self._retry = retry if retry is not None else RetryPolicy()
@@ -226,9 +229,10 @@ class AsyncClient:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self._tls is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=ROUND_ROBIN)
         else:
-            channel = grpc.aio.secure_channel(address, self._tls.credentials(), options=self._tls.channel_options())
+            options = [*ROUND_ROBIN, *self._tls.channel_options()]
+            channel = grpc.aio.secure_channel(address, self._tls.credentials(), options=options)
         self._channels.append(channel)
         return channel
 

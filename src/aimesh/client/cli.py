@@ -30,6 +30,7 @@ from aimesh.client.async_client import (
 )
 from aimesh.client.errors import ClientError
 from aimesh.client.render import StatusLine, failure_line, output_lines, partial_text, status_name, text_output
+from aimesh.client.targets import grpc_target
 from aimesh.client.tls import ClientTls
 from aimesh.v1 import notifier_pb2, result_pb2
 
@@ -58,6 +59,14 @@ class Duration(click.ParamType[timedelta]):
         if seconds <= 0:
             self.fail(f"{value!r} is not a positive duration", param, ctx)
         return timedelta(seconds=seconds)
+
+
+def _addresses(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        grpc_target(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    return value
 
 
 def _parameters(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -95,11 +104,14 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--ingest-address", envvar="AIMESH_INGEST_ADDRESS", default=DEFAULT_INGEST_ADDRESS, show_default=True,
-    help="host:port of ingest [env AIMESH_INGEST_ADDRESS].",
+    callback=_addresses,
+    help="host:port of ingest; several replicas comma separated (IP addresses), calls spread over them "
+    "[env AIMESH_INGEST_ADDRESS].",
 )  # fmt: skip
 @click.option(
     "--notifier-address", envvar="AIMESH_NOTIFIER_ADDRESS", default=DEFAULT_NOTIFIER_ADDRESS, show_default=True,
-    help="host:port of the notifier [env AIMESH_NOTIFIER_ADDRESS].",
+    callback=_addresses,
+    help="host:port of the notifier; several as for ingest [env AIMESH_NOTIFIER_ADDRESS].",
 )  # fmt: skip
 @click.option("--api-key", envvar="AIMESH_API_KEY", help="API key, sent as a bearer token [env AIMESH_API_KEY].")
 @click.option("--tls", is_flag=True, envvar="AIMESH_CLIENT_TLS", help="Use TLS (implied by the TLS file options).")

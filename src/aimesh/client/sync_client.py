@@ -75,8 +75,8 @@ class Client:
 
     def __init__(
         self,
-        ingest_address: str = DEFAULT_INGEST_ADDRESS,
-        notifier_address: str = DEFAULT_NOTIFIER_ADDRESS,
+        ingest_address: str | Sequence[str] = DEFAULT_INGEST_ADDRESS,
+        notifier_address: str | Sequence[str] = DEFAULT_NOTIFIER_ADDRESS,
         *,
         api_key: str | None = None,
         tls: ClientTls | None = None,

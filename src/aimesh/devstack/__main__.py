@@ -13,7 +13,7 @@ import logging
 import sys
 
 from .demo import run_demo
-from .stack import Stack, StackSettings, read_state, stop_from_state, write_state
+from .stack import Stack, StackSettings, read_state, replica_name, stop_from_state, write_state
 
 
 def say(message: str) -> None:
@@ -52,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
         raise
     if args.command == "up":
-        write_state(settings.run_dir, stack.state())
-        say(f"ingest {stack.ingest_address}, notifier {stack.notifier_address}; `make down` stops it")
+        state = stack.state()
+        write_state(settings.run_dir, state)
+        for service, addresses in (("ingest", state.ingest_addresses), ("notifier", state.notifier_addresses)):
+            for index, address in enumerate(addresses):
+                say(f"{replica_name(service, index)} {address}")
+        if len(state.ingest_addresses) > 1 or len(state.notifier_addresses) > 1:
+            ingest, notifier = ",".join(state.ingest_addresses), ",".join(state.notifier_addresses)
+            say(f"the client spreads calls over all: AIMESH_INGEST_ADDRESS={ingest} AIMESH_NOTIFIER_ADDRESS={notifier}")
+        say("`make down` stops it")
         if settings.gateway_port:
             say(f"web page and HTTP API: {stack.gateway_url} (API under {stack.gateway_url}/v1)")
         return 0

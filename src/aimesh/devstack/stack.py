@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aimesh.client.targets import grpc_target
 from aimesh.settings import KafkaSettings
 
 from .kafka import KafkaCluster, create_topics, ensure_kafka_jars, replication_for
@@ -36,7 +37,16 @@ log = logging.getLogger(__name__)
 
 _Part = TypeVar("_Part", KafkaCluster, TritonServer)
 
+# The services that run as replicas, each a gRPC server: the module it runs and the variable of its bind address.
+REPLICATED = {
+    "ingest": ("aimesh.ingest", "AIMESH_INGEST_ADDRESS"),
+    "notifier": ("aimesh.notifier", "AIMESH_NOTIFIER_ADDRESS"),
+}
+
 ROOT = Path(__file__).resolve().parents[3]
+
+# The consumer group in which several notifier replicas split the results and tasks partitions.
+NOTIFIER_GROUP = "aimesh-notifiers"
 
 
 class StackSettings(BaseSettings):
@@ -61,13 +71,29 @@ class StackSettings(BaseSettings):
         description="Triton servers: the first on the Triton ports above, the others on free ports; the workers get "
         "them all as a list.",
     )
-    ingest_port: int = Field(50051, description="Ingest gRPC.")
-    notifier_port: int = Field(50052, description="Notifier gRPC.")
+    ingest_port: int = Field(50051, description="Ingest gRPC (of the first replica).")
+    notifier_port: int = Field(50052, description="Notifier gRPC (of the first replica).")
+    ingest_replicas: int = Field(
+        1,
+        ge=1,
+        description="Ingest processes: `ingest` on the ingest ports, `ingest-<i>` on free ports of its own (gRPC and "
+        "metrics).",
+    )
+    notifier_replicas: int = Field(
+        1,
+        ge=1,
+        description="Notifier processes, named and given ports as for ingest; several split the results and tasks "
+        "partitions between them (AIMESH_NOTIFIER_PARTITIONED) and forward calls to a task's owner.",
+    )
     gateway_port: int = Field(
         8080, ge=0, le=65535, description="Gateway HTTP: the web page and the HTTP API; 0: no gateway."
     )
-    ingest_metrics_port: int = Field(9101, ge=0, le=65535, description="Ingest Prometheus metrics; 0: none.")
-    notifier_metrics_port: int = Field(9103, ge=0, le=65535, description="Notifier Prometheus metrics; 0: none.")
+    ingest_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Ingest Prometheus metrics (of the first replica); 0: none, of any."
+    )
+    notifier_metrics_port: int = Field(
+        9103, ge=0, le=65535, description="Notifier Prometheus metrics (of the first replica); 0: none, of any."
+    )
     gateway_metrics_port: int = Field(9104, ge=0, le=65535, description="Gateway Prometheus metrics; 0: none.")
     worker_metrics_port: int = Field(
         9110, ge=0, le=65535, description="Prometheus metrics of worker 0; worker i uses this port + i; 0: none."
@@ -146,10 +172,18 @@ class StackState:
     pids: dict[str, int] = field(default_factory=dict)
     kafka_bootstrap: str = ""
     triton_url: str = ""
-    ingest_address: str = ""
+    ingest_address: str = ""  # the first replica's
     notifier_address: str = ""
+    ingest_addresses: list[str] = field(default_factory=list)  # every replica's, the first one's first
+    notifier_addresses: list[str] = field(default_factory=list)
     gateway_url: str = ""  # empty: the stack runs no gateway
     metrics_urls: dict[str, str] = field(default_factory=dict)
+
+
+def replica_name(service: str, index: int) -> str:
+    """The process name of replica ``index`` of ``service``: the first keeps the service's own name (``ingest``, as
+    every caller of a one-replica stack knows it), the others are ``ingest-1``, ``ingest-2``, ..."""
+    return f"{service}-{index}" if index else service
 
 
 class Stack:
@@ -164,7 +198,18 @@ class Stack:
         self.kafka: KafkaCluster | None = None
         self.triton: TritonServer | None = None  # the first of ``tritons``
         self.tritons: list[TritonServer] = []
-        self._extra_triton_ports = self._free_triton_ports(settings.triton_servers - 1)
+        # One pick for every port beyond the settings', so no two parts get the same one.
+        extra_replicas = settings.ingest_replicas + settings.notifier_replicas - 2
+        free = iter(self._free_ports_beside_settings(3 * (settings.triton_servers - 1) + 2 * extra_replicas))
+        self._extra_triton_ports = [(next(free), next(free), next(free)) for _ in range(settings.triton_servers - 1)]
+        self._replica_ports = {
+            "ingest": _replica_ports(
+                (settings.ingest_port, settings.ingest_metrics_port), settings.ingest_replicas, free
+            ),
+            "notifier": _replica_ports(
+                (settings.notifier_port, settings.notifier_metrics_port), settings.notifier_replicas, free
+            ),
+        }
         self.services: dict[str, ManagedProcess] = {}
 
     # --- addresses --------------------------------------------------------------------------------------
@@ -185,11 +230,40 @@ class Stack:
 
     @property
     def ingest_address(self) -> str:
+        """The first ingest replica's gRPC address."""
         return f"127.0.0.1:{self.settings.ingest_port}"
 
     @property
     def notifier_address(self) -> str:
+        """The first notifier replica's gRPC address."""
         return f"127.0.0.1:{self.settings.notifier_port}"
+
+    @property
+    def ingest_addresses(self) -> list[str]:
+        """Every ingest replica's gRPC address, the first one's first."""
+        return self.replica_addresses("ingest")
+
+    @property
+    def notifier_addresses(self) -> list[str]:
+        """Every notifier replica's gRPC address, the first one's first."""
+        return self.replica_addresses("notifier")
+
+    @property
+    def ingest_target(self) -> str:
+        """A gRPC target of every ingest replica; a channel to it with the ``round_robin`` policy
+        (``aimesh.client.targets.ROUND_ROBIN``, as the client library uses) spreads calls over them."""
+        return grpc_target(self.ingest_addresses)
+
+    @property
+    def notifier_target(self) -> str:
+        """A gRPC target of every notifier replica, as ``ingest_target``."""
+        return grpc_target(self.notifier_addresses)
+
+    def replica_addresses(self, service: str) -> list[str]:
+        """Every replica's gRPC address of ``service`` (``ingest`` or ``notifier``)."""
+        return [f"127.0.0.1:{grpc_port}" for grpc_port, _ in self._replica_ports[service]]
+
+    replica_name = staticmethod(replica_name)
 
     @property
     def gateway_url(self) -> str:
@@ -199,18 +273,21 @@ class Stack:
         return f"http://127.0.0.1:{self.settings.gateway_port}"
 
     def metrics_port(self, name: str) -> int:
-        """The metrics port of service process ``name`` (``ingest``, ``notifier``, ``gateway``, ``worker-<i>``); 0
-        (none) for any other, such as an extra process a test starts beside them."""
+        """The metrics port of service process ``name`` (``ingest``, ``ingest-<i>``, ``notifier``, ``notifier-<i>``,
+        ``gateway``, ``worker-<i>``); 0 (none) for any other, such as an extra process a test starts beside them."""
         s = self.settings
-        if name == "ingest":
-            return s.ingest_metrics_port
-        if name == "notifier":
-            return s.notifier_metrics_port
+        replicas = {
+            self.replica_name(service, index): metrics_port
+            for service, ports in self._replica_ports.items()
+            for index, (_, metrics_port) in enumerate(ports)
+        }
+        if name in replicas:
+            return replicas[name]
         if name == "gateway":
             return s.gateway_metrics_port
-        index = name.removeprefix("worker-")
-        if index != name and index.isdigit() and s.worker_metrics_port:
-            return s.worker_metrics_port + int(index)
+        worker = name.removeprefix("worker-")
+        if worker != name and worker.isdigit() and s.worker_metrics_port:
+            return s.worker_metrics_port + int(worker)
         return 0
 
     def metrics_url(self, name: str) -> str:
@@ -278,15 +355,18 @@ class Stack:
             replication_factor=replicas,
             min_insync_replicas=min_in_sync if s.brokers > 1 else None,
         )
-        self.start_service("notifier", "aimesh.notifier")
-        self.start_service("ingest", "aimesh.ingest")
+        for index in range(s.notifier_replicas):
+            self.start_replica("notifier", index)
+        for index in range(s.ingest_replicas):
+            self.start_replica("ingest", index)
         for triton in self.tritons:
             triton.wait_ready(s.ready_timeout_s)
         say("Triton ready; starting workers")
         for i in range(s.workers):
             self.start_worker(i)
-        self.wait_grpc_healthy(self.ingest_address, "ingest")
-        self.wait_grpc_healthy(self.notifier_address, "notifier")
+        for service in REPLICATED:
+            for index, address in enumerate(self.replica_addresses(service)):
+                self.wait_grpc_healthy(address, self.replica_name(service, index))
         if s.gateway_port:
             self.start_gateway()
         self.wait_workers(s.workers)
@@ -303,6 +383,24 @@ class Stack:
         process.start()
         self.services[name] = process
         return process
+
+    def start_replica(self, service: str, index: int) -> ManagedProcess:
+        """Start replica ``index`` of ``service`` (``ingest`` or ``notifier``) on its own ports; does not wait."""
+        module, address_variable = REPLICATED[service]
+        address = self.replica_addresses(service)[index]
+        name = self.replica_name(service, index)
+        env = {address_variable: address}
+        if service == "notifier":
+            env.update(self.notifier_env(name))
+        return self.start_service(name, module, env)
+
+    def notifier_env(self, name: str) -> dict[str, str]:
+        """What notifier replica ``name`` runs with besides its address: its own state directory (kept with the
+        Kafka data, so a restart resumes), and with several replicas the group they split the partitions in."""
+        env = {"AIMESH_NOTIFIER_STATE_DIR": str(self.settings.run_dir / "notifier-state" / name)}
+        if self.settings.notifier_replicas > 1:
+            env.update({"AIMESH_NOTIFIER_PARTITIONED": "true", "AIMESH_NOTIFIER_GROUP": NOTIFIER_GROUP})
+        return env
 
     def start_worker(self, index: int) -> ManagedProcess:
         return self.start_service(f"worker-{index}", "aimesh.worker", {"AIMESH_WORKER_ID": f"worker-{index}"})
@@ -375,8 +473,8 @@ class Stack:
 
     # --- faults: stop and start single parts of a running stack (the fault tests) ----------------------------
     def kill_service(self, name: str) -> None:
-        """SIGKILL service process ``name`` (``ingest``, ``notifier``, ``worker-<i>``), as a crash would: no drain,
-        no commit, no goodbye to the consumer group. A no-op if it is not running."""
+        """SIGKILL service process ``name`` (``ingest``, ``ingest-<i>``, ``notifier``, ``worker-<i>``, ...), as a crash
+        would: no drain, no commit, no goodbye to the consumer group. A no-op if it is not running."""
         self.services[name].kill()
 
     def kill_worker(self, index: int) -> None:
@@ -391,6 +489,23 @@ class Stack:
         if name in self.services:
             self.services[name].stop(timeout_s=40)
         return self.start_worker(index)
+
+    def kill_replica(self, service: str, index: int) -> None:
+        """SIGKILL replica ``index`` of ``service`` (``ingest`` or ``notifier``), as a crash would."""
+        self.kill_service(self.replica_name(service, index))
+
+    def stop_replica(self, service: str, index: int) -> None:
+        """SIGTERM replica ``index`` of ``service`` and wait until it has drained and exited (SIGKILL after 40 s)."""
+        self.services[self.replica_name(service, index)].stop(timeout_s=40)
+
+    def restart_replica(self, service: str, index: int, *, wait: bool = True) -> ManagedProcess:
+        """Start replica ``index`` of ``service`` again on the same ports, stopping it gracefully first if it still
+        runs; with ``wait``, return once it answers SERVING."""
+        self.stop_replica(service, index)
+        process = self.start_replica(service, index)
+        if wait:
+            self.wait_grpc_healthy(self.replica_addresses(service)[index], process.name)
+        return process
 
     def stop_triton(self, *, kill: bool = False, index: int = 0) -> None:
         """Stop Triton server ``index``: gracefully (SIGTERM, in-flight requests finish), or with ``kill`` as a crash
@@ -445,11 +560,10 @@ class Stack:
             log_dir=self.log_dir / f"triton-{index}" if index else self.log_dir,
         )
 
-    def _free_triton_ports(self, servers: int) -> list[tuple[int, int, int]]:
-        """(gRPC, HTTP, metrics) ports for ``servers`` more Triton servers: free a moment ago, none of the settings'."""
+    def _free_ports_beside_settings(self, count: int) -> list[int]:
+        """``count`` ports for the parts beyond the settings' ports: free a moment ago, none of the settings'."""
         taken = {port for port in self.settings.model_dump().values() if isinstance(port, int)}
-        ports = [p for p in free_ports(3 * servers + len(taken)) if p not in taken][: 3 * servers]
-        return [(ports[i], ports[i + 1], ports[i + 2]) for i in range(0, 3 * servers, 3)]
+        return [p for p in free_ports(count + len(taken)) if p not in taken][:count]
 
     @staticmethod
     def _require(part: _Part | None, name: str) -> _Part:
@@ -470,6 +584,8 @@ class Stack:
             triton_url=self.triton_url,
             ingest_address=self.ingest_address,
             notifier_address=self.notifier_address,
+            ingest_addresses=self.ingest_addresses,
+            notifier_addresses=self.notifier_addresses,
             gateway_url=self.gateway_url if self.settings.gateway_port else "",
             metrics_urls={name: self.metrics_url(name) for name in self.services if self.metrics_port(name)},
         )
@@ -495,6 +611,13 @@ class Stack:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _replica_ports(first: tuple[int, int], replicas: int, free: Iterator[int]) -> list[tuple[int, int]]:
+    """(gRPC, metrics) ports of each replica of a service: the first's from the settings, the others' ``free`` ones
+    (and no metrics where the first serves none)."""
+    metrics_port = first[1]
+    return [first, *((next(free), next(free) if metrics_port else 0) for _ in range(1, replicas))]
 
 
 def _stop_rank(name: str) -> int:
