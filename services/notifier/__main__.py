@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import tempfile
 
 from aimesh import runtime, tracing
 from aimesh.auth import Authenticator
@@ -17,9 +18,12 @@ from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
 from .buffers import BufferLimits
-from .feed import Decoded, Feed
+from .directory import DirectoryRefresher, PartitionDirectory
+from .feed import Decoded, Feed, Offsets
+from .forwarding import Forwarder
 from .service import Cancellations, NotifierServicer, StreamLimits
-from .store import TaskStore
+from .state_db import RocksStateDb
+from .store import EXPIRE_BATCH, TaskStore
 
 log = logging.getLogger("aimesh.notifier")
 
@@ -29,16 +33,31 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     thread dies. Health is NOT_SERVING until the task history is read. Whatever was started is stopped
     however this ends, a server that cannot bind its address included."""
     authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
+    async with contextlib.AsyncExitStack() as opened:
+        state_dir = settings.notifier_state_dir or opened.enter_context(tempfile.TemporaryDirectory("-notifier"))
+        store = TaskStore(
+            settings.retention_s,
+            default_tenant=settings.default_tenant,
+            max_updates_per_task=settings.max_updates_per_task,
+            cache_tasks=settings.notifier_cache_tasks,
+            db=RocksStateDb(state_dir, cache_bytes=settings.notifier_state_cache_bytes),
+        )
+        opened.callback(store.close)
+        # Whatever the state holds past the retention window went while the notifier was stopped.
+        expired = _expire_all(store)
+        log.info("task state in %s: %d tasks (%d past retention forgotten)", state_dir, len(store), expired)
+        await _serve(settings, authenticator, store, stop)
+
+
+async def _serve(
+    settings: NotifierSettings, authenticator: Authenticator, store: TaskStore, stop: asyncio.Event
+) -> None:
     lifeline = runtime.Lifeline()
-    store = TaskStore(
-        settings.retention_s,
-        default_tenant=settings.default_tenant,
-        max_updates_per_task=settings.max_updates_per_task,
-    )
     metrics = NotifierMetrics(new_registry())
     metrics.tasks_known.set_function(lambda: len(store))
     group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
-    feed = _feed(settings, group, store, lifeline)
+    directory = PartitionDirectory(settings.advertised_address) if settings.notifier_partitioned else None
+    feed = _feed(settings, group, store, lifeline, directory)
     # Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack.
     producer = AsyncProducer(
         producer_config(
@@ -49,8 +68,15 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         )
     )
     cancels = Cancellations(producer, settings.cancel_topic, settings.publish_timeout_s)
+    forwarder = Forwarder.from_settings(settings)
     servicer = NotifierServicer(
-        store, ready=feed.caught_up, metrics=metrics, limits=_stream_limits(settings), cancels=cancels
+        store,
+        ready=feed.caught_up,
+        metrics=metrics,
+        limits=_stream_limits(settings),
+        cancels=cancels,
+        ownership=directory,
+        forwarder=forwarder,
     )
     server = GrpcServer(
         settings.notifier_address,
@@ -72,8 +98,23 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         started.push_async_callback(metrics_server.stop)
         producer.start()
         started.push_async_callback(producer.stop)
+        started.push_async_callback(forwarder.close)
         feed.start()
         started.push_async_callback(feed.stop)
+        if directory is not None:
+            refresher = DirectoryRefresher(
+                consumer_config(
+                    settings.kafka_bootstrap,
+                    group_id=group,
+                    client_id=f"{group}-directory",
+                    extra=settings.kafka_client_config(),
+                ),
+                topic=settings.results_topic,
+                directory=directory,
+                on_death=lifeline.report,
+            )
+            refresher.start()
+            started.push_async_callback(refresher.stop)
         sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
         started.callback(sweeper.cancel)
         # Once all is up, open streams are closed first (stop is idempotent), while the feed still feeds them.
@@ -97,19 +138,35 @@ async def _serve_until_stopped(
         raise
 
 
-def _feed(settings: NotifierSettings, group: str, store: TaskStore, lifeline: runtime.Lifeline) -> Feed:
-    def deliver(batch: list[Decoded]) -> None:
+def _feed(
+    settings: NotifierSettings,
+    group: str,
+    store: TaskStore,
+    lifeline: runtime.Lifeline,
+    directory: PartitionDirectory | None,
+) -> Feed:
+    def deliver(batch: list[Decoded], offsets: Offsets) -> None:
         for decoded in batch:
             if isinstance(decoded.event, result_pb2.AIResultEvent):
                 store.apply_result(decoded.event, decoded.trace)
             else:
                 store.apply_task(decoded.event)
+        store.flush(offsets)
+
+    def moved(partitions: set[int]) -> None:
+        if directory is not None:
+            told = store.moved(partitions, directory.partitions)
+            log.info("partitions %s moved away: %d watchers told to watch again", sorted(partitions), told)
 
     return Feed(
         consumer_config(
             settings.kafka_bootstrap,
             group_id=group,
             client_id=group,
+            # Partitioned replicas: the broker's range assignor gives a member the same partitions of every topic
+            # with as many partitions (a task's record and its results land on one replica), and moves only the
+            # partitions that must move.
+            group_protocol="classic" if directory is None else "consumer",
             # Measured on the local broker, record produced until this consumer returns it: p50 7.0 ms with
             # librdkafka's default 500 ms, 4.0 ms with 100 ms (the worker's setting too).
             extra={"fetch.wait.max.ms": 100, **settings.kafka_client_config()},
@@ -119,6 +176,11 @@ def _feed(settings: NotifierSettings, group: str, store: TaskStore, lifeline: ru
         history_s=settings.retention_s,
         deliver=deliver,
         loop=asyncio.get_running_loop(),
+        saved_offsets=store.saved_offsets(),
+        saved_cluster=store.cluster_id(),
+        on_new_cluster=store.reset,
+        directory=directory,
+        on_moved=moved,
         on_death=lifeline.report,
     )
 
@@ -138,9 +200,19 @@ async def _sweep(store: TaskStore, retention_s: float) -> None:
     interval = min(60.0, max(1.0, retention_s / 10))
     while True:
         await asyncio.sleep(interval)
-        dropped = store.expire()
-        if dropped:
-            log.debug("forgot %d tasks past retention", dropped)
+        dropped = 0
+        while (count := store.expire()) == EXPIRE_BATCH:
+            dropped += count
+            await asyncio.sleep(0)  # one write at a time: streams are served in between
+        if dropped + count:
+            log.debug("forgot %d tasks past retention", dropped + count)
+
+
+def _expire_all(store: TaskStore) -> int:
+    dropped = 0
+    while (count := store.expire()) == EXPIRE_BATCH:
+        dropped += count
+    return dropped + count
 
 
 def main() -> None:

@@ -1,17 +1,19 @@
 """Reads the tasks topics (interactive and batch) and the results topic into the TaskStore.
 
-The notifier keeps no state of its own: at start it reads every partition of these topics from
-``retention_s`` ago (``offsets_for_times``), so a restarted notifier rebuilds what late subscribers need.
-It uses no consumer-group offsets; every notifier replica reads everything. One thread does all the
-Kafka calls; decoded events reach the event loop in batches.
+At start it reads every partition of these topics from where the store's saved offsets say it stopped, or,
+for a partition the store has no offset of (a new state directory) or whose saved offset is older than the
+retention window, from ``retention_s`` ago (``offsets_for_times``). It uses no consumer-group offsets; every
+notifier replica reads everything. One thread does all the Kafka calls; decoded events reach the event loop
+in batches, each with the offsets it reached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,8 @@ from aimesh.background import BackgroundThread, OnDeath
 from aimesh.errors import UndecodableRecord
 from aimesh.kafka import Record, fetch
 from aimesh.v1 import result_pb2, task_pb2
+
+from .directory import PartitionDirectory
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,28 @@ class Decoded:
 
 
 CATCH_UP_LIMIT_S = 60.0
+# How long a replica of a partitioned group may wait for its first assignment before it serves anyway (with
+# none: more replicas than partitions), forwarding every call.
+FIRST_ASSIGNMENT_LIMIT_S = 30.0
+
+# Batches handed to the event loop and not yet delivered, at most.
+MAX_BATCHES_AHEAD = 4
+
+# The next offset to read of each (topic, partition) a batch reached.
+Offsets = dict[tuple[str, int], int]
+TopicPartitionKey = tuple[str, int]
 
 
 class Feed(BackgroundThread):
-    """Streams decoded events of ``topics`` to ``deliver`` on ``loop``; ``caught_up`` is set once the
-    history present at start was read (or after CATCH_UP_LIMIT_S, so an open transaction cannot hold
-    the notifier unready). If its thread dies, ``on_death`` is told (see ``BackgroundThread``)."""
+    """Streams decoded events of ``topics`` to ``deliver`` on ``loop``, with the offsets each batch reached.
+
+    Standalone (no ``directory``) it reads every partition; with a ``directory`` it joins the consumer group
+    of its config and reads the partitions the group assigns it, telling the directory of each assignment,
+    revocation and partition read up to its end, and ``on_moved`` (on the loop) of the results partitions
+    revoked. Each partition starts where ``saved_offsets`` (a previous run's) or this run left it, unless that
+    is older than ``history_s`` (see the module). ``caught_up`` is set once the first partitions' history was
+    read (a partition whose end a transaction left open counts as read after CATCH_UP_LIMIT_S). If its
+    thread dies, ``on_death`` is told (see ``BackgroundThread``)."""
 
     def __init__(
         self,
@@ -52,75 +72,202 @@ class Feed(BackgroundThread):
         tasks_topics: tuple[str, ...],
         results_topic: str,
         history_s: float,
-        deliver: Callable[[list[Decoded]], None],
+        deliver: Callable[[list[Decoded], Offsets], None],
         loop: asyncio.AbstractEventLoop,
+        saved_offsets: Mapping[TopicPartitionKey, int] | None = None,
+        directory: PartitionDirectory | None = None,
+        on_moved: Callable[[set[int]], None] | None = None,
+        saved_cluster: str | None = None,
+        on_new_cluster: Callable[[str], None] | None = None,
         on_death: OnDeath | None = None,
     ) -> None:
         super().__init__("notifier-feed", on_death=on_death)
         self._config = consumer_config
         self._group = str(consumer_config["group.id"])
         self._tasks_topics = frozenset(tasks_topics)
+        self._results_topic = results_topic
         self._topics = (*dict.fromkeys(tasks_topics), results_topic)  # each once, in order
         self._history_s = history_s
         self._deliver = deliver
         self._loop = loop
+        self._next: dict[TopicPartitionKey, int] = dict(saved_offsets or {})  # where each partition resumes
+        self._directory = directory
+        self._on_moved = on_moved
+        self._saved_cluster = saved_cluster
+        self._on_new_cluster = on_new_cluster
+        # Partitions not yet read up to the end they had when assigned: that end, and when they were assigned.
+        self._targets: dict[TopicPartitionKey, tuple[int, float]] = {}
+        self._assigned_once = False
+        self._told_caught_up = False
+        self._room = threading.BoundedSemaphore(MAX_BATCHES_AHEAD)
+        self._unannounced: set[int] = set()  # results partitions assigned whose ownership is not committed yet
+        self._announce_after = 0.0
         self.caught_up = asyncio.Event()
 
     def run(self) -> None:
         consumer = Consumer(self._config, logger=log)
         try:
-            partitions = self._start_positions(consumer)
-            consumer.assign(partitions)
-            targets: dict[tuple[str, int], int] | None = self._targets(consumer, partitions)
+            partitions = self._wait_for_topics(consumer)
+            if self._directory is None:
+                self._assign(consumer, partitions)
+            else:
+                self._directory.partitions = sum(1 for p in partitions if p.topic == self._results_topic)
+                consumer.subscribe(
+                    list(self._topics), on_assign=self._assign, on_revoke=self._revoke, on_lost=self._revoke
+                )
             started = time.monotonic()
-            log.info("reading %d partitions from %.0fs of history", len(partitions), self._history_s)
             while not self.stopping.is_set():
                 batch = fetch(consumer, 500, 0.1)
                 decoded = [e for e in map(self._decode, batch) if e is not None]
-                if decoded:
-                    self._loop.call_soon_threadsafe(self._deliver, decoded)
-                if targets is not None and (
-                    self._reached(consumer, targets) or time.monotonic() - started > CATCH_UP_LIMIT_S
-                ):
-                    targets = None
-                    log.info("history read in %.2fs", time.monotonic() - started)
-                    self._loop.call_soon_threadsafe(self.caught_up.set)
+                offsets = _reached(batch)
+                if offsets:
+                    self._next.update(offsets)
+                    self._hand_over(decoded, offsets)
+                self._check_caught_up(consumer, started)
+                if self._unannounced:
+                    self._announce(consumer)
         finally:
             consumer.close()
 
-    def _start_positions(self, consumer: Consumer) -> list[TopicPartition]:
-        since_ms = int((time.time() - self._history_s) * 1000)
-        wanted: list[TopicPartition] = []
+    def _hand_over(self, decoded: list[Decoded], offsets: Offsets) -> None:
+        """Have the event loop deliver a batch, waiting while MAX_BATCHES_AHEAD are not delivered yet: reading
+        history runs ahead of what the loop applies, and what waits for it must not pile up in memory."""
+        while not self._room.acquire(timeout=0.1):
+            if self.stopping.is_set():
+                return
+
+        def deliver() -> None:
+            try:
+                self._deliver(decoded, offsets)
+            finally:
+                self._room.release()
+
+        self._loop.call_soon_threadsafe(deliver)
+
+    def _wait_for_topics(self, consumer: Consumer) -> list[TopicPartition]:
+        """Every partition of the topics, once each topic exists."""
+        partitions: list[TopicPartition] = []
         for topic in self._topics:
             while not self.stopping.is_set():
-                metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+                cluster = consumer.list_topics(topic, timeout=10)
+                metadata = cluster.topics.get(topic)
                 if metadata is not None and metadata.error is None and metadata.partitions:
-                    wanted.extend(TopicPartition(topic, p, since_ms) for p in metadata.partitions)
+                    partitions.extend(TopicPartition(topic, p) for p in metadata.partitions)
+                    self._check_cluster(cluster.cluster_id)
                     break
                 log.warning("topic %s is not available yet; waiting", topic)
                 time.sleep(1.0)
-        found = consumer.offsets_for_times(wanted, timeout=30) if wanted else []
-        # No record at or after the time: start at the end (nothing of interest is older).
-        return [TopicPartition(p.topic, p.partition, p.offset if p.offset >= 0 else OFFSET_END) for p in found]
+        return partitions
 
-    @staticmethod
-    def _targets(consumer: Consumer, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        targets: dict[tuple[str, int], int] = {}
-        for p in partitions:
+    def _check_cluster(self, cluster_id: str | None) -> None:
+        """A state read from another cluster (its data folder replaced, say) is dropped: its offsets would skip
+        records of this one."""
+        if cluster_id is None or cluster_id == self._saved_cluster:
+            return
+        if self._saved_cluster is not None:
+            log.warning(
+                "the saved state is of Kafka cluster %s, not %s: starting afresh", self._saved_cluster, cluster_id
+            )
+        self._saved_cluster = cluster_id
+        self._next.clear()
+        if self._on_new_cluster is not None:
+            self._loop.call_soon_threadsafe(self._on_new_cluster, cluster_id)
+
+    def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned_once = True
+        if not partitions:
+            return
+        starts = self._starts(consumer, partitions)
+        if self._directory is None:
+            consumer.assign(starts)
+        else:
+            consumer.incremental_assign(starts)
+            mine = {p.partition for p in partitions if p.topic == self._results_topic}
+            self._directory.assigned(mine)
+            self._unannounced |= mine
+            self._announce_after = 0.0
+        now = time.monotonic()
+        for p in starts:
             low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
-            start = p.offset if p.offset >= 0 else high
-            if start < high:
-                targets[(p.topic, p.partition)] = high
-        return targets
+            if (p.offset if p.offset >= 0 else high) < high:
+                self._targets[(p.topic, p.partition)] = (high, now)
+        resumed = sum(1 for p in starts if self._next.get((p.topic, p.partition), -1) == p.offset)
+        log.info("reading %d partitions (%d resumed where the saved state ends)", len(starts), resumed)
 
-    @staticmethod
-    def _reached(consumer: Consumer, targets: dict[tuple[str, int], int]) -> bool:
+    def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._directory is None or not partitions:
+            return
+        consumer.incremental_unassign(partitions)
+        for p in partitions:
+            self._targets.pop((p.topic, p.partition), None)
+        moved = {p.partition for p in partitions if p.topic == self._results_topic}
+        self._directory.revoked(moved)
+        self._unannounced -= moved
+        if moved and self._on_moved is not None:
+            self._loop.call_soon_threadsafe(self._on_moved, moved)
+        log.info("partitions %s moved to another replica", sorted(moved))
+
+    def _announce(self, consumer: Consumer) -> None:
+        """Commit an offset of each results partition assigned and not yet announced, with this replica's address
+        as its metadata: how the others learn who owns it (see ``directory``). Tried again a second later if
+        the broker does not take it."""
+        if self._directory is None or time.monotonic() < self._announce_after:
+            return
+        topic, address = self._results_topic, self._directory.address
+        offsets = [
+            TopicPartition(topic, p, max(0, self._next.get((topic, p), 0)), metadata=address)
+            for p in sorted(self._unannounced)
+        ]
         try:
-            positions = consumer.position([TopicPartition(t, p) for t, p in targets])
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as e:
+            log.debug("announcing partitions %s failed: %s", sorted(self._unannounced), e)
+            self._announce_after = time.monotonic() + 1.0
+            return
+        self._unannounced.clear()
+        self._directory.refresh_soon()
+
+    def _starts(self, consumer: Consumer, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Where to start each partition: where the saved state (or this run) left it, unless that is older
+        than the window; else the window's first record, or the end if it has none (nothing older matters)."""
+        since_ms = int((time.time() - self._history_s) * 1000)
+        wanted = [TopicPartition(p.topic, p.partition, since_ms) for p in partitions]
+        found = consumer.offsets_for_times(wanted, timeout=30) if wanted else []
+        starts: list[TopicPartition] = []
+        for p in found:
+            resume = self._next.get((p.topic, p.partition), -1)
+            starts.append(TopicPartition(p.topic, p.partition, OFFSET_END if p.offset < 0 else max(resume, p.offset)))
+        return starts
+
+    def _check_caught_up(self, consumer: Consumer, started: float) -> None:
+        if self._targets:
+            self._drop_reached(consumer)
+        if self._told_caught_up:
+            return
+        waited = time.monotonic() - started
+        if (self._assigned_once and not self._targets) or (
+            self._directory is not None and not self._assigned_once and waited > FIRST_ASSIGNMENT_LIMIT_S
+        ):
+            log.info("history read in %.2fs", waited)
+            self._loop.call_soon_threadsafe(self.caught_up.set)
+            self._told_caught_up = True
+
+    def _drop_reached(self, consumer: Consumer) -> None:
+        """Forget the targets reached (or waited on for CATCH_UP_LIMIT_S); tell the directory which partitions
+        are read up to their end in every topic."""
+        try:
+            positions = consumer.position([TopicPartition(t, p) for t, p in self._targets])
         except KafkaException as e:
             log.debug("position unavailable: %s", e)
-            return False
-        return all(p.offset >= targets[(p.topic, p.partition)] for p in positions)
+            return
+        now = time.monotonic()
+        for p in positions:
+            target, since = self._targets[(p.topic, p.partition)]
+            if p.offset >= target or now - since > CATCH_UP_LIMIT_S:
+                del self._targets[(p.topic, p.partition)]
+        if self._directory is not None:
+            pending = {p for _, p in self._targets}
+            self._directory.caught_up(self._directory.local() - pending)
 
     def _decode(self, message: Message) -> Decoded | None:
         if message.error():
@@ -142,3 +289,13 @@ class Feed(BackgroundThread):
         except UndecodableRecord as e:
             log.warning("skipping undecodable record %s: %s", record.where(), e)
             return None
+
+
+def _reached(batch: list[Message]) -> Offsets:
+    """The next offset to read of each partition ``batch`` has a record of."""
+    reached: Offsets = {}
+    for message in batch:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if message.error() is None and topic is not None and partition is not None and offset is not None:
+            reached[(topic, partition)] = max(reached.get((topic, partition), 0), offset + 1)
+    return reached

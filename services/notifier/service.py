@@ -10,7 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -32,9 +32,13 @@ from aimesh.metrics import (
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
 
 from .buffers import BufferLimits, StreamBuffer, SubscriptionMemory
-from .store import Denied, Ended, TaskStore, Update
+from .forwarding import Answer, Forwarder, Metadata, Relays, forwarded_metadata, is_forwarded, rebalancing
+from .ownership import Everything, Ownership
+from .store import Denied, Ended, Moved, TaskStore, Update
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # How long CancelTask waits for a task the notifier has not read yet (a cancel right after the submit).
 CANCEL_WAIT_S = 2.0
@@ -94,6 +98,12 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
 
     A task of another tenant is answered exactly as a task that does not exist (NOT_FOUND, same message and
     details), so a tenant learns nothing of others' tasks.
+
+    ``ownership`` says which tasks this replica answers for (default: every task, a standalone notifier); a
+    call about any other is forwarded through ``forwarder`` to its owner (see ``forwarding``), and a watch
+    follows such tasks there, and follows a task whose partition moved away mid-stream (the store hands it
+    MOVED) at its new owner. A forwarded watch does not count against its connection's cap (that connection
+    is another replica's, carrying many clients' streams, each counted there), only its tenant's.
     """
 
     def __init__(
@@ -105,8 +115,13 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         limits: StreamLimits | None = None,
         cancels: Cancellations | None = None,
         cancel_wait_s: float = CANCEL_WAIT_S,
+        ownership: Ownership | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self._store = store
+        self._ownership: Ownership = ownership if ownership is not None else Everything()
+        # With every task local (the default) it never opens a channel.
+        self._forwarder = forwarder if forwarder is not None else Forwarder()
         self._ready = ready
         self._metrics = metrics if metrics is not None else NotifierMetrics()
         self._limits = limits if limits is not None else StreamLimits()
@@ -120,8 +135,13 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         self, request: notifier_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notifier_pb2.GetTaskResponse:
         await _check_task_id(context, request.task_id)
-        if not self._ready.is_set():
-            await _abort_starting(context)
+        if not self._ownership.is_local(request.task_id):
+            return await self._forward(
+                context,
+                request.task_id,
+                lambda stub, metadata, timeout: stub.GetTask(request, metadata=metadata, timeout=timeout),
+            )
+        await self._check_serving(context, request.task_id)
         state = self._store.get(request.task_id, auth.current_tenant())
         if state is None:
             await _abort_not_found(context, request.task_id)
@@ -146,6 +166,23 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
 
         async for response in _written(watch()):
             yield response
+
+    async def _forward(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        task_id: str,
+        call: Callable[[Any, Metadata, float | None], Awaitable[R]],
+    ) -> R:
+        """The answer of the task's owner to ``call``; UNAVAILABLE for a forwarded call (no second hop: the
+        replica that forwarded it asks its directory again)."""
+        if is_forwarded(context):
+            await rebalancing().abort(context)
+        return await self._forwarder.unary(context, lambda: self._ownership.owner_address(task_id), call)
+
+    async def _check_serving(self, context: grpc.aio.ServicerContext[Any, Any], task_id: str) -> None:
+        """UNAVAILABLE until this notifier has read the history of the task's partition."""
+        if not (self._ready.is_set() and self._ownership.is_ready(task_id)):
+            await _abort_starting(context)
 
     async def _check_watch_tasks(
         self, context: grpc.aio.ServicerContext[Any, Any], request: notifier_pb2.WatchTasksRequest
@@ -174,34 +211,80 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
     ) -> None:
         """Write ``response`` of each update of every task in ``requests`` (valid, distinct ids), ending once
         each has ended. Each task is one subscription against the limits, freed when the task ends or the
-        stream closes; the stream's buffer is freed with it."""
-        tenant = auth.current_tenant()
+        stream closes; the stream's buffer is freed with it. Tasks this replica owns are followed in its store,
+        the others at their owners (``Relays``); a forwarded watch must name only tasks owned here."""
+        tenant, forwarded = auth.current_tenant(), is_forwarded(context)
+        if forwarded and not all(self._ownership.is_local(r.task_id) for r in requests):
+            await rebalancing().abort(context)
         # A connection's identity in grpc.aio is its peer string: transport, address and port of the TCP
         # connection. Keyed with the tenant, clients of different tenants behind one proxy connection do not
         # share a cap; a client that opens more connections still meets the tenant's cap and the memory cap.
-        connection = (tenant, context.peer())
+        connection = None if forwarded else (tenant, context.peer())
         await self._admit(context, connection, len(requests))
-        watch = _Watch(tenant, connection, StreamBuffer(self._limits.buffer, self.memory))
+        watch = _Watch(tenant, connection, StreamBuffer(self._limits.buffer, self.memory), asyncio.current_task())
+        if not forwarded:
+            watch.relays = self._relays(watch, forwarded_metadata(context))
         try:
             for request in requests:
                 self._metrics.active_subscriptions.inc()
                 watch.sent[request.task_id] = request.after_sequence
-                self._store.subscribe(
-                    request.task_id,
-                    watch,
-                    functools.partial(watch.buffer.offer, request.task_id),
-                    tenant,
-                    request.after_sequence,
-                )
+            self._follow(watch, {r.task_id: r.after_sequence for r in requests})
+            if forwarded:
+                # Tells the forwarding replica that this owner took the stream (see Relays).
+                await context.send_initial_metadata(())
+            await self._stream(context, watch, response)
+        finally:
+            # Runs on normal end, on abort and on client cancellation (CancelledError): nothing stays held.
+            if watch.relays is not None:
+                watch.relays.close()
+            for task_id in watch.pending:
+                self._finish(watch, task_id)
+            watch.buffer.close()
+
+    async def _stream(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        watch: _Watch,
+        response: Callable[[notifier_pb2.TaskState], Message],
+    ) -> None:
+        """Send the stream's updates until each task has ended, or until it is interrupted (``_Watch.interrupt``)
+        with the answer it ends with."""
+        try:
             while watch.pending:
                 got = await self._next(context, watch)
                 if got is not None:
                     await self._send(context, watch, *got, response)
-        finally:
-            # Runs on normal end, on abort and on client cancellation (CancelledError): nothing stays held.
-            for task_id in watch.pending:
-                self._finish(watch, task_id)
-            watch.buffer.close()
+        except asyncio.CancelledError:
+            if watch.failure is None or watch.handler is None:
+                raise
+            watch.handler.uncancel()
+            await watch.failure.abort(context)
+
+    def _follow(self, watch: _Watch, tasks: dict[str, int]) -> None:
+        """Follow each task (its id, the last sequence the stream had of it): in the store if owned here,
+        else at its owner."""
+        remote = {task_id: after for task_id, after in tasks.items() if not self._ownership.is_local(task_id)}
+        for task_id, after in tasks.items():
+            if task_id not in remote:
+                self._subscribe(watch, task_id, after)
+        if remote:
+            if watch.relays is None:
+                raise AssertionError("a forwarded watch names only tasks owned here (checked on its arrival)")
+            watch.relays.follow(remote)
+
+    def _subscribe(self, watch: _Watch, task_id: str, after_sequence: int) -> None:
+        deliver = functools.partial(watch.buffer.offer, task_id)
+        self._store.subscribe(task_id, watch, deliver, watch.tenant, after_sequence)
+
+    def _relays(self, watch: _Watch, metadata: Metadata) -> Relays:
+        return Relays(
+            self._forwarder,
+            self._ownership,
+            metadata,
+            offer=watch.buffer.offer,
+            adopt=functools.partial(self._subscribe, watch),
+            fail=watch.interrupt,
+        )
 
     async def _next(self, context: grpc.aio.ServicerContext[Any, Any], watch: _Watch) -> tuple[str, Update] | None:
         """The next update to send, or None once a task was finished with; ends the stream when nothing came
@@ -227,7 +310,18 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             if isinstance(item, Ended):
                 self._finish(watch, task_id)
                 return None
+            if isinstance(item, Moved):
+                await self._moved(context, watch, task_id)
+                continue
             return task_id, item
+
+    async def _moved(self, context: grpc.aio.ServicerContext[Any, Any], watch: _Watch, task_id: str) -> None:
+        """Follow a task whose partition moved to another replica there, from the last update sent (each one
+        before the move was); a forwarded stream ends UNAVAILABLE instead, so that the replica that forwarded
+        it does that."""
+        if watch.relays is None:
+            await rebalancing().abort(context)
+        watch.relays.follow({task_id: watch.sent[task_id]})
 
     async def _send(
         self,
@@ -301,8 +395,13 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         self, request: notifier_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notifier_pb2.CancelTaskResponse:
         await _check_task_id(context, request.task_id)
-        if not self._ready.is_set():
-            await _abort_starting(context)
+        if not self._ownership.is_local(request.task_id):
+            return await self._forward(
+                context,
+                request.task_id,
+                lambda stub, metadata, timeout: stub.CancelTask(request, metadata=metadata, timeout=timeout),
+            )
+        await self._check_serving(context, request.task_id)
         tenant, task_id = auth.current_tenant(), request.task_id
         state = await self._wait_known(task_id, tenant)
         if state is None:
@@ -361,9 +460,11 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         await asyncio.sleep(max(0.0, until - loop.time()))
         return None
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], connection: Hashable, count: int) -> None:
-        """Count ``count`` more subscriptions of ``connection`` and its tenant, or end the call
-        RESOURCE_EXHAUSTED (counting nothing) if either would pass its limit or the stream buffers have
+    async def _admit(
+        self, context: grpc.aio.ServicerContext[Any, Any], connection: Hashable | None, count: int
+    ) -> None:
+        """Count ``count`` more subscriptions of ``connection`` (None: of no connection) and its tenant, or end
+        the call RESOURCE_EXHAUSTED (counting nothing) if either would pass its limit or the stream buffers have
         less than one stream's room left."""
         tenant = auth.current_tenant()
         try:
@@ -381,21 +482,21 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
                 retry_s=BUFFERS_FULL_RETRY_S,
             )
 
-    def _open_streams(self, connection: Hashable, tenant: str, count: int) -> None:
-        """Count ``count`` more subscriptions of ``connection`` and ``tenant``, or raise TooManySubscriptions
-        (counting nothing) if either would pass its limit."""
-        if self._streams_by_connection[connection] + count > self._limits.max_per_connection:
+    def _open_streams(self, connection: Hashable | None, tenant: str, count: int) -> None:
+        """Count ``count`` more subscriptions of ``connection`` (None: of no connection) and ``tenant``, or
+        raise TooManySubscriptions (counting nothing) if either would pass its limit."""
+        if connection is not None and self._streams_by_connection[connection] + count > self._limits.max_per_connection:
             raise TooManySubscriptions("connection", self._limits.max_per_connection)
         if self._streams_by_tenant[tenant] + count > self._limits.max_per_tenant:
             raise TooManySubscriptions("tenant", self._limits.max_per_tenant)
-        self._streams_by_connection[connection] += count
+        if connection is not None:
+            self._streams_by_connection[connection] += count
         self._streams_by_tenant[tenant] += count
 
-    def _close_streams(self, connection: Hashable, tenant: str, count: int) -> None:
-        counters: tuple[tuple[Counter[Any], Hashable], ...] = (
-            (self._streams_by_connection, connection),
-            (self._streams_by_tenant, tenant),
-        )
+    def _close_streams(self, connection: Hashable | None, tenant: str, count: int) -> None:
+        counters: list[tuple[Counter[Any], Hashable]] = [(self._streams_by_tenant, tenant)]
+        if connection is not None:
+            counters.append((self._streams_by_connection, connection))
         for counter, key in counters:
             counter[key] -= count
             if counter[key] <= 0:
@@ -404,14 +505,25 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
 
 @dataclass(eq=False)
 class _Watch:
-    """One open stream: whose it is, its buffer (also its key in the store's subscriptions), the last
-    sequence sent of each task, and the tasks finished with."""
+    """One open stream: whose it is (``connection`` None: a forwarded one, counted per tenant only), its
+    buffer, the task serving it (``handler``), the last sequence sent of each task, the tasks finished with,
+    the tasks followed at other replicas (``relays``; None for a forwarded stream, which follows only tasks
+    owned here), and the answer it was interrupted with. It is its own key in the store's subscriptions."""
 
     tenant: str
-    connection: Hashable
+    connection: Hashable | None
     buffer: StreamBuffer
+    handler: asyncio.Task[Any] | None
     sent: dict[str, int] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)
+    relays: Relays | None = None
+    failure: Answer | None = None
+
+    def interrupt(self, answer: Answer) -> None:
+        """End the stream with ``answer`` (once: a later answer is not taken), whatever it is waiting for."""
+        if self.failure is None and self.handler is not None:
+            self.failure = answer
+            self.handler.cancel()
 
     @property
     def pending(self) -> list[str]:

@@ -28,16 +28,26 @@ Every task belongs to a tenant, learned from its task record (an empty tenant th
 tenants, the default tenant's) or from a result that carries one (an empty tenant on a result says
 nothing). Only that tenant's watchers and lookups see the task. While the tenant is not known yet, nobody
 sees the task: watchers wait and get its updates once it is; a watcher of another tenant then gets DENIED.
+
+On disk: every known task lives in a key-value database (``state_db``; RocksDB in the service): its record
+(tenant, time of its last change, current state) under ``s/<id>``, each kept update under ``h/<id>/<sequence>``,
+and an index ``t/<last change ms><id>`` by which expiry finds what to remove. The feed calls ``flush`` after
+every batch of records with the offsets the batch reached; one atomic write holds both, so after a restart the
+state reflects exactly the records before the saved offsets and reading resumes there. Memory holds the tasks
+being watched and a bounded cache of the most recently changed others; any other is read from disk when asked
+for (an update's trace context is not kept on disk: a delivery of a task read back starts its own trace).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import struct
 import time
-from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -46,9 +56,15 @@ from opentelemetry.trace import SpanContext
 from aimesh import events
 from aimesh.v1 import notifier_pb2, result_pb2, task_pb2
 
+from .ownership import partition_of
+from .state_db import Batch, MemoryStateDb, StateDb
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPDATES_PER_TASK = 10_000
+DEFAULT_CACHE_TASKS = 10_000
+# Most tasks one expire() call forgets: the event loop's pause for one write of their deletions.
+EXPIRE_BATCH = 5_000
 
 _RANK: dict[int, int] = {
     result_pb2.TASK_STATUS_UNSPECIFIED: 0,
@@ -89,10 +105,16 @@ class Ended:
     terminal update, so nothing more will come."""
 
 
+class Moved:
+    """Put in a watcher's queue instead of an update: the task's partition moved to another notifier replica,
+    so nothing more will come from this one (watch again, on any replica, with ``after_sequence``)."""
+
+
 DENIED = Denied()
 ENDED = Ended()
+MOVED = Moved()
 
-WatchItem = Update | Denied | Ended
+WatchItem = Update | Denied | Ended | Moved
 Deliver = Callable[[WatchItem], None]
 
 
@@ -113,6 +135,13 @@ class _Record:
     trace: SpanContext | None = None
     tenant: str | None = None  # None: not learned yet
     _current: Update | None = None
+    # What the database holds of it: the time it was last written with (None: nothing), the sequence of the
+    # last history update written, the history updates dropped since (to delete), and whether the history
+    # there is stale (patched since).
+    written_ms: int | None = None
+    history_written: int = 0
+    history_dropped: list[int] = field(default_factory=list)
+    history_stale: bool = False
 
     @property
     def known(self) -> bool:
@@ -127,7 +156,13 @@ class _Record:
 
 
 class TaskStore:
-    """Task states and their updates for ``retention_s`` after their last change, and their watchers."""
+    """Task states and their updates for ``retention_s`` after their last change, and their watchers.
+
+    Every known task lives in ``db`` (see the module's "On disk"); at most ``cache_tasks`` of those nobody
+    watches stay in memory besides, the most recently used. Changes are written by ``flush``, which the feed
+    calls after each batch of records with the offsets that batch reached, so the database always reflects
+    a prefix of every partition.
+    """
 
     def __init__(
         self,
@@ -135,7 +170,9 @@ class TaskStore:
         *,
         default_tenant: str = "default",
         max_updates_per_task: int = DEFAULT_MAX_UPDATES_PER_TASK,
-        clock: Callable[[], float] = time.monotonic,
+        cache_tasks: int = DEFAULT_CACHE_TASKS,
+        db: StateDb | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if max_updates_per_task < 1:
             raise ValueError("max_updates_per_task must be at least 1")
@@ -143,23 +180,33 @@ class TaskStore:
         self._default_tenant = default_tenant
         # The current state is kept apart from the history: the history holds one update fewer.
         self._history_len = max_updates_per_task - 1
+        self._cache_tasks = cache_tasks
+        self._db: StateDb = db if db is not None else MemoryStateDb()
         self._clock = clock
-        self._records: dict[str, _Record] = {}
-        self._known = 0  # records whose state is known, kept so len() is cheap
+        self._records: OrderedDict[str, _Record] = OrderedDict()  # least recently used first
+        self._dirty: dict[str, _Record] = {}
+        count = self._db.get(_KNOWN_KEY)
+        self._known = int.from_bytes(count, "big") if count else 0  # kept so len() is cheap
 
     def get(self, task_id: str, tenant: str | None = None) -> notifier_pb2.TaskState | None:
         """The task's state if it is known and ``tenant``'s (``None``: the default tenant)."""
-        record = self._records.get(task_id)
+        record = self._records.get(task_id) or self._load(task_id)
         if record is None or not record.known or record.tenant != (tenant or self._default_tenant):
             return None
         return _copy(record.state)
 
     def apply_task(self, task: task_pb2.AITaskEvent) -> None:
         record = self._record(task.task_id)
+        if record.state.HasField("submitted_at"):
+            # The task record read before: a repeat (one idempotency key submitted through two ingest
+            # replicas) changes nothing.
+            return
+        self._dirty[task.task_id] = record
         if record.known:
             # Results read before the task record: their states were handed out, so patch copies.
             record.state = _with_task(record.state, task)
             record.history = deque((_patched(u, task) for u in record.history), maxlen=record.history.maxlen)
+            record.history_stale = True
         else:
             _fill_task(record.state, task)
         state = record.state
@@ -172,6 +219,8 @@ class TaskStore:
     def apply_result(self, result: result_pb2.AIResultEvent, trace: SpanContext | None = None) -> None:
         record = self._record(result.task_id)
         learned = bool(result.tenant) and self._learn_tenant(record, result.tenant)
+        if learned:
+            self._dirty[result.task_id] = record
         sequence = self._place(record.state, result)
         if not _advances(record.state, result.status, sequence):
             if learned:
@@ -179,7 +228,57 @@ class TaskStore:
             return
         if not record.state.model_name:
             record.state.model_name = result.model_name
+        self._dirty[result.task_id] = record
         self._change(record, result.status, sequence, result.produced_at, result, trace)
+
+    def flush(self, offsets: Mapping[tuple[str, int], int] | None = None) -> None:
+        """Write every change since the last flush, and ``offsets`` (the next offset to read of each
+        partition: what the written state reflects), in one atomic batch; then shrink the cache to its size."""
+        batch = Batch()
+        for task_id, record in self._dirty.items():
+            if record.known:
+                self._write(batch, task_id, record)
+        self._dirty.clear()
+        for (topic, partition), offset in (offsets or {}).items():
+            batch.put(_offset_key(topic, partition), offset.to_bytes(8, "big"))
+        if batch:
+            batch.put(_KNOWN_KEY, self._known.to_bytes(8, "big"))
+            self._db.write(batch)
+        self._evict()
+
+    def saved_offsets(self) -> dict[tuple[str, int], int]:
+        """The offsets the last flush recorded: where reading resumes after a restart."""
+        saved: dict[tuple[str, int], int] = {}
+        for key, value in self._db.items(_OFFSETS, _after(_OFFSETS)):
+            topic, partition = key[len(_OFFSETS) : -5], key[-4:]  # topic, a 0 byte, 4 bytes of partition
+            saved[(topic.decode(), int.from_bytes(partition, "big"))] = int.from_bytes(value, "big")
+        return saved
+
+    def cluster_id(self) -> str | None:
+        """The Kafka cluster the state was read from; None for a new state."""
+        value = self._db.get(_CLUSTER_KEY)
+        return None if value is None else value.decode()
+
+    def reset(self, cluster_id: str) -> None:
+        """Forget everything (the state was read from another Kafka cluster, whose offsets mean nothing here) and
+        record ``cluster_id`` as the state's cluster. Watchers stay and get what the new cluster brings."""
+        batch = Batch()
+        batch.delete_range(b"", b"\xff")
+        batch.put(_CLUSTER_KEY, cluster_id.encode())
+        batch.put(_KNOWN_KEY, (0).to_bytes(8, "big"))
+        self._db.write(batch)
+        self._dirty.clear()
+        self._known = 0
+        for task_id, record in list(self._records.items()):
+            if record.watchers:
+                self._records[task_id] = _Record(
+                    notifier_pb2.TaskState(task_id=task_id),
+                    self._clock(),
+                    deque(maxlen=max(0, self._history_len)),
+                    watchers=record.watchers,
+                )
+            else:
+                del self._records[task_id]
 
     def watch(self, task_id: str, tenant: str | None = None, after_sequence: int = 0) -> asyncio.Queue[WatchItem]:
         """A queue that receives the task's updates (see ``subscribe``); ``unwatch`` it when done."""
@@ -211,16 +310,53 @@ class TaskStore:
         if not record.watchers and not record.known:
             del self._records[task_id]
 
-    def expire(self) -> int:
-        """Forget tasks unchanged for the retention window that nobody watches; return how many."""
-        cutoff = self._clock() - self._retention_s
-        stale = [k for k, r in self._records.items() if r.touched_s < cutoff and not r.watchers]
-        for key in stale:
-            self._known -= self._records.pop(key).known
-        return len(stale)
+    def expire(self, limit: int = EXPIRE_BATCH) -> int:
+        """Forget tasks unchanged for the retention window that nobody watches, on disk too, at most ``limit``
+        of them (call again while it returns ``limit``: each call is one write); return how many."""
+        self.flush()
+        cutoff_ms = max(0, int((self._clock() - self._retention_s) * 1000))
+        batch = Batch()
+        forgotten = 0
+        for key, _ in list(itertools.islice(self._db.items(_TOUCHED, _touched_key(cutoff_ms, "")), limit)):
+            task_id = key[len(_TOUCHED) + 8 :].decode()
+            record = self._records.get(task_id)
+            if record is not None and record.watchers:
+                continue
+            self._records.pop(task_id, None)
+            batch.delete(key)
+            batch.delete(_state_key(task_id))
+            batch.delete_range(*_history_range(task_id))
+            forgotten += 1
+        if forgotten:
+            self._known -= forgotten
+            batch.put(_KNOWN_KEY, self._known.to_bytes(8, "big"))
+            self._db.write(batch)
+        return forgotten
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+    def moved(self, partitions: set[int], partition_count: int) -> int:
+        """Hand MOVED to every watcher of a task of ``partitions`` (results topic partitions, of
+        ``partition_count``) and forget them; return how many watchers that was."""
+        told = 0
+        for task_id, record in list(self._records.items()):
+            if record.watchers and partition_of(task_id, partition_count) in partitions:
+                watchers, record.watchers = record.watchers, {}
+                for watcher in watchers.values():
+                    watcher.deliver(MOVED)
+                told += len(watchers)
+                if not record.known:
+                    del self._records[task_id]
+        return told
 
     def watcher_count(self) -> int:
         return sum(len(r.watchers) for r in self._records.values())
+
+    def cached(self) -> int:
+        """Tasks held in memory: the watched ones and at most ``cache_tasks`` others."""
+        return len(self._records)
 
     def __len__(self) -> int:
         """Tasks whose state is known. Constant time, and safe to call from another thread (a metrics scrape)."""
@@ -228,12 +364,68 @@ class TaskStore:
 
     def _record(self, task_id: str) -> _Record:
         record = self._records.get(task_id)
-        if record is None:
-            record = _Record(
-                notifier_pb2.TaskState(task_id=task_id), self._clock(), deque(maxlen=max(0, self._history_len))
-            )
-            self._records[task_id] = record
+        if record is not None:
+            self._records.move_to_end(task_id)
+            return record
+        record = self._load(task_id) or _Record(
+            notifier_pb2.TaskState(task_id=task_id), self._clock(), deque(maxlen=max(0, self._history_len))
+        )
+        self._records[task_id] = record
         return record
+
+    def _load(self, task_id: str) -> _Record | None:
+        """The task as the database has it, or None if it has nothing of it."""
+        value = self._db.get(_state_key(task_id))
+        if value is None:
+            return None
+        _, touched_ms, kept, tenant_len = _RECORD_HEAD.unpack_from(value)
+        tenant_end = _RECORD_HEAD.size + tenant_len
+        state = notifier_pb2.TaskState.FromString(value[tenant_end:])
+        stored = self._db.items(*_history_range(task_id)) if kept else ()  # a scan costs as much as the rest
+        history = deque(
+            (Update(notifier_pb2.TaskState.FromString(v)) for _, v in stored), maxlen=max(0, self._history_len)
+        )
+        record = _Record(
+            state, touched_ms / 1000, history, tenant=value[_RECORD_HEAD.size : tenant_end].decode() or None
+        )
+        record.written_ms = touched_ms
+        record.history_written = history[-1].state.sequence if history else 0
+        return record
+
+    def _write(self, batch: Batch, task_id: str, record: _Record) -> None:
+        touched_ms = int(record.touched_s * 1000)
+        tenant = (record.tenant or "").encode()
+        head = _RECORD_HEAD.pack(_RECORD_VERSION, touched_ms, len(record.history), len(tenant))
+        batch.put(_state_key(task_id), head + tenant + record.state.SerializeToString())
+        if record.written_ms != touched_ms:
+            if record.written_ms is not None:
+                batch.delete(_touched_key(record.written_ms, task_id))
+            batch.put(_touched_key(touched_ms, task_id), b"")
+            record.written_ms = touched_ms
+        if record.history_stale:  # patched by a late task record: rewritten whole
+            batch.delete_range(*_history_range(task_id))
+            record.history_written, record.history_stale = 0, False
+        for sequence in record.history_dropped:
+            batch.delete(_history_key(task_id, sequence))
+        record.history_dropped.clear()
+        for update in record.history:
+            if update.state.sequence > record.history_written:
+                batch.put(_history_key(task_id, update.state.sequence), update.state.SerializeToString())
+        if record.history:
+            record.history_written = record.history[-1].state.sequence
+
+    def _evict(self) -> None:
+        """Drop the least recently used tasks nobody watches until at most ``cache_tasks`` remain of those."""
+        excess = len(self._records) - self._cache_tasks
+        passed = 0  # watched tasks moved to the end: once all were, only watched ones are left to drop
+        while excess > 0 and passed < len(self._records):
+            task_id, record = next(iter(self._records.items()))
+            if record.watchers:
+                self._records.move_to_end(task_id)
+                passed += 1
+            else:
+                del self._records[task_id]
+                excess -= 1
 
     @staticmethod
     def _place(state: notifier_pb2.TaskState, result: result_pb2.AIResultEvent) -> int:
@@ -258,6 +450,8 @@ class TaskStore:
     ) -> None:
         if record.known:
             if self._history_len > 0:
+                if len(record.history) == self._history_len:
+                    record.history_dropped.append(record.history[0].state.sequence)
                 record.history.append(record.current)
             state = _copy(record.state)
         else:
@@ -350,3 +544,43 @@ def _copy(state: notifier_pb2.TaskState) -> notifier_pb2.TaskState:
     out = notifier_pb2.TaskState()
     out.CopyFrom(state)
     return out
+
+
+# The database's keys: a task's record, its history updates by sequence, an index of tasks by the time of their
+# last change (for expiry), the next offset to read of each partition, and the count of tasks.
+_STATE = b"s/"
+_HISTORY = b"h/"
+_TOUCHED = b"t/"
+_OFFSETS = b"o/"
+_KNOWN_KEY = b"m/known"
+_CLUSTER_KEY = b"m/cluster"
+# A record's value: format version, last change (ms since the epoch), how many history updates it keeps, the
+# tenant's length; then the tenant (empty: not learned yet) and the serialized TaskState.
+_RECORD_HEAD = struct.Struct(">BqIH")
+_RECORD_VERSION = 1
+
+
+def _state_key(task_id: str) -> bytes:
+    return _STATE + task_id.encode()
+
+
+def _history_key(task_id: str, sequence: int) -> bytes:
+    return _HISTORY + task_id.encode() + b"/" + sequence.to_bytes(8, "big")
+
+
+def _history_range(task_id: str) -> tuple[bytes, bytes]:
+    prefix = _HISTORY + task_id.encode() + b"/"
+    return prefix, _after(prefix)
+
+
+def _touched_key(touched_ms: int, task_id: str) -> bytes:
+    return _TOUCHED + touched_ms.to_bytes(8, "big") + task_id.encode()
+
+
+def _offset_key(topic: str, partition: int) -> bytes:
+    return _OFFSETS + topic.encode() + b"\0" + partition.to_bytes(4, "big")
+
+
+def _after(prefix: bytes) -> bytes:
+    """The least key greater than every key starting with ``prefix`` (its last byte is not 0xff)."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])

@@ -331,6 +331,12 @@ class WorkerSettings(KafkaSettings):
         description="How far back a starting worker reads the cancellations topic, and how long it remembers a "
         "cancelled task id.",
     )
+    idempotency_window_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How long after a task record with a task id derived from an idempotency key a later record with "
+        "the same id is dropped as a duplicate; at least ingest's AIMESH_IDEMPOTENCY_TTL_S.",
+    )
     metrics_port: int = Field(9102, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
 
 
@@ -339,7 +345,19 @@ class NotifierSettings(ServerSettings):
 
     notifier_address: str = Field("127.0.0.1:50052", description="host:port the notifier gRPC server binds.")
     notifier_group: str = Field(
-        "", description="Consumer group id of the notifier; empty means a unique one per process."
+        "",
+        description="Consumer group id of the notifier; empty means a unique one per process. Partitioned replicas "
+        "(AIMESH_NOTIFIER_PARTITIONED) share one.",
+    )
+    notifier_partitioned: bool = Field(
+        False,
+        description="Join AIMESH_NOTIFIER_GROUP with the other replicas and keep only the partitions the group "
+        "assigns this one; calls for other tasks are forwarded to their owner. Off: read every partition.",
+    )
+    notifier_advertised_address: str = Field(
+        "",
+        description="host:port at which the other partitioned replicas reach this one; empty: "
+        "AIMESH_NOTIFIER_ADDRESS.",
     )
     retention_s: float = Field(
         3600.0, gt=0, description="How long a terminal result stays available to late subscribers."
@@ -384,10 +402,41 @@ class NotifierSettings(ServerSettings):
         description="Most updates kept per task for resuming watchers (after_sequence); past it the oldest are "
         "forgotten.",
     )
+    notifier_state_dir: str = Field(
+        "",
+        description="Directory of the notifier's on-disk task state (RocksDB) and the offsets it reflects, so a "
+        "restart resumes where it stopped; one per replica. Empty: a temporary directory removed at exit (a "
+        "restart then reads the retention window again).",
+    )
+    notifier_cache_tasks: int = Field(
+        10_000,
+        ge=0,
+        description="Most tasks nobody watches that the notifier keeps in memory besides the on-disk state (the "
+        "most recently changed); watched tasks are always in memory.",
+    )
+    notifier_state_cache_bytes: int = Field(
+        32 << 20, ge=1 << 20, description="RocksDB block cache of the notifier's state (index and filters included)."
+    )
     publish_timeout_s: float = Field(
         5.0, gt=0, description="How long CancelTask waits for the broker before answering UNAVAILABLE."
     )
     metrics_port: int = Field(9103, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
+
+    @model_validator(mode="after")
+    def _partitioned_replicas_share_a_group(self) -> NotifierSettings:
+        if self.notifier_partitioned and not self.notifier_group:
+            raise ValueError("AIMESH_NOTIFIER_PARTITIONED needs AIMESH_NOTIFIER_GROUP, shared by the replicas")
+        host = self.advertised_address.rpartition(":")[0].strip("[]")
+        if self.notifier_partitioned and host in ("", "0.0.0.0", "::"):
+            raise ValueError(
+                "a partitioned notifier bound to every interface needs AIMESH_NOTIFIER_ADVERTISED_ADDRESS, the "
+                "host:port its peers reach it at"
+            )
+        return self
+
+    @property
+    def advertised_address(self) -> str:
+        return self.notifier_advertised_address or self.notifier_address
 
 
 class GatewaySettings(KafkaSettings):

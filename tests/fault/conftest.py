@@ -12,6 +12,8 @@ from aimesh.devstack.stack import Stack, StackSettings
 
 WORKERS = 2
 WORKER_GROUP = "aimesh-workers"
+# Partitioned notifiers: every fault test's watchers reach most tasks through a forwarding replica.
+NOTIFIER_REPLICAS = 3
 
 FAULT_ENV = {
     # Ingest answers UNAVAILABLE soon while the broker is down.
@@ -30,9 +32,14 @@ FAULT_ENV = {
 
 @pytest.fixture(scope="package")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Kafka, Triton, ingest, two workers and the notifier on free ports, for the fault tests of this package."""
+    """Kafka, Triton, ingest, two workers and three partitioned notifier replicas on free ports, for the fault tests
+    of this package."""
     settings = StackSettings.on_free_ports(
-        tmp_path_factory.mktemp("fault"), workers=WORKERS, tasks_partitions=6, results_partitions=6
+        tmp_path_factory.mktemp("fault"),
+        workers=WORKERS,
+        notifier_replicas=NOTIFIER_REPLICAS,
+        tasks_partitions=6,
+        results_partitions=6,
     )
     with Stack(settings, extra_env=FAULT_ENV) as stack:  # stops what did start if the start fails
         yield stack
@@ -53,10 +60,12 @@ def restored(s: Stack) -> Stack:
         s.start_kafka()
     if s.triton is not None and s.triton.pid is None:
         s.start_triton()
-    for name in ("ingest", "notifier"):
-        if not s.services[name].alive():
-            s.services[name].start()
-            s.wait_grpc_healthy(s.ingest_address if name == "ingest" else s.notifier_address, name)
+    for service in ("ingest", "notifier"):
+        for index, address in enumerate(s.replica_addresses(service)):
+            name = s.replica_name(service, index)
+            if not s.services[name].alive():
+                s.services[name].start()
+                s.wait_grpc_healthy(address, name)
     for index in range(WORKERS):
         if not s.services[f"worker-{index}"].alive():
             s.start_worker(index)

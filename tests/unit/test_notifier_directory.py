@@ -1,0 +1,79 @@
+"""Which partitioned notifier replica owns a task: the partitioner, the directory read from the consumer
+group's description, and where the feed starts a partition it is assigned."""
+
+import uuid
+import zlib
+
+from confluent_kafka import OFFSET_END, TopicPartition
+
+from aimesh.notifier.directory import PartitionDirectory, owners_of
+from aimesh.notifier.feed import Feed
+from aimesh.notifier.ownership import partition_of
+
+
+def test_a_task_belongs_to_the_partition_librdkafkas_default_partitioner_picks() -> None:
+    task_ids = [str(uuid.uuid4()) for _ in range(200)]
+    # consistent_random: CRC-32 of the key (the project's record finder relies on the same).
+    assert all(partition_of(t, 6) == zlib.crc32(t.encode()) % 6 for t in task_ids)
+    assert {partition_of(t, 6) for t in task_ids} == set(range(6))
+
+
+def test_the_directory_maps_each_results_partition_to_the_address_its_owner_committed() -> None:
+    committed = [
+        TopicPartition("results", 0, 10, metadata="a:1"),
+        TopicPartition("results", 1, 0, metadata="a:1"),
+        TopicPartition("results", 2, 5, metadata="b:2"),
+        TopicPartition("results", 3, -1001),  # never announced
+        TopicPartition("results", 4, 7, metadata=""),  # committed by something else
+    ]
+    assert owners_of(committed) == {0: "a:1", 1: "a:1", 2: "b:2"}
+
+
+def test_own_partitions_answer_locally_once_read_and_others_name_their_owner() -> None:
+    directory = PartitionDirectory("me:1")
+    directory.partitions = 3
+    by_partition = {}
+    while len(by_partition) < 3:
+        task_id = str(uuid.uuid4())
+        by_partition.setdefault(partition_of(task_id, 3), task_id)
+    directory.assigned([0])
+    directory.learn({1: "other:2"})
+    assert directory.is_local(by_partition[0]) and not directory.is_ready(by_partition[0])
+    directory.caught_up([0, 1])  # only its own partitions can be read by it
+    assert directory.is_ready(by_partition[0]) and not directory.is_ready(by_partition[1])
+    assert directory.owner_address(by_partition[0]) == "me:1"
+    assert directory.owner_address(by_partition[1]) == "other:2"
+    assert directory.owner_address(by_partition[2]) is None  # in transit
+    directory.revoked([0])
+    assert not directory.is_local(by_partition[0]) and not directory.is_ready(by_partition[0])
+
+
+class OffsetsForTimes:
+    """A consumer that knows, per partition, the first offset at or after the window's start (-1: none)."""
+
+    def __init__(self, first: dict[tuple[str, int], int]) -> None:
+        self._first = first
+
+    def offsets_for_times(self, wanted: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, self._first[(p.topic, p.partition)]) for p in wanted]
+
+
+def test_a_partition_resumes_after_the_saved_state_unless_that_is_older_than_the_window() -> None:
+    feed = Feed(
+        {"group.id": "g"},
+        tasks_topics=("tasks",),
+        results_topic="results",
+        history_s=60,
+        deliver=lambda batch, offsets: None,
+        loop=None,  # type: ignore[arg-type]
+        saved_offsets={("results", 0): 500, ("results", 1): 20},
+    )
+    consumer = OffsetsForTimes({("results", 0): 100, ("results", 1): 300, ("results", 2): 40, ("tasks", 0): -1})
+    wanted = [TopicPartition(t, p) for t, p in [("results", 0), ("results", 1), ("results", 2), ("tasks", 0)]]
+    starts = {(p.topic, p.partition): p.offset for p in feed._starts(consumer, wanted)}  # type: ignore[arg-type]
+    assert starts == {
+        ("results", 0): 500,  # saved, and within the window
+        ("results", 1): 300,  # saved before the window: what is older has expired
+        ("results", 2): 40,  # nothing saved: the window
+        ("tasks", 0): OFFSET_END,  # nothing in the window
+    }
