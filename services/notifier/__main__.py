@@ -169,7 +169,10 @@ def _feed(
             group_protocol="classic" if directory is None else "consumer",
             # Measured on the local broker, record produced until this consumer returns it: p50 7.0 ms with
             # librdkafka's default 500 ms, 4.0 ms with 100 ms (the worker's setting too).
-            extra={"fetch.wait.max.ms": 100, **settings.kafka_client_config()},
+            # Prefetch at most 8 MiB (librdkafka's default is 64): reading a retention window from scratch, the feed
+            # waits for the event loop, and what librdkafka holds meanwhile is resident. Measured with 200,000
+            # retained tasks: peak resident memory 334 MB with the default, 260 MB with this.
+            extra={"fetch.wait.max.ms": 100, "queued.max.messages.kbytes": 8192, **settings.kafka_client_config()},
         ),
         tasks_topics=(settings.tasks_topic, settings.batch_tasks_topic),
         results_topic=settings.results_topic,

@@ -41,7 +41,10 @@ class Decoded:
     trace: SpanContext | None = None
 
 
-CATCH_UP_LIMIT_S = 60.0
+# A partition whose position has not moved for this long counts as read: an open transaction holds a
+# read_committed consumer before its end until it commits or aborts (the transaction timeout), and must not hold
+# the notifier unready.
+STALLED_S = 15.0
 # How long a replica of a partitioned group may wait for its first assignment before it serves anyway (with
 # none: more replicas than partitions), forwarding every call.
 FIRST_ASSIGNMENT_LIMIT_S = 30.0
@@ -62,7 +65,7 @@ class Feed(BackgroundThread):
     revocation and partition read up to its end, and ``on_moved`` (on the loop) of the results partitions
     revoked. Each partition starts where ``saved_offsets`` (a previous run's) or this run left it, unless that
     is older than ``history_s`` (see the module). ``caught_up`` is set once the first partitions' history was
-    read (a partition whose end a transaction left open counts as read after CATCH_UP_LIMIT_S). If its
+    read (a partition whose position stays short of its end for STALLED_S counts as read). If its
     thread dies, ``on_death`` is told (see ``BackgroundThread``)."""
 
     def __init__(
@@ -95,8 +98,9 @@ class Feed(BackgroundThread):
         self._on_moved = on_moved
         self._saved_cluster = saved_cluster
         self._on_new_cluster = on_new_cluster
-        # Partitions not yet read up to the end they had when assigned: that end, and when they were assigned.
-        self._targets: dict[TopicPartitionKey, tuple[int, float]] = {}
+        # Partitions not yet read up to the end they had when assigned: that end, the position last seen and when
+        # it last moved.
+        self._targets: dict[TopicPartitionKey, tuple[int, int, float]] = {}
         self._assigned_once = False
         self._told_caught_up = False
         self._room = threading.BoundedSemaphore(MAX_BATCHES_AHEAD)
@@ -190,8 +194,8 @@ class Feed(BackgroundThread):
         for p in starts:
             low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
             if (p.offset if p.offset >= 0 else high) < high:
-                self._targets[(p.topic, p.partition)] = (high, now)
-        resumed = sum(1 for p in starts if self._next.get((p.topic, p.partition), -1) == p.offset)
+                self._targets[(p.topic, p.partition)] = (high, -1, now)
+        resumed = sum(1 for p in starts if p.offset >= 0 and self._next.get((p.topic, p.partition)) == p.offset)
         log.info("reading %d partitions (%d resumed where the saved state ends)", len(starts), resumed)
 
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -253,8 +257,8 @@ class Feed(BackgroundThread):
             self._told_caught_up = True
 
     def _drop_reached(self, consumer: Consumer) -> None:
-        """Forget the targets reached (or waited on for CATCH_UP_LIMIT_S); tell the directory which partitions
-        are read up to their end in every topic."""
+        """Forget the targets reached (or stalled short of them for STALLED_S); tell the directory which
+        partitions are read up to their end in every topic."""
         try:
             positions = consumer.position([TopicPartition(t, p) for t, p in self._targets])
         except KafkaException as e:
@@ -262,9 +266,12 @@ class Feed(BackgroundThread):
             return
         now = time.monotonic()
         for p in positions:
-            target, since = self._targets[(p.topic, p.partition)]
-            if p.offset >= target or now - since > CATCH_UP_LIMIT_S:
-                del self._targets[(p.topic, p.partition)]
+            key = (p.topic, p.partition)
+            target, seen, moved = self._targets[key]
+            if p.offset >= target or (p.offset == seen and now - moved > STALLED_S):
+                del self._targets[key]
+            elif p.offset != seen:
+                self._targets[key] = (target, p.offset, now)
         if self._directory is not None:
             pending = {p for _, p in self._targets}
             self._directory.caught_up(self._directory.local() - pending)

@@ -12,12 +12,15 @@ import bisect
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
+
+if TYPE_CHECKING:
+    from rocksdict import Options
 
 log = logging.getLogger(__name__)
 
 # Memory RocksDB may use besides its block cache: two memtables of this size.
-WRITE_BUFFER_BYTES = 8 << 20
+WRITE_BUFFER_BYTES = 16 << 20
 
 
 class Batch:
@@ -57,39 +60,11 @@ class RocksStateDb:
     cache, which also holds the index and filter blocks, and two memtables of WRITE_BUFFER_BYTES."""
 
     def __init__(self, path: str | Path, *, cache_bytes: int = 32 << 20) -> None:
-        from rocksdict import (
-            BlockBasedIndexType,
-            BlockBasedOptions,
-            Cache,
-            DBCompressionType,
-            Options,
-            Rdict,
-            WriteBatch,
-        )
+        from rocksdict import Rdict, WriteBatch
 
         self._write_batch = WriteBatch
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        options.set_write_buffer_size(WRITE_BUFFER_BYTES)
-        options.set_max_write_buffer_number(2)
-        options.set_compression_type(DBCompressionType.lz4())
-        options.set_max_background_jobs(2)
-        table = BlockBasedOptions()
-        table.set_block_cache(Cache(cache_bytes))
-        # Index and filter blocks count against the cache, so memory does not grow with the data; partitioned
-        # into 4 KiB pieces with only the top level pinned, since whole ones at a million tasks made a lookup
-        # miss the cache and read a whole index back: a get's p99 4.4-8.9 ms, against 30-50 us partitioned
-        # (benchmarks/state_store_choice.py).
-        table.set_cache_index_and_filter_blocks(True)
-        table.set_index_type(BlockBasedIndexType.two_level_index_search())
-        table.set_partition_filters(True)
-        table.set_metadata_block_size(4096)
-        table.set_pin_top_level_index_and_filter(True)
-        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-        table.set_bloom_filter(10, False)
-        options.set_block_based_table_factory(table)
         Path(path).mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(path), options)
+        self._db = Rdict(str(path), rocksdb_options(cache_bytes))
 
     def get(self, key: bytes) -> bytes | None:
         value = self._db.get(key)
@@ -150,3 +125,31 @@ class MemoryStateDb:
     def _remove(self, key: bytes) -> None:
         if self._data.pop(key, None) is not None:
             del self._keys[bisect.bisect_left(self._keys, key)]
+
+
+def rocksdb_options(cache_bytes: int) -> Options:
+    """The options the notifier opens RocksDB with (the store-choice benchmark uses them too): memory bounded
+    by ``cache_bytes`` of block cache and two memtables of WRITE_BUFFER_BYTES."""
+    from rocksdict import BlockBasedIndexType, BlockBasedOptions, Cache, DBCompressionType, Options
+
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(2)
+    options.set_compression_type(DBCompressionType.lz4())
+    options.set_max_background_jobs(2)
+    table = BlockBasedOptions()
+    table.set_block_cache(Cache(cache_bytes))
+    # Index and filter blocks count against the cache, so memory does not grow with the data; partitioned
+    # into 4 KiB pieces with only the top level pinned, since whole ones at a million tasks made a lookup
+    # miss the cache and read a whole index back: a get's p99 4.4-8.9 ms, against 30-50 us partitioned
+    # (benchmarks/state_store_choice.py).
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_index_type(BlockBasedIndexType.two_level_index_search())
+    table.set_partition_filters(True)
+    table.set_metadata_block_size(4096)
+    table.set_pin_top_level_index_and_filter(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_bloom_filter(10, False)
+    options.set_block_based_table_factory(table)
+    return options

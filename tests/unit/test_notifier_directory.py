@@ -4,8 +4,10 @@ group's description, and where the feed starts a partition it is assigned."""
 import uuid
 import zlib
 
+import pytest
 from confluent_kafka import OFFSET_END, TopicPartition
 
+from aimesh.notifier import feed as feed_module
 from aimesh.notifier.directory import PartitionDirectory, owners_of
 from aimesh.notifier.feed import Feed
 from aimesh.notifier.ownership import partition_of
@@ -77,3 +79,38 @@ def test_a_partition_resumes_after_the_saved_state_unless_that_is_older_than_the
         ("results", 2): 40,  # nothing saved: the window
         ("tasks", 0): OFFSET_END,  # nothing in the window
     }
+
+
+class Positions:
+    """A consumer whose partitions stand at the positions a test sets."""
+
+    def __init__(self) -> None:
+        self.at: dict[tuple[str, int], int] = {}
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, self.at[(p.topic, p.partition)]) for p in partitions]
+
+
+def test_a_partition_counts_as_read_at_its_end_or_once_it_stalls_short_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(feed_module.time, "monotonic", lambda: now[0])
+    feed = Feed(
+        {"group.id": "g"},
+        tasks_topics=("tasks",),
+        results_topic="results",
+        history_s=60,
+        deliver=lambda batch, offsets: None,
+        loop=None,  # type: ignore[arg-type]
+    )
+    consumer = Positions()
+    # Both end at 1,000: one is read steadily (a long backlog), the other stops at 400 (an open transaction).
+    feed._targets = {("results", 0): (1000, -1, now[0]), ("results", 1): (1000, -1, now[0])}
+    pending = {}
+    for second in range(1, 40):
+        now[0] = 100.0 + second
+        consumer.at = {("results", 0): min(1000, 30 * second), ("results", 1): min(400, 100 * second)}
+        feed._drop_reached(consumer)  # type: ignore[arg-type]
+        pending[second] = {partition for _, partition in feed._targets}
+    assert pending[19] == {0, 1}  # the stalled one moved last at second 4: not yet STALLED_S ago
+    assert pending[20] == {0}  # a backlog still being read is never taken for a stall
+    assert pending[33] == {0} and pending[34] == set()  # read to its end
