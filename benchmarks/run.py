@@ -1,13 +1,17 @@
 """The benchmark suite (``make bench``): every figure a ratio of two measurements made in the same round on the
 same machine, each round repeated ``--rounds`` times and the median quoted.
 
-    python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol cluster gateway] [--rounds 3]
-                             [--quick] [--markdown docs/benchmarks.md] [--plots docs]
+    python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol cluster gateway store_choice
+                             notifier_state notifier_replicas ingest_replicas] [--rounds 3] [--quick]
+                             [--markdown docs/benchmarks.md] [--plots docs]
 
 Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on),
 and so do ttft (time to first token of a streaming model), hol (fast tasks behind slow ones) and cluster (a
 three-broker cluster against one broker), and so does gateway (Server-Sent Events through the HTTP gateway against
-WatchTask, and idle event streams on one gateway process).
+WatchTask, and idle event streams on one gateway process). store_choice compares the two embedded stores for the
+notifier's state without any mesh; notifier_state starts only a Kafka broker and the notifier, notifier_replicas a
+broker with one notifier and then three partitioned replicas; ingest_replicas starts a mesh with two ingest
+replicas.
 The blog and Celery baselines are compared with the mesh's throughput in the same round, so they bring the
 throughput sweep along.
 """
@@ -33,7 +37,11 @@ from benchmarks import (  # noqa: E402
     gateway,
     head_of_line,
     ingest,
+    ingest_replicas,
     latency,
+    notifier_replicas,
+    notifier_state,
+    state_store_choice,
     throughput,
     ttft,
 )
@@ -41,18 +49,27 @@ from benchmarks.common import Section, Workers, bench_stack, log, write_markdown
 
 # In the order they are measured in a round and listed in the document.
 MESH_BENCHMARKS = {"throughput": throughput, "blog": blog, "celery": celery_bench, "ingest": ingest}
-ALL = [*MESH_BENCHMARKS, "latency", "ttft", "hol", "cluster", "gateway"]
+ALL = [
+    *MESH_BENCHMARKS,
+    *("latency", "ttft", "hol", "cluster", "gateway", "store_choice", "notifier_state", "notifier_replicas"),
+    "ingest_replicas",
+]
 ORDER = [
     throughput.TITLE,
     blog.TITLE,
     celery_bench.TITLE,
     ingest.TITLE,
+    ingest_replicas.TITLE,
     latency.TITLE,
     ttft.TITLE,
     head_of_line.TITLE,
     cluster.TITLE,
     "Rolling restart of the three-broker cluster",  # written by hand from a fault test: kept beside the cluster
     gateway.TITLE,
+    state_store_choice.TITLE,
+    notifier_state.TITLE,
+    notifier_state.BEFORE_TITLE,  # the same benchmark run on the notifier before its on-disk store: kept by hand
+    notifier_replicas.TITLE,
 ]
 
 
@@ -70,6 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hol-tasks", type=int, default=40, help="fast tasks per burst of the head-of-line round")
     parser.add_argument("--gateway-tasks", type=int, default=200, help="sequential tasks per path per gateway round")
     parser.add_argument("--gateway-streams", type=int, default=1000, help="idle event streams held per gateway round")
+    parser.add_argument("--store-tasks", type=int, default=1_000_000, help="tasks per store in store_choice")
+    parser.add_argument("--store-gets", type=int, default=100_000, help="random point gets per store in store_choice")
+    parser.add_argument("--notifier-tasks", type=int, default=1_000_000, help="retained tasks in notifier_state")
+    parser.add_argument("--notifier-gets", type=int, default=3000, help="GetTask calls per notifier start")
+    parser.add_argument(
+        "--notifier-env", action="append", default=[], metavar="KEY=VALUE", help="notifier setting (repeatable)"
+    )
+    parser.add_argument("--intake-tasks", type=int, default=200_000, help="retained tasks in notifier_replicas")
+    parser.add_argument("--live-watchers", type=int, default=300, help="live WatchTask streams in notifier_replicas")
+    parser.add_argument("--replicas-seconds", type=float, default=5.0, help="each ingest_replicas measurement")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, small counts")
     parser.add_argument("--markdown", type=Path, help="write the sections measured into this file")
@@ -79,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.seconds, args.ingest_requests = 1, 1.0, 1000
         args.latency_tasks, args.ttft_tasks, args.warmup = 30, 30, 5
         args.gateway_tasks, args.gateway_streams = 30, 100
+        args.replicas_seconds = 2.0
+        args.intake_tasks, args.live_watchers = 20_000, 60
+        args.store_tasks, args.store_gets, args.notifier_tasks, args.notifier_gets = 50_000, 10_000, 20_000, 1000
     args.concurrency = sorted(args.concurrency or ([1, 8, 64] if args.quick else [1, 8, 32, 64, 128]))
     if {"blog", "celery"} & set(args.only) and "throughput" not in args.only:
         args.only = ["throughput", *args.only]
@@ -118,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(cluster.report(cluster.run_rounds(args), args))
     if "gateway" in args.only:
         sections.append(gateway.report(gateway.run_rounds(args), args))
+    if "store_choice" in args.only:
+        sections.append(state_store_choice.report(state_store_choice.run_rounds(args), args))
+    if "notifier_state" in args.only:
+        sections.append(notifier_state.report(notifier_state.run_rounds(args), args))
+    if "notifier_replicas" in args.only:
+        sections.append(notifier_replicas.report(notifier_replicas.run_rounds(args), args))
+    if "ingest_replicas" in args.only:
+        sections.append(ingest_replicas.report(ingest_replicas.run_rounds(args), args))
     for section in sections:
         print(f"\n## {section.title}\n\n{section.results}")
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
