@@ -195,6 +195,7 @@ class Feed(BackgroundThread):
             low, high = consumer.get_watermark_offsets(p, timeout=10, cached=False)
             if (p.offset if p.offset >= 0 else high) < high:
                 self._targets[(p.topic, p.partition)] = (high, -1, now)
+        self._tell_ready()
         resumed = sum(1 for p in starts if p.offset >= 0 and self._next.get((p.topic, p.partition)) == p.offset)
         log.info("reading %d partitions (%d resumed where the saved state ends)", len(starts), resumed)
 
@@ -272,6 +273,11 @@ class Feed(BackgroundThread):
                 del self._targets[key]
             elif p.offset != seen:
                 self._targets[key] = (target, p.offset, now)
+        self._tell_ready()
+
+    def _tell_ready(self) -> None:
+        """Tell the directory which of its partitions are read up to their end in every topic (those with nothing
+        to read among them)."""
         if self._directory is not None:
             pending = {p for _, p in self._targets}
             self._directory.caught_up(self._directory.local() - pending)

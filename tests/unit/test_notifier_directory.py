@@ -114,3 +114,43 @@ def test_a_partition_counts_as_read_at_its_end_or_once_it_stalls_short_of_it(mon
     assert pending[19] == {0, 1}  # the stalled one moved last at second 4: not yet STALLED_S ago
     assert pending[20] == {0}  # a backlog still being read is never taken for a stall
     assert pending[33] == {0} and pending[34] == set()  # read to its end
+
+
+class Partitions:
+    """A consumer for ``_assign``: every partition has ``ends[partition]`` records, all within the window."""
+
+    def __init__(self, ends: dict[int, int]) -> None:
+        self.ends = ends
+        self.assigned: list[TopicPartition] = []
+
+    def offsets_for_times(self, wanted: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, 0 if self.ends[p.partition] else -1) for p in wanted]
+
+    def get_watermark_offsets(self, p: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+        return 0, self.ends[p.partition]
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned += partitions
+
+
+def test_a_partition_assigned_with_nothing_to_read_answers_at_once_and_one_with_records_once_read() -> None:
+    directory = PartitionDirectory("me:1")
+    directory.partitions = 2
+    feed = Feed(
+        {"group.id": "g"},
+        tasks_topics=("tasks",),
+        results_topic="results",
+        history_s=60,
+        deliver=lambda batch, offsets: None,
+        loop=None,  # type: ignore[arg-type]
+        directory=directory,
+    )
+    consumer = Partitions({0: 0, 1: 50})  # partition 0 empty (in both topics), partition 1 with 50 records
+    assigned = [TopicPartition(t, p) for t in ("tasks", "results") for p in (0, 1)]
+    feed._assign(consumer, assigned)  # type: ignore[arg-type]
+    by_partition = {}
+    while len(by_partition) < 2:
+        task_id = str(uuid.uuid4())
+        by_partition.setdefault(partition_of(task_id, 2), task_id)
+    assert directory.is_ready(by_partition[0])
+    assert directory.is_local(by_partition[1]) and not directory.is_ready(by_partition[1])
