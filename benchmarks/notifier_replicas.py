@@ -34,27 +34,25 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 from grpc_health.v1 import health_pb2_grpc
 
 from aimesh import events
-from aimesh.devstack.kafka import KafkaCluster, create_topics, ensure_kafka_jars
+from aimesh.devstack.kafka import KafkaCluster
 from aimesh.devstack.process import ManagedProcess
-from aimesh.devstack.stack import StackSettings
 from aimesh.notifier.ownership import partition_of
 from aimesh.settings import KafkaSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc
 from benchmarks.common import AUTH, Section, log, median, quantile
 from benchmarks.notifier_state import (
     QUICK_RECONNECT,
+    kafka_broker,
     memory_mb,
     notifier_env,
     produce,
@@ -90,32 +88,6 @@ class Notifiers:
 
 
 # --- the broker and the records ---------------------------------------------------------------------------------
-@contextmanager
-def kafka_broker(run_dir: Path) -> Iterator[tuple[KafkaCluster, KafkaSettings]]:
-    """One Kafka broker on free ports with the mesh's topics, six partitions each (one for cancels and dead
-    letters); the broker (its pid is measured too) and the topic names."""
-    settings = StackSettings.on_free_ports(run_dir)
-    topics = KafkaSettings()
-    kafka = KafkaCluster(
-        data_dir=run_dir / "kafka",
-        ports=settings.kafka_ports(),
-        lib_dir=ensure_kafka_jars(settings.cache_dir / "kafka"),
-        log_dir=run_dir / "logs" / "kafka",
-    )
-    with kafka:
-        partitions = {
-            topics.tasks_topic: PARTITIONS,
-            topics.batch_tasks_topic: PARTITIONS,
-            topics.cancel_topic: 1,
-            topics.results_topic: PARTITIONS,
-            topics.dead_letter_topic: 1,
-        }
-        create_topics(kafka.bootstrap, partitions)
-        metadata = AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(topics.results_topic, timeout=10)
-        assert len(metadata.topics[topics.results_topic].partitions) == PARTITIONS
-        yield kafka, topics
-
-
 def last_of_each_partition(tasks: int) -> list[str]:
     """The id of the last task written to each partition, of tasks 0 to ``tasks`` - 1."""
     last: dict[int, str] = {}
@@ -327,7 +299,7 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
     run_dir = Path(tempfile.mkdtemp(prefix="aimesh-bench-replicas-"))
     log(f"starting Kafka in {run_dir}")
     rounds = []
-    with kafka_broker(run_dir) as (kafka, topics):
+    with kafka_broker(run_dir, PARTITIONS) as (kafka, topics):
         produce_s = produce(kafka.bootstrap, topics, args.intake_tasks)
         log(f"wrote {2 * args.intake_tasks:,} records in {produce_s:.1f}s")
         tasks = args.intake_tasks

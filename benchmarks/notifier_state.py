@@ -148,8 +148,9 @@ def produce(bootstrap: str, topics: KafkaSettings, tasks: int) -> float:
 
 # --- the notifier --------------------------------------------------------------------------------------------
 @contextmanager
-def kafka_only(run_dir: Path) -> Iterator[tuple[str, KafkaSettings]]:
-    """One Kafka broker on free ports with the mesh's topics; its bootstrap and the topic names."""
+def kafka_broker(run_dir: Path, partitions: int = 6) -> Iterator[tuple[KafkaCluster, KafkaSettings]]:
+    """One Kafka broker on free ports with the mesh's topics, ``partitions`` each (one for cancels and dead
+    letters); the broker and the topic names."""
     settings = StackSettings.on_free_ports(run_dir)
     topics = KafkaSettings()
     kafka = KafkaCluster(
@@ -159,15 +160,15 @@ def kafka_only(run_dir: Path) -> Iterator[tuple[str, KafkaSettings]]:
         log_dir=run_dir / "logs" / "kafka",
     )
     with kafka:
-        partitions = {
-            topics.tasks_topic: settings.tasks_partitions,
-            topics.batch_tasks_topic: settings.tasks_partitions,
+        counts = {
+            topics.tasks_topic: partitions,
+            topics.batch_tasks_topic: partitions,
             topics.cancel_topic: 1,
-            topics.results_topic: settings.results_partitions,
+            topics.results_topic: partitions,
             topics.dead_letter_topic: 1,
         }
-        create_topics(kafka.bootstrap, partitions)
-        yield kafka.bootstrap, topics
+        create_topics(kafka.bootstrap, counts)
+        yield kafka, topics
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
@@ -337,7 +338,8 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
     run_dir = Path(tempfile.mkdtemp(prefix="aimesh-bench-notifier-"))
     log(f"starting Kafka in {run_dir}")
     rounds = []
-    with kafka_only(run_dir) as (bootstrap, topics):
+    with kafka_broker(run_dir) as (kafka, topics):
+        bootstrap = kafka.bootstrap
         produce_s = produce(bootstrap, topics, args.notifier_tasks)
         log(f"wrote {2 * args.notifier_tasks:,} records in {produce_s:.1f}s")
         for i in range(args.rounds):

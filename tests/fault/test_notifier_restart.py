@@ -33,7 +33,7 @@ from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 from benchmarks.common import AUTH
 from benchmarks.notifier_state import (
     QUICK_RECONNECT,
-    kafka_only,
+    kafka_broker,
     notifier_env,
     produce,
     result_event,
@@ -138,7 +138,8 @@ def retained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notifier]:
     """A broker with TASKS tasks' records and terminal results, and a notifier state directory that holds them
     all: a first notifier read them and was stopped."""
     run_dir = tmp_path_factory.mktemp("notifier-restart")
-    with kafka_only(run_dir) as (bootstrap, topics):
+    with kafka_broker(run_dir) as (kafka, topics):
+        bootstrap = kafka.bootstrap
         produce(bootstrap, topics, TASKS)
         notifier = Notifier(notifier_env(bootstrap, topics, run_dir / "state", {}), run_dir / "logs", topics)
         process = notifier.start()

@@ -3,6 +3,7 @@ group's description, and where the feed starts a partition it is assigned."""
 
 import uuid
 import zlib
+from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_END, TopicPartition
@@ -11,6 +12,19 @@ from aimesh.notifier import feed as feed_module
 from aimesh.notifier.directory import PartitionDirectory, owners_of
 from aimesh.notifier.feed import Feed
 from aimesh.notifier.ownership import partition_of
+
+
+def a_feed(**kwargs: Any) -> Feed:
+    """A feed of the topics ``tasks`` and ``results`` whose thread never runs: its decisions are called directly."""
+    return Feed(
+        {"group.id": "g"},
+        tasks_topics=("tasks",),
+        results_topic="results",
+        history_s=60,
+        deliver=lambda batch, offsets: None,
+        loop=None,  # type: ignore[arg-type]
+        **kwargs,
+    )
 
 
 def test_a_task_belongs_to_the_partition_librdkafkas_default_partitioner_picks() -> None:
@@ -61,15 +75,7 @@ class OffsetsForTimes:
 
 
 def test_a_partition_resumes_after_the_saved_state_unless_that_is_older_than_the_window() -> None:
-    feed = Feed(
-        {"group.id": "g"},
-        tasks_topics=("tasks",),
-        results_topic="results",
-        history_s=60,
-        deliver=lambda batch, offsets: None,
-        loop=None,  # type: ignore[arg-type]
-        saved_offsets={("results", 0): 500, ("results", 1): 20},
-    )
+    feed = a_feed(saved_offsets={("results", 0): 500, ("results", 1): 20})
     consumer = OffsetsForTimes({("results", 0): 100, ("results", 1): 300, ("results", 2): 40, ("tasks", 0): -1})
     wanted = [TopicPartition(t, p) for t, p in [("results", 0), ("results", 1), ("results", 2), ("tasks", 0)]]
     starts = {(p.topic, p.partition): p.offset for p in feed._starts(consumer, wanted)}  # type: ignore[arg-type]
@@ -94,14 +100,7 @@ class Positions:
 def test_a_partition_counts_as_read_at_its_end_or_once_it_stalls_short_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
     monkeypatch.setattr(feed_module.time, "monotonic", lambda: now[0])
-    feed = Feed(
-        {"group.id": "g"},
-        tasks_topics=("tasks",),
-        results_topic="results",
-        history_s=60,
-        deliver=lambda batch, offsets: None,
-        loop=None,  # type: ignore[arg-type]
-    )
+    feed = a_feed()
     consumer = Positions()
     # Both end at 1,000: one is read steadily (a long backlog), the other stops at 400 (an open transaction).
     feed._targets = {("results", 0): (1000, -1, now[0]), ("results", 1): (1000, -1, now[0])}
@@ -136,15 +135,7 @@ class Partitions:
 def test_a_partition_assigned_with_nothing_to_read_answers_at_once_and_one_with_records_once_read() -> None:
     directory = PartitionDirectory("me:1")
     directory.partitions = 2
-    feed = Feed(
-        {"group.id": "g"},
-        tasks_topics=("tasks",),
-        results_topic="results",
-        history_s=60,
-        deliver=lambda batch, offsets: None,
-        loop=None,  # type: ignore[arg-type]
-        directory=directory,
-    )
+    feed = a_feed(directory=directory)
     consumer = Partitions({0: 0, 1: 50})  # partition 0 empty (in both topics), partition 1 with 50 records
     assigned = [TopicPartition(t, p) for t in ("tasks", "results") for p in (0, 1)]
     feed._assign(consumer, assigned)  # type: ignore[arg-type]
