@@ -17,11 +17,12 @@ import asyncio
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from aimesh.kafka import partition_of
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,6 @@ class RecordFinder(Protocol):
         """Whether a record keyed ``key`` is in ``topic`` with a timestamp at or after ``since_ms``. Raises
         LookupUnavailable when that cannot be told now."""
         ...
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition librdkafka's default partitioner (``consistent_random``: CRC-32 of the key) picks."""
-    return zlib.crc32(key) % partitions
 
 
 class KafkaRecordFinder:

@@ -44,7 +44,7 @@ async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
         )
         opened.callback(store.close)
         # Whatever the state holds past the retention window went while the notifier was stopped.
-        expired = _expire_all(store)
+        expired = await _expire_all(store)
         log.info("task state in %s: %d tasks (%d past retention forgotten)", state_dir, len(store), expired)
         await _serve(settings, authenticator, store, stop)
 
@@ -156,7 +156,7 @@ def _feed(
     def moved(partitions: set[int]) -> None:
         if directory is not None:
             told = store.moved(partitions, directory.partitions)
-            log.info("partitions %s moved away: %d watchers told to watch again", sorted(partitions), told)
+            log.info("partitions %s moved away: %d watchers follow them to their new owner", sorted(partitions), told)
 
     return Feed(
         consumer_config(
@@ -203,18 +203,17 @@ async def _sweep(store: TaskStore, retention_s: float) -> None:
     interval = min(60.0, max(1.0, retention_s / 10))
     while True:
         await asyncio.sleep(interval)
-        dropped = 0
-        while (count := store.expire()) == EXPIRE_BATCH:
-            dropped += count
-            await asyncio.sleep(0)  # one write at a time: streams are served in between
-        if dropped + count:
-            log.debug("forgot %d tasks past retention", dropped + count)
+        dropped = await _expire_all(store)
+        if dropped:
+            log.debug("forgot %d tasks past retention", dropped)
 
 
-def _expire_all(store: TaskStore) -> int:
+async def _expire_all(store: TaskStore) -> int:
+    """Forget every task past retention, one write of EXPIRE_BATCH at a time with streams served in between."""
     dropped = 0
     while (count := store.expire()) == EXPIRE_BATCH:
         dropped += count
+        await asyncio.sleep(0)
     return dropped + count
 
 

@@ -2,9 +2,9 @@
 
 At start it reads every partition of these topics from where the store's saved offsets say it stopped, or,
 for a partition the store has no offset of (a new state directory) or whose saved offset is older than the
-retention window, from ``retention_s`` ago (``offsets_for_times``). It uses no consumer-group offsets; every
-notifier replica reads everything. One thread does all the Kafka calls; decoded events reach the event loop
-in batches, each with the offsets it reached.
+retention window, from ``retention_s`` ago (``offsets_for_times``). Standalone it reads every partition;
+partitioned (a ``directory``), those the consumer group assigns it. One thread does all the Kafka calls;
+decoded events reach the event loop in batches, each with the offsets it reached.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ FIRST_ASSIGNMENT_LIMIT_S = 30.0
 # Batches handed to the event loop and not yet delivered, at most.
 MAX_BATCHES_AHEAD = 4
 
-# The next offset to read of each (topic, partition) a batch reached.
-Offsets = dict[tuple[str, int], int]
 TopicPartitionKey = tuple[str, int]
+# The next offset to read of each (topic, partition) a batch reached.
+Offsets = dict[TopicPartitionKey, int]
 
 
 class Feed(BackgroundThread):

@@ -8,13 +8,14 @@ of the key, as every producer of these topics uses), and any other replica forwa
 
 from __future__ import annotations
 
-import zlib
 from typing import Protocol
+
+from aimesh import kafka
 
 
 def partition_of(task_id: str, partitions: int) -> int:
     """The partition of the results (and tasks) topic whose records are keyed ``task_id``."""
-    return zlib.crc32(task_id.encode()) % partitions
+    return kafka.partition_of(task_id.encode(), partitions)
 
 
 class Ownership(Protocol):

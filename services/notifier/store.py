@@ -107,7 +107,7 @@ class Ended:
 
 class Moved:
     """Put in a watcher's queue instead of an update: the task's partition moved to another notifier replica,
-    so nothing more will come from this one (watch again, on any replica, with ``after_sequence``)."""
+    so nothing more will come from this one (the servicer follows the task at its new owner)."""
 
 
 DENIED = Denied()
@@ -271,12 +271,7 @@ class TaskStore:
         self._known = 0
         for task_id, record in list(self._records.items()):
             if record.watchers:
-                self._records[task_id] = _Record(
-                    notifier_pb2.TaskState(task_id=task_id),
-                    self._clock(),
-                    deque(maxlen=max(0, self._history_len)),
-                    watchers=record.watchers,
-                )
+                self._records[task_id] = self._new_record(task_id, record.watchers)
             else:
                 del self._records[task_id]
 
@@ -367,11 +362,14 @@ class TaskStore:
         if record is not None:
             self._records.move_to_end(task_id)
             return record
-        record = self._load(task_id) or _Record(
-            notifier_pb2.TaskState(task_id=task_id), self._clock(), deque(maxlen=max(0, self._history_len))
-        )
+        record = self._load(task_id) or self._new_record(task_id)
         self._records[task_id] = record
         return record
+
+    def _new_record(self, task_id: str, watchers: dict[Hashable, _Watcher] | None = None) -> _Record:
+        """A task nothing is known of yet (``watchers``: who waits for it)."""
+        history: deque[Update] = deque(maxlen=max(0, self._history_len))
+        return _Record(notifier_pb2.TaskState(task_id=task_id), self._clock(), history, watchers=watchers or {})
 
     def _load(self, task_id: str) -> _Record | None:
         """The task as the database has it, or None if it has nothing of it."""

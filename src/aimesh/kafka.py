@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -196,6 +197,12 @@ class Record:
 
     def where(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition librdkafka's default partitioner (``consistent_random``: CRC-32 of the key) picks for a
+    keyed record; every aimesh producer uses it."""
+    return zlib.crc32(key) % partitions
 
 
 def fetch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
