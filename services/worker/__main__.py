@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from typing import Any
 
 from aimesh import runtime
 from aimesh.kafka import AsyncProducer, consumer_config, producer_config
@@ -13,11 +14,25 @@ from aimesh.metrics import MetricsServer, WorkerMetrics, new_registry
 from aimesh.retry import RetryPolicy
 from aimesh.settings import WorkerSettings
 
-from .transactions import TransactionalPublisher, transactional_config
+from .acknowledged import AcknowledgedPublisher, acknowledged_config
+from .transactions import Publisher, TransactionalPublisher, transactional_config
 from .triton_pool import connect
 from .worker import ProducerWedged, Worker
 
 log = logging.getLogger("aimesh.worker")
+
+
+def new_publisher(settings: WorkerSettings, producer_cfg: dict[str, Any], worker_id: str) -> Publisher:
+    """The publisher of the chosen processing guarantee."""
+    if settings.processing_guarantee == "at_least_once":
+        return AcknowledgedPublisher(acknowledged_config(producer_cfg, max_record_bytes=settings.max_record_bytes))
+    config = transactional_config(
+        producer_cfg,
+        transactional_id=settings.transactional_id or f"aimesh-worker-{worker_id}",
+        transaction_timeout_s=settings.transaction_timeout_s,
+        max_record_bytes=settings.max_record_bytes,
+    )
+    return TransactionalPublisher(config)
 
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
@@ -43,19 +58,13 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> Worker:
     )
     metrics = WorkerMetrics(new_registry())
     metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
-    txn_config = transactional_config(
-        producer_cfg,
-        transactional_id=settings.transactional_id or f"aimesh-worker-{worker_id}",
-        transaction_timeout_s=settings.transaction_timeout_s,
-        max_record_bytes=settings.max_record_bytes,
-    )
     processed = 0
     triton_client = connect(settings.triton_url, metrics=metrics)
     async with AsyncProducer(producer_cfg) as progress, triton_client as triton, metrics_server:
         while True:
             worker = Worker(
                 consumer_config=consumer_cfg,
-                publisher=TransactionalPublisher(txn_config),
+                publisher=new_publisher(settings, producer_cfg, worker_id),
                 progress=progress,
                 triton=triton,
                 tasks_topic=settings.tasks_topic,

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from .ledger import OutRecord, Refusal, RefusalScope
+from .ledger import OutRecord, Refusal, RefusalScope, TopicPartitionKey
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,51 @@ def refusal_scope(error: KafkaError) -> RefusalScope | None:
 def refusal(index: int, error: KafkaError) -> Refusal | None:
     scope = refusal_scope(error)
     return None if scope is None else Refusal(index, scope, error.name(), error.str())
+
+
+def retry_produce(producer: Producer, record: OutRecord, index: int, errors: dict[int, KafkaError]) -> None:
+    """Queue ``record``, waiting while the local queue is full; its delivery error, if any, lands in
+    ``errors[index]``. Raises KafkaException when the producer refuses it at once (too large, a topic known not to
+    exist), also noted in ``errors``."""
+
+    def delivered(error: KafkaError | None, _: object) -> None:
+        if error is not None:
+            errors.setdefault(index, error)
+
+    while True:
+        try:
+            producer.produce(
+                record.topic, key=record.key, value=record.value, headers=record.headers, on_delivery=delivered
+            )
+            return
+        except BufferError:
+            producer.poll(0.05)  # the local queue is full: let deliveries drain it
+        except KafkaException as e:
+            errors[index] = e.args[0]
+            raise
+
+
+class Publisher(Protocol):
+    """What the worker publishes through: ``TransactionalPublisher`` (exactly_once) or
+    ``acknowledged.AcknowledgedPublisher`` (at_least_once). ``publish`` raises ``TransactionAborted`` (publish again)
+    or ``TransactionFatal`` (``recreate``); ``commit`` and ``forget`` run on the consumer thread."""
+
+    @property
+    def transactional_id(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def fence(self, timeout_s: float) -> bool: ...
+
+    def recreate(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def publish(self, records: list[OutRecord], offsets: list[TopicPartition], group_metadata: Any) -> None: ...
+
+    def commit(self, consumer: Consumer, keys: set[TopicPartitionKey] | None = None, *, wait: bool = False) -> None: ...
+
+    def forget(self, keys: set[TopicPartitionKey]) -> None: ...
 
 
 class TransactionAborted(Exception):
@@ -165,6 +210,12 @@ class TransactionalPublisher:
             producer, self._producer = self._producer, None
             producer.flush(1.0)
 
+    def commit(self, consumer: Consumer, keys: set[TopicPartitionKey] | None = None, *, wait: bool = False) -> None:
+        """Nothing to commit: each transaction committed its offsets."""
+
+    def forget(self, keys: set[TopicPartitionKey]) -> None:
+        """Nothing held between transactions."""
+
     def publish(self, records: list[OutRecord], offsets: list[TopicPartition], group_metadata: Any) -> None:
         """Publish ``records`` and commit ``offsets`` for the consumer group in one transaction."""
         producer = self._producer
@@ -174,7 +225,7 @@ class TransactionalPublisher:
         try:
             producer.begin_transaction()
             for index, record in enumerate(records):
-                self._produce(producer, record, index, errors)
+                retry_produce(producer, record, index, errors)
             if offsets:
                 self._retry(
                     lambda: producer.send_offsets_to_transaction(offsets, group_metadata, CALL_TIMEOUT_S),
@@ -183,27 +234,6 @@ class TransactionalPublisher:
             self._retry(lambda: producer.commit_transaction(CALL_TIMEOUT_S), "commit_transaction")
         except KafkaException as e:
             self._handle(producer, e, errors)
-
-    @staticmethod
-    def _produce(producer: Producer, record: OutRecord, index: int, errors: dict[int, KafkaError]) -> None:
-        """Queue ``record``; its delivery error, if any, lands in ``errors[index]``. Raises KafkaException when the
-        producer refuses it at once (too large, a topic known not to exist), also noted in ``errors``."""
-
-        def delivered(error: KafkaError | None, _: object) -> None:
-            if error is not None:
-                errors.setdefault(index, error)
-
-        while True:
-            try:
-                producer.produce(
-                    record.topic, key=record.key, value=record.value, headers=record.headers, on_delivery=delivered
-                )
-                return
-            except BufferError:
-                producer.poll(0.05)  # the local queue is full: let deliveries drain it
-            except KafkaException as e:
-                errors[index] = e.args[0]
-                raise
 
     def _retry(self, call: Any, name: str, *, abortable: bool = True, retry_for_s: float | None = RETRY_FOR_S) -> None:
         """Run a transactional call, retrying it for up to ``retry_for_s`` (None: forever) while librdkafka says the

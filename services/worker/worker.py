@@ -9,6 +9,11 @@ one, and the published offsets above it ride in the commit's metadata (``ledger`
 owner of the partition reads both and skips exactly the tasks already published. A crash re-runs what was not
 published; a read_committed consumer never sees a result twice.
 
+At least once (``AIMESH_PROCESSING_GUARANTEE=at_least_once``, ``acknowledged``): the same ledger and the same
+steps, but a publish is an idempotent producer's records acknowledged, then the offsets committed by the consumer
+thread, with no transaction. A crash between the two re-runs tasks whose results are already on the topic; the
+notifier delivers only each task's first terminal result.
+
 Three threads, each with one job:
 - the consumer thread owns the Consumer: fetches, pauses (in-flight limit reached, Triton unhealthy,
   draining) and resumes, and runs the rebalance callbacks (which publish or drop the moving partitions'
@@ -71,7 +76,7 @@ from .health import TritonHealth
 from .inference import STREAM_OUTPUT_NAME, Inference, InferenceFailed, ModelInfo, Triton
 from .ledger import Committed, Ledger, Outcome, OutRecord, Partition, Ready, Refusal, TopicPartitionKey
 from .record_limits import MAX_ERROR_HEADER_BYTES, RecordLimits, cut_utf8
-from .transactions import TransactionAborted, TransactionalPublisher, TransactionFatal
+from .transactions import Publisher, TransactionAborted, TransactionFatal
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +170,7 @@ class Worker:
         self,
         *,
         consumer_config: dict[str, Any],
-        publisher: TransactionalPublisher,
+        publisher: Publisher,
         progress: AsyncProducer,
         triton: Triton,
         tasks_topic: str,
@@ -389,6 +394,7 @@ class Worker:
                 if self._rewind.is_set():
                     self._rewind_to_committed()
                 self._group_metadata = consumer.consumer_group_metadata()
+                self._publisher.commit(consumer)  # at_least_once: the offsets of what was published since
                 pending = self._ledger.pending()
                 self._metrics.tasks_in_flight.set(pending)
                 # Each priority class pauses and resumes on its own backlog. Hysteresis: pause at a full backlog,
@@ -492,6 +498,7 @@ class Worker:
                 for _ in range(REVOKE_PUBLISH_TRIES):
                     if self._publish_ready(set(keys)):
                         break
+                self._publisher.commit(consumer, set(keys), wait=True)
                 self._forget(keys)
             finally:
                 self._txn_lock.release()
@@ -510,7 +517,9 @@ class Worker:
         # publish in progress may be stuck on the same broker trouble that lost them, and its offsets carry the
         # old generation, which the broker refuses (the transaction aborts).
         self._group_metadata = consumer.consumer_group_metadata()
-        self._forget([(p.topic, p.partition) for p in partitions])
+        keys = [(p.topic, p.partition) for p in partitions]
+        self._publisher.forget(set(keys))
+        self._forget(keys)
         log.warning("lost %s", [p.partition for p in partitions])
 
     def _drop_duplicate(self, record: Record, partition: Partition) -> None:

@@ -300,8 +300,17 @@ class WorkerSettings(KafkaSettings):
         "one worker every interactive partition).",
     )
     worker_id: str = Field("", description="Stable worker name; defaults to hostname-pid.")
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
+        "exactly_once",
+        description="exactly_once: each terminal result is published in the Kafka transaction that commits its "
+        "task's offset. at_least_once: results are published by an idempotent producer and acknowledged before the "
+        "offsets are committed, with no transaction (lower latency; a crash may publish a result twice on the "
+        "results topic, and the notifier delivers only the first).",
+    )
     transactional_id: str = Field(
-        "", description="Kafka transactional.id, stable and unique per worker instance; default aimesh-worker-<id>."
+        "",
+        description="Kafka transactional.id, stable and unique per worker instance; default aimesh-worker-<id>. "
+        "Unused under at_least_once.",
     )
     max_in_flight: int = Field(
         256, gt=0, description="Most tasks one worker runs at once; fetched records beyond wait in a bounded backlog."

@@ -402,8 +402,10 @@ class Stack:
             env.update({"AIMESH_NOTIFIER_PARTITIONED": "true", "AIMESH_NOTIFIER_GROUP": NOTIFIER_GROUP})
         return env
 
-    def start_worker(self, index: int) -> ManagedProcess:
-        return self.start_service(f"worker-{index}", "aimesh.worker", {"AIMESH_WORKER_ID": f"worker-{index}"})
+    def start_worker(self, index: int, extra_env: dict[str, str] | None = None) -> ManagedProcess:
+        """Start ``worker-<index>``; ``extra_env`` on top of the stack's environment (a processing guarantee, say)."""
+        env = {"AIMESH_WORKER_ID": f"worker-{index}", **(extra_env or {})}
+        return self.start_service(f"worker-{index}", "aimesh.worker", env)
 
     def start_gateway(self) -> ManagedProcess:
         """The HTTP gateway, a client of ingest and the notifier (their addresses come with ``service_env``)."""
@@ -481,14 +483,14 @@ class Stack:
         """SIGKILL ``worker-<index>``; its partitions move once its group session times out."""
         self.kill_service(f"worker-{index}")
 
-    def restart_worker(self, index: int) -> ManagedProcess:
+    def restart_worker(self, index: int, extra_env: dict[str, str] | None = None) -> ManagedProcess:
         """Start ``worker-<index>`` again with the same ``AIMESH_WORKER_ID`` (hence the same transactional id, which
         fences a zombie of the previous instance), stopping it gracefully first if it still runs. Does not wait for
         the group: a killed instance's membership lasts until its session times out."""
         name = f"worker-{index}"
         if name in self.services:
             self.services[name].stop(timeout_s=40)
-        return self.start_worker(index)
+        return self.start_worker(index, extra_env)
 
     def kill_replica(self, service: str, index: int) -> None:
         """SIGKILL replica ``index`` of ``service`` (``ingest`` or ``notifier``), as a crash would."""
