@@ -141,15 +141,14 @@ class Workers:
         for future in admin.alter_consumer_group_offsets(request).values():
             future.result(timeout=30)
 
-    def start(self, count: int, in_flight: int, group: str) -> None:
+    def start(self, count: int, in_flight: int, group: str, guarantee: str = "exactly_once") -> None:
         for i in range(count):
-            self.stack.start_service(
-                f"worker-{i}",
-                "aimesh.worker",
+            self.stack.start_worker(
+                i,
                 {
-                    "AIMESH_WORKER_ID": f"worker-{i}",
                     "AIMESH_WORKER_GROUP": group,
                     "AIMESH_MAX_IN_FLIGHT": str(in_flight),
+                    "AIMESH_PROCESSING_GUARANTEE": guarantee,
                 },
             )
 

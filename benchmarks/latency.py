@@ -1,23 +1,25 @@
-"""End-to-end latency at light load, and the cost of tracing.
+"""End-to-end latency at light load, against Kafka's own floor, and the cost of tracing.
 
-For each configuration (tracing off, tracing on with OTLP/gRPC export) a fresh mesh is started, warmed up, then
-driven by one client that submits a task and waits for its terminal update on a WatchTask stream, alternating with
-a direct tritonclient call on the same model against the same Triton server. Reported per configuration: p50 and
-p99 of both, the mesh's overhead (mesh minus direct), and the tracing-on / tracing-off ratio; the medians across
-rounds are the figures. The latency distribution (all rounds pooled) goes to ``latency.png``.
+For each configuration (``exactly_once`` with tracing off and on, ``at_least_once`` with tracing off) a fresh mesh
+is started, then driven by one client that submits a task and waits for its terminal update on a WatchTask stream,
+alternating with a direct tritonclient call on the same model against the same Triton server and with the two bare
+Kafka chains of ``kafka_floor`` on the same broker. Reported per configuration: p50 and p99 of each, the mesh's
+overhead (mesh minus direct) and its ratio to each chain, and issue 15's targets as ratios; each ratio is taken per
+round and the median across rounds quoted. The latency distribution (all rounds pooled) goes to ``latency.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from aimesh.devstack.otlp import OtlpReceiver
+from aimesh.devstack.otlp import receiver_process
 from benchmarks.common import (
     DirectTriton,
     MeshClient,
@@ -25,71 +27,99 @@ from benchmarks.common import (
     bench_stack,
     log,
     median,
+    median_ratio,
     new_figure,
     plain_log_ticks,
     quantile,
     save_plot,
     sequential,
+    submit_request,
 )
+from benchmarks.kafka_floor import GUARANTEES, Guarantee, floor_chains, sample_records
 
-TITLE = "End-to-end latency and the cost of tracing"
+TITLE = "End-to-end latency, Kafka's floor and the cost of tracing"
+# Written by hand from a measurement script (the stage breakdown with tracing, every setting tried): kept beside it.
+SETTINGS_TITLE = "Latency: where the mesh's own time goes, and what was tried"
 METHOD = (
-    "For each configuration (tracing off; tracing on, exported over OTLP/gRPC to an in-process receiver) a "
-    "fresh mesh is started, then one client submits a task (`SubmitTask`) and follows its `WatchTask` stream to "
-    "the terminal update, alternating with a direct tritonclient grpc.aio call on the same model against the "
-    "same Triton. Overhead is the mesh's percentile minus the direct call's, per round. The plot is the "
-    "cumulative distribution of every sample, all rounds pooled."
+    "For each configuration (the workers' processing guarantee `exactly_once` with tracing off, and with tracing "
+    "on, exported over OTLP/gRPC to a receiver in a process of its own, as a collector would be; `at_least_once` "
+    "with tracing off) a fresh mesh is started, then one client submits a task (`SubmitTask`) and follows its "
+    "`WatchTask` stream to the terminal update, alternating with a direct tritonclient grpc.aio call on the same "
+    "model against the same Triton and with the two bare Kafka chains under the mesh (`benchmarks/kafka_floor.py`),"
+    " one record at a time. Each chain runs on the mesh's broker, on topics of its own with the partitions and "
+    "replication of the mesh's tasks and results topics, with the byte sizes of a task record and a result record "
+    "of the same model, and with the services' client settings: an idempotent producer publishes the task record "
+    "and waits for its acknowledgement; a group consumer (read_committed, on a thread of its own) receives it and "
+    "publishes the result record, either in a transaction that also commits the consumer's offset (`exactly_once`: "
+    "`send_offsets_to_transaction`, `commit_transaction`) or with an idempotent producer, waiting for the "
+    "acknowledgement before committing the offset synchronously (`at_least_once`); a read_committed consumer on "
+    "another thread receives it. A chain's time runs from the task record's produce to the result's arrival. "
+    "Overhead is the mesh's percentile minus the direct call's, per round; every ratio is taken per round, then the"
+    " median across rounds. The plot is the cumulative distribution of every sample, all rounds pooled."
 )
-CONFIGURATIONS = (("off", "tracing off"), ("on", "tracing on (OTLP/gRPC export)"))
-TARGET_P50_MS, TARGET_P99_MS = 10.0, 30.0
+TRACING_ENV = {
+    "OTEL_TRACES_EXPORTER": "otlp",
+    "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+    "OTEL_EXPORTER_OTLP_INSECURE": "true",
+}
+SERIES = ("mesh_ms", "direct_ms", "exactly_once_ms", "at_least_once_ms")
+
+
+class Configuration(NamedTuple):
+    key: str
+    name: str
+    guarantee: Guarantee
+    tracing: bool
+
+
+CONFIGURATIONS = (
+    Configuration("exactly_once", "`exactly_once`, tracing off", "exactly_once", False),
+    Configuration("exactly_once_traced", "`exactly_once`, tracing on (OTLP/gRPC)", "exactly_once", True),
+    Configuration("at_least_once", "`at_least_once`, tracing off", "at_least_once", False),
+)
 
 
 async def drive(stack: Any, model: str, tasks: int, warmup: int) -> dict[str, Any]:
     async with MeshClient(stack) as mesh, DirectTriton(stack.triton_url) as direct:
-        mesh_ms, direct_ms = await sequential([lambda: mesh.run(model), lambda: direct.run(model)], tasks, warmup)
-    return {"mesh_ms": mesh_ms, "direct_ms": direct_ms, "stages": [list(s) for s in mesh.stages[-tasks:]]}
+        records = await sample_records(mesh, submit_request(model))
+        async with floor_chains(stack, records) as chains:
+            calls = [lambda: mesh.run(model), lambda: direct.run(model), *(c.run for c in chains.values())]
+            samples = await sequential(calls, tasks, warmup)
+    return {**dict(zip(SERIES, samples, strict=True)), "stages": [list(s) for s in mesh.stages[-tasks:]]}
 
 
-def measure(tracing: bool, args: argparse.Namespace) -> dict[str, Any]:
-    receiver = OtlpReceiver() if tracing else None
-    env: dict[str, str] = {}
-    if receiver:
-        receiver.start()
-        env = {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        }
-    try:
+def measure(configuration: Configuration, args: argparse.Namespace) -> dict[str, Any]:
+    env: dict[str, str] = {"AIMESH_PROCESSING_GUARANTEE": configuration.guarantee}
+    with contextlib.ExitStack() as receiver:
+        if configuration.tracing:
+            env |= {**TRACING_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.enter_context(receiver_process())}
         with bench_stack(extra_env=env) as stack:
             return asyncio.run(drive(stack, args.latency_model, args.latency_tasks, args.warmup))
-    finally:
-        if receiver:
-            receiver.stop()
 
 
 def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Each round: a fresh mesh per configuration."""
     rounds = []
     for i in range(args.rounds):
-        rounds.append({key: measure(key == "on", args) for key, _ in CONFIGURATIONS})
+        rounds.append({c.key: measure(c, args) for c in CONFIGURATIONS})
         log(f"latency round {i + 1}/{args.rounds} done")
     return rounds
 
 
-def summarize(rounds: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
-    def across(f: Any) -> float:
-        return median([f(r[key]) for r in rounds])
+def percentile(series: str, q: float) -> Callable[[dict[str, Any]], float]:
+    """One round's (one configuration's) percentile of a series; ``overhead_ms``: the mesh's minus the direct's."""
+    if series == "overhead_ms":
+        return lambda r: quantile(r["mesh_ms"], q) - quantile(r["direct_ms"], q)
+    return lambda r: quantile(r[series], q)
 
-    return {
-        "mesh_p50": across(lambda r: quantile(r["mesh_ms"], 0.5)),
-        "mesh_p99": across(lambda r: quantile(r["mesh_ms"], 0.99)),
-        "direct_p50": across(lambda r: quantile(r["direct_ms"], 0.5)),
-        "direct_p99": across(lambda r: quantile(r["direct_ms"], 0.99)),
-        "overhead_p50": across(lambda r: quantile(r["mesh_ms"], 0.5) - quantile(r["direct_ms"], 0.5)),
-        "overhead_p99": across(lambda r: quantile(r["mesh_ms"], 0.99) - quantile(r["direct_ms"], 0.99)),
-    }
+
+def across(rounds: Sequence[dict[str, Any]], key: str, series: str, q: float) -> list[float]:
+    """Per round, configuration ``key``'s percentile of ``series``."""
+    return [percentile(series, q)(r[key]) for r in rounds]
+
+
+def overhead_p50(rounds: Sequence[dict[str, Any]], key: str) -> float:
+    return median(across(rounds, key, "overhead_ms", 0.5))
 
 
 # Where a light-load task's time goes, from the timings the worker puts in each result (ingest stamps the task
@@ -99,8 +129,8 @@ STAGES = (
     "accepted by ingest until a worker starts it (ingest's produce and acknowledgement, the worker's fetch)",
     "the Triton call, as the worker timed it",
     "in the worker around that call (decode, micro-batching, the result's encoding)",
-    "result produced until the client has it (the transaction's commit, read_committed visibility, the notifier, "
-    "gRPC), plus the client's call to ingest",
+    "result produced until the client has it (the transaction's commit or the acknowledgement, read_committed "
+    "visibility, the notifier, gRPC), plus the client's call to ingest",
 )
 
 
@@ -111,62 +141,142 @@ def stage_values(stages: Sequence[float]) -> tuple[float, float, float, float]:
 
 
 def breakdown(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    tracing_off = [c for c in CONFIGURATIONS if not c.tracing]
     lines = [
         "Where the time goes (tracing off; per stage the median across rounds of each round's p50, ms; the "
         "stages' p50s need not add up to the end-to-end p50):",
         "",
-        "| stage | p50 |",
-        "|---|---|",
+        "| stage | " + " | ".join(c.guarantee for c in tracing_off) + " |",
+        "|---" * (len(tracing_off) + 1) + "|",
     ]
     for index, name in enumerate(STAGES):
-        value = median([quantile([stage_values(s)[index] for s in r["off"]["stages"]], 0.5) for r in rounds])
-        lines.append(f"| {name} | {value:.1f} |")
+        values = [
+            median([quantile([stage_values(s)[index] for s in r[c.key]["stages"]], 0.5) for r in rounds])
+            for c in tracing_off
+        ]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    return lines
+
+
+Column = Callable[[Sequence[dict[str, Any]], str], float]
+Target = tuple[str, tuple[str, str, float], tuple[str, str, float], float]
+
+
+def median_of(series: str, q: float) -> Column:
+    return lambda rounds, key: median(across(rounds, key, series, q))
+
+
+def ratio_of(series: str, q: float, chain: str) -> Column:
+    return lambda rounds, key: median_ratio(across(rounds, key, series, q), across(rounds, key, chain, q))
+
+
+def latencies(direct: str) -> dict[str, Column]:
+    """The mesh's, the direct call's (named ``direct``) and the overhead's p50 and p99."""
+    series = {"mesh": "mesh_ms", direct: "direct_ms", "overhead": "overhead_ms"}
+    return {f"{name} p{round(q * 100)}": median_of(s, q) for name, s in series.items() for q in (0.5, 0.99)}
+
+
+FLOORS: dict[str, Column] = {
+    "exactly-once chain p50": median_of("exactly_once_ms", 0.5),
+    "exactly-once chain p99": median_of("exactly_once_ms", 0.99),
+    "at-least-once chain p50": median_of("at_least_once_ms", 0.5),
+    "at-least-once chain p99": median_of("at_least_once_ms", 0.99),
+    "overhead p50 / exactly-once chain p50": ratio_of("overhead_ms", 0.5, "exactly_once_ms"),
+    "overhead p99 / exactly-once chain p99": ratio_of("overhead_ms", 0.99, "exactly_once_ms"),
+    "overhead p50 / at-least-once chain p50": ratio_of("overhead_ms", 0.5, "at_least_once_ms"),
+}
+# Issue 15's targets: (what, numerator and denominator as (configuration, series, quantile), most allowed).
+TARGETS: tuple[Target, ...] = (
+    (
+        "`exactly_once`: overhead p50 / exactly-once chain p50",
+        ("exactly_once", "overhead_ms", 0.5),
+        ("exactly_once", "exactly_once_ms", 0.5),
+        1.2,
+    ),
+    (
+        "`exactly_once`: overhead p99 / exactly-once chain p99",
+        ("exactly_once", "overhead_ms", 0.99),
+        ("exactly_once", "exactly_once_ms", 0.99),
+        1.5,
+    ),
+    (
+        "`at_least_once`: overhead p50 / at-least-once chain p50",
+        ("at_least_once", "overhead_ms", 0.5),
+        ("at_least_once", "at_least_once_ms", 0.5),
+        1.3,
+    ),
+    (
+        "tracing on / tracing off, mesh p50 (`exactly_once`)",
+        ("exactly_once_traced", "mesh_ms", 0.5),
+        ("exactly_once", "mesh_ms", 0.5),
+        1.1,
+    ),
+)
+
+
+def table(
+    rounds: Sequence[dict[str, Any]],
+    columns: dict[str, Column],
+    configurations: Sequence[Configuration] = CONFIGURATIONS,
+) -> list[str]:
+    """A row per configuration, a column per figure (ratios, named ``a / b``, to two decimals)."""
+    lines = ["| configuration | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for c in configurations:
+        lines.append(
+            f"| {c.name} | "
+            + " | ".join(f"{f(rounds, c.key):.{1 if ' / ' not in h else 2}f}" for h, f in columns.items())
+            + " |"
+        )
+    return lines
+
+
+def targets(rounds: Sequence[dict[str, Any]], wanted: Sequence[Target] = TARGETS) -> list[str]:
+    """Each target's ratio per round, its median across rounds (min-max), and whether that median meets it."""
+    lines = ["| target | ratio, median (min-max) | at most | |", "|---|---|---|---|"]
+    for what, numerator, denominator, most in wanted:
+        ratios = [n / d for n, d in zip(across(rounds, *numerator), across(rounds, *denominator), strict=True)]
+        met = "met" if median(ratios) <= most else "not met"
+        lines.append(f"| {what} | {median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {most:g} | {met} |")
     return lines
 
 
 def report(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, plots: Path) -> Section:
-    summary = {key: summarize(rounds, key) for key, _ in CONFIGURATIONS}
     lines = [
         f"Light-load latency, model `{args.latency_model}`, {args.latency_tasks} sequential tasks after "
-        f"{args.warmup} warm-up, median of {len(rounds)} rounds (each round a fresh mesh). Milliseconds.",
+        f"{args.warmup} warm-up, median of {len(rounds)} rounds (each round a fresh mesh per configuration). "
+        "Milliseconds.",
         "",
-        "| configuration | mesh p50 | mesh p99 | direct Triton p50 | direct Triton p99 | overhead p50 | overhead p99 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for key, name in CONFIGURATIONS:
-        s = summary[key]
-        lines.append(
-            f"| {name} | {s['mesh_p50']:.1f} | {s['mesh_p99']:.1f} | {s['direct_p50']:.1f} | {s['direct_p99']:.1f} "
-            f"| {s['overhead_p50']:.1f} | {s['overhead_p99']:.1f} |"
-        )
-    off, on = summary["off"], summary["on"]
-    met = off["overhead_p50"] < TARGET_P50_MS and off["overhead_p99"] < TARGET_P99_MS
-    lines += [
+        *table(rounds, latencies("direct Triton")),
         "",
-        f"Ratios: mesh p50 / direct p50 = {off['mesh_p50'] / off['direct_p50']:.1f} (tracing off); "
-        f"tracing on / tracing off, mesh p50 = {on['mesh_p50'] / off['mesh_p50']:.2f}, "
-        f"mesh p99 = {on['mesh_p99'] / off['mesh_p99']:.2f}.",
+        "Kafka's floor: the bare chains measured in the same rounds as each configuration's mesh.",
         "",
-        f"Target (tracing off): overhead p50 < {TARGET_P50_MS:g} ms and p99 < {TARGET_P99_MS:g} ms: "
-        f"{'met' if met else 'not met'}.",
+        *table(rounds, FLOORS),
+        "",
+        "Targets (each ratio per round, then the median across rounds):",
+        "",
+        *targets(rounds),
         "",
         *breakdown(rounds),
     ]
+    plot(rounds, args, plots / "latency.png")
+    return Section(TITLE, METHOD, "\n".join(lines), "latency.png")
 
-    figure, axes = new_figure()
-    for key, name in CONFIGURATIONS:
-        for series, path, color in (("mesh_ms", "mesh", "C0"), ("direct_ms", "direct Triton", "C1")):
-            values = np.sort(np.concatenate([r[key][series] for r in rounds]))
-            fraction = np.arange(1, len(values) + 1) / len(values)
-            style = "-" if key == "off" else "--"
-            axes.step(values, fraction, style, color=color, where="post", label=f"{path}, {name}")
+
+def plot(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, path: Path) -> None:
+    """Every configuration's mesh, the direct call (beside `exactly_once`, tracing off) and each chain (beside the
+    configuration of its guarantee, tracing off)."""
+    lines = [(c.key, "mesh_ms", f"mesh, {c.name.replace('`', '')}") for c in CONFIGURATIONS]
+    lines += [("exactly_once", "direct_ms", "direct Triton")]
+    lines += [(g, f"{g}_ms", f"bare Kafka chain, {g}") for g in GUARANTEES]
+    figure, axes = new_figure(height=5.5)
+    for key, series, label in lines:
+        values = np.sort(np.concatenate([r[key][series] for r in rounds]))
+        axes.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=label)
     axes.set_xscale("log")
     plain_log_ticks(axes.xaxis)
     axes.set_xlabel("end-to-end latency, ms (log scale)")
     axes.set_ylabel("fraction of tasks at or below")
     axes.set_title(f"model {args.latency_model}, light load, {len(rounds)} rounds pooled")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="center")
-    save_plot(figure, plots / "latency.png")
-
-    return Section(TITLE, METHOD, "\n".join(lines), "latency.png")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
+    save_plot(figure, path)

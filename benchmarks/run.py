@@ -3,10 +3,12 @@ same machine, each round repeated ``--rounds`` times and the median quoted.
 
     python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol cluster gateway store_choice
                              notifier_state notifier_replicas ingest_replicas] [--rounds 3] [--quick]
-                             [--markdown docs/benchmarks.md] [--plots docs]
+                             [--guarantees exactly_once at_least_once] [--markdown docs/benchmarks.md] [--plots docs]
 
-Throughput, blog, Celery and ingest share one fresh mesh per round; latency starts its own (tracing off and on),
-and so do ttft (time to first token of a streaming model), hol (fast tasks behind slow ones) and cluster (a
+Throughput, blog, Celery and ingest share one fresh mesh per round (the throughput sweep runs its workers under
+each processing guarantee in turn); latency starts its own (`exactly_once` with tracing off and on,
+`at_least_once`), each measured beside the bare Kafka chains of ``kafka_floor``, and so do ttft (time to first token
+of a streaming model, under each guarantee), hol (fast tasks behind slow ones) and cluster (a
 three-broker cluster against one broker), and so does gateway (Server-Sent Events through the HTTP gateway against
 WatchTask, and idle event streams on one gateway process). store_choice compares the two embedded stores for the
 notifier's state without any mesh; notifier_state starts only a Kafka broker and the notifier, notifier_replicas a
@@ -45,7 +47,8 @@ from benchmarks import (  # noqa: E402
     throughput,
     ttft,
 )
-from benchmarks.common import Section, Workers, bench_stack, log, write_markdown  # noqa: E402
+from benchmarks.common import Section, Workers, bench_stack, log, median, quantile, write_markdown  # noqa: E402
+from benchmarks.kafka_floor import GUARANTEES  # noqa: E402
 
 # In the order they are measured in a round and listed in the document.
 MESH_BENCHMARKS = {"throughput": throughput, "blog": blog, "celery": celery_bench, "ingest": ingest}
@@ -61,6 +64,7 @@ ORDER = [
     ingest.TITLE,
     ingest_replicas.TITLE,
     latency.TITLE,
+    latency.SETTINGS_TITLE,
     ttft.TITLE,
     head_of_line.TITLE,
     cluster.TITLE,
@@ -78,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=ALL, default=ALL, metavar="NAME", help=f"of {', '.join(ALL)}")
     parser.add_argument("--rounds", type=int, default=3, help="fresh meshes per benchmark; medians are quoted")
     parser.add_argument("--concurrency", type=int, nargs="+", help="sweep (default 1 8 32 64 128; quick: 1 8 64)")
+    parser.add_argument(
+        "--guarantees",
+        nargs="+",
+        choices=GUARANTEES,
+        default=list(GUARANTEES),
+        help="the workers' processing guarantees the throughput sweep runs the mesh under",
+    )
     parser.add_argument("--delay-ms", type=int, default=50, help="sleep model's cost per batch")
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput point length at Triton's best rate")
     parser.add_argument("--ingest-requests", type=int, default=10_000)
@@ -128,6 +139,20 @@ def mesh_rounds(names: list[str], args: argparse.Namespace) -> list[dict[str, An
     return rounds
 
 
+def celery_target(celery_rounds: list[dict[str, Any]], latency_rounds: list[dict[str, Any]]) -> str:
+    """Issue 15's target against Celery: the `at_least_once` mesh's overhead p50 (latency's rounds) below Celery +
+    Redis's (the Celery section's rounds, the sleep model with no delay), both over a direct call in their rounds."""
+    celery = median(
+        [quantile(r["celery"]["celery_ms"], 0.5) - quantile(r["celery"]["direct_ms"], 0.5) for r in celery_rounds]
+    )
+    mesh = latency.overhead_p50(latency_rounds, "at_least_once")
+    verdict = "met" if mesh < celery else "not met"
+    return (
+        f"\n\nTarget: `at_least_once` overhead p50 ({mesh:.1f} ms, above) below Celery + Redis's overhead p50 in "
+        f"the same run ({celery:.1f} ms, in its own section): {verdict}."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a stuck run is
@@ -135,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     sections: list[Section] = []
     names = [n for n in MESH_BENCHMARKS if n in args.only]
-    if names:
-        rounds = mesh_rounds(names, args)
-        sections += [MESH_BENCHMARKS[n].report(rounds, args, args.plots) for n in names]
+    rounds = mesh_rounds(names, args) if names else []
+    sections += [MESH_BENCHMARKS[n].report(rounds, args, args.plots) for n in names]
     if "latency" in args.only:
-        sections.append(latency.report(latency.run_rounds(args), args, args.plots))
+        latency_rounds = latency.run_rounds(args)
+        sections.append(latency.report(latency_rounds, args, args.plots))
+        if "celery" in names:
+            sections[-1].results += celery_target(rounds, latency_rounds)
     if "ttft" in args.only:
         sections.append(ttft.report(ttft.run_rounds(args), args))
     if "hol" in args.only:

@@ -1,9 +1,11 @@
-"""Time to first token: a streaming task through the mesh against a direct Triton stream.
+"""Time to first token: a streaming task through the mesh against a direct Triton stream and Kafka's floor.
 
-For each round a fresh mesh is started, then one client submits a `generate` task (`SubmitTask`) and times the
-arrival of its first partial update on the results topic (read_committed, as a reader of the topic sees it), then
-waits for its terminal result before the next; alternating with a direct tritonclient grpc.aio `stream_infer` on the
-same model and Triton, timed to its first response. Reported: p50 and p99 of both, and the mesh's overhead.
+For each round and each processing guarantee of the workers a fresh mesh is started, then one client submits a
+`generate` task (`SubmitTask`) and times the arrival of its first partial update on the results topic
+(read_committed, as a reader of the topic sees it), then waits for its terminal result before the next; alternating
+with a direct tritonclient grpc.aio `stream_infer` on the same model and Triton, timed to its first response, and
+with the bare at-least-once Kafka chain of ``kafka_floor`` (partial updates carry no transaction). Reported: p50 and
+p99 of each, the mesh's overhead, and its ratio to the chain's p50 (per round, then the median across rounds).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from confluent_kafka import Consumer
@@ -25,18 +26,19 @@ from tritonclient.grpc import InferInput
 from aimesh import events
 from aimesh.devstack.stack import Stack
 from aimesh.kafka import fetch
-from aimesh.v1 import ingest_pb2_grpc, result_pb2
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, result_pb2
 from benchmarks.common import (
     AUTH,
+    MeshClient,
     Section,
     bench_stack,
     end_offsets,
     log,
-    median,
-    quantile,
     sequential,
     submit_request,
 )
+from benchmarks.kafka_floor import floor_chains, sample_records
+from benchmarks.latency import Column, Configuration, Target, latencies, median_of, ratio_of, table, targets
 
 TITLE = "Time to first token"
 METHOD = (
@@ -44,7 +46,11 @@ METHOD = (
     "`max_tokens` 16, a fixed seed, no token delay) and times the arrival of its first partial update on the "
     "results topic (a read_committed reader), waiting for the terminal result before the next task; alternating "
     "with a direct tritonclient grpc.aio `stream_infer` on the same model and Triton, timed to its first "
-    "response. Overhead is the mesh's percentile minus the direct stream's, per round."
+    "response, and with the bare at-least-once Kafka chain (`benchmarks/kafka_floor.py`, described under the "
+    "latency section; partial updates carry no transaction in either mode), with the sizes of this model's task "
+    "and terminal result records. A fresh mesh per processing guarantee of the workers (`exactly_once`, "
+    "`at_least_once`). Overhead is the mesh's percentile minus the direct stream's, per round; its ratio to the "
+    "chain's p50 is taken per round, then the median across rounds."
 )
 MODEL = "generate"
 # A prompt and seed the trigram model continues for all 16 tokens (some prompts it ends at once: no first token).
@@ -118,11 +124,15 @@ def _settle(future: asyncio.Future[Any], value: Any) -> None:
         future.set_result(value)
 
 
+def request() -> ingest_pb2.SubmitTaskRequest:
+    submit = submit_request(MODEL, PARAMETERS)
+    submit.input.text = PROMPT
+    return submit
+
+
 async def mesh_ttft(ingest: ingest_pb2_grpc.IngestServiceStub, reader: PartialReader) -> float:
     started = time.perf_counter()
-    request = submit_request(MODEL, PARAMETERS)
-    request.input.text = PROMPT
-    reply = await ingest.SubmitTask(request, timeout=30, metadata=AUTH)
+    reply = await ingest.SubmitTask(request(), timeout=30, metadata=AUTH)
     first, terminal = reader.expect(reply.task_id)
     first_at = await asyncio.wait_for(first, 60)
     status = await asyncio.wait_for(terminal, 60)
@@ -157,56 +167,72 @@ async def direct_ttft(client: triton_aio.InferenceServerClient) -> float:
     return (first - started) * 1000
 
 
+CONFIGURATIONS = (
+    Configuration("exactly_once", "`exactly_once`", "exactly_once", False),
+    Configuration("at_least_once", "`at_least_once`", "at_least_once", False),
+)
+COLUMNS: dict[str, Column] = {
+    **latencies("direct `stream_infer`"),
+    "at-least-once chain p50": median_of("at_least_once_ms", 0.5),
+    "overhead p50 / at-least-once chain p50": ratio_of("overhead_ms", 0.5, "at_least_once_ms"),
+}
+# Partial updates carry no transaction: in both modes the floor is the at-least-once chain.
+TARGETS: tuple[Target, ...] = tuple(
+    (
+        f"{c.name}: overhead p50 / at-least-once chain p50",
+        (c.key, "overhead_ms", 0.5),
+        (c.key, "at_least_once_ms", 0.5),
+        1.3,
+    )
+    for c in CONFIGURATIONS
+)
+
+
 async def drive(stack: Stack, tasks: int, warmup: int) -> dict[str, list[float]]:
     assert stack.triton is not None
     reader = PartialReader(stack, asyncio.get_running_loop())
     client = triton_aio.InferenceServerClient(stack.triton.grpc_url)
     try:
-        async with grpc.aio.insecure_channel(stack.ingest_address) as channel:
-            ingest = ingest_pb2_grpc.IngestServiceStub(channel)
-            mesh_ms, direct_ms = await sequential(
-                [lambda: mesh_ttft(ingest, reader), lambda: direct_ttft(client)], tasks, warmup
-            )
+        async with MeshClient(stack) as mesh:
+            records = await sample_records(mesh, request())
+            async with floor_chains(stack, records, ("at_least_once",)) as chains:
+                calls = [
+                    lambda: mesh_ttft(mesh.ingest, reader),
+                    lambda: direct_ttft(client),
+                    chains["at_least_once"].run,
+                ]
+                mesh_ms, direct_ms, chain_ms = await sequential(calls, tasks, warmup)
     finally:
         await client.close()
         await asyncio.to_thread(reader.close)
-    return {"mesh_ms": mesh_ms, "direct_ms": direct_ms}
+    return {"mesh_ms": mesh_ms, "direct_ms": direct_ms, "at_least_once_ms": chain_ms}
 
 
-def run_rounds(args: argparse.Namespace) -> list[dict[str, list[float]]]:
+def measure(configuration: Configuration, args: argparse.Namespace) -> dict[str, list[float]]:
+    with bench_stack(extra_env={"AIMESH_PROCESSING_GUARANTEE": configuration.guarantee}) as stack:
+        return asyncio.run(drive(stack, args.ttft_tasks, args.warmup))
+
+
+def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, list[float]]]]:
+    """Each round: a fresh mesh per configuration."""
     rounds = []
     for i in range(args.rounds):
-        with bench_stack() as stack:
-            rounds.append(asyncio.run(drive(stack, args.ttft_tasks, args.warmup)))
+        rounds.append({c.key: measure(c, args) for c in CONFIGURATIONS})
         log(f"ttft round {i + 1}/{args.rounds} done")
     return rounds
 
 
-def summarize(rounds: Sequence[dict[str, list[float]]]) -> dict[str, float]:
-    def across(f: Any) -> float:
-        return median([f(r) for r in rounds])
-
-    return {
-        "mesh_p50": across(lambda r: quantile(r["mesh_ms"], 0.5)),
-        "mesh_p99": across(lambda r: quantile(r["mesh_ms"], 0.99)),
-        "direct_p50": across(lambda r: quantile(r["direct_ms"], 0.5)),
-        "direct_p99": across(lambda r: quantile(r["direct_ms"], 0.99)),
-        "overhead_p50": across(lambda r: quantile(r["mesh_ms"], 0.5) - quantile(r["direct_ms"], 0.5)),
-        "overhead_p99": across(lambda r: quantile(r["mesh_ms"], 0.99) - quantile(r["direct_ms"], 0.99)),
-    }
-
-
-def report(rounds: Sequence[dict[str, list[float]]], args: argparse.Namespace) -> Section:
-    s = summarize(rounds)
+def report(rounds: Sequence[dict[str, Any]], args: argparse.Namespace) -> Section:
     lines = [
         f"Time to first token, model `{MODEL}`, {args.ttft_tasks} sequential tasks after {args.warmup} warm-up, "
-        f"median of {len(rounds)} rounds (each round a fresh mesh). Milliseconds.",
+        f"median of {len(rounds)} rounds (each round a fresh mesh per processing guarantee). Milliseconds; the "
+        "mesh: SubmitTask to the first partial update on the results topic; direct: tritonclient `stream_infer` "
+        "to its first response.",
         "",
-        "| path | p50 | p99 |",
-        "|---|---|---|",
-        f"| mesh: SubmitTask to the first partial update on the results topic | {s['mesh_p50']:.1f} "
-        f"| {s['mesh_p99']:.1f} |",
-        f"| direct Triton `stream_infer`: to the first response | {s['direct_p50']:.1f} | {s['direct_p99']:.1f} |",
-        f"| overhead (mesh minus direct) | {s['overhead_p50']:.1f} | {s['overhead_p99']:.1f} |",
+        *table(rounds, COLUMNS, CONFIGURATIONS),
+        "",
+        "Targets (each ratio per round, then the median across rounds):",
+        "",
+        *targets(rounds, TARGETS),
     ]
     return Section(TITLE, METHOD, "\n".join(lines))

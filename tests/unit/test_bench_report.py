@@ -48,7 +48,8 @@ def test_latency_breakdown_splits_each_task_into_its_stages() -> None:
 
     # 40 ms end to end: 8 ms queued, 4 ms in Triton, 2 ms around it (result produced at 14 ms), 26 ms after.
     assert stage_values([40.0, 8.0, 4.0, 14.0]) == (8.0, 4.0, 2.0, 26.0)
-    rounds = [{"off": {"stages": [[40.0, 8.0, 4.0, 14.0], [50.0, 10.0, 4.0, 16.0], [60.0, 9.0, 5.0, 18.0]]}}]
+    measured = {"stages": [[40.0, 8.0, 4.0, 14.0], [50.0, 10.0, 4.0, 16.0], [60.0, 9.0, 5.0, 18.0]]}
+    rounds = [{"exactly_once": measured, "at_least_once": measured}]
     table = breakdown(rounds)
     rows = {line.split(" | ")[0].lstrip("| "): float(line.rstrip(" |").split(" | ")[-1]) for line in table[4:]}
     assert list(rows.values()) == [9.0, 4.0, 2.0, 34.0]  # per stage the p50 of its own values

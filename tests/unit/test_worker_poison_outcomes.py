@@ -77,6 +77,12 @@ class FakePublisher:
         self.committed.extend(records)
         self.committed_offsets.extend((tp.partition, tp.offset) for tp in offsets)
 
+    def commit(self, consumer: Any, keys: Any = None, *, wait: bool = False) -> None:
+        pass  # the offsets went with the transaction
+
+    def forget(self, keys: Any) -> None:
+        pass
+
 
 def make_worker(publisher: FakePublisher, *, max_record_bytes: int = 1_000_000, **kw: Any) -> Worker:
     return Worker(

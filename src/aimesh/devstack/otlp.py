@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -95,3 +98,31 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             if (names <= {s.name for s in spans} and until(spans)) or time.monotonic() > deadline:
                 return spans
             time.sleep(0.1)
+
+
+@contextmanager
+def receiver_process() -> Iterator[str]:
+    """A receiver in a process of its own, as a collector is: the spans it decodes cost the caller no CPU time (a
+    benchmark's client, say). Yields its endpoint; what it receives is not read back."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aimesh.devstack.otlp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        yield process.stdout.readline().strip()
+    finally:
+        process.stdin.close()  # the receiver's signal to stop
+        process.wait(10)
+
+
+def main() -> None:
+    """Serve a receiver, print its endpoint, stop when standard input closes."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    print(receiver.endpoint, flush=True)
+    sys.stdin.read()
+    receiver.stop()
+
+
+if __name__ == "__main__":
+    main()
