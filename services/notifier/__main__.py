@@ -57,7 +57,7 @@ async def _serve(
     metrics.tasks_known.set_function(lambda: len(store))
     group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
     directory = PartitionDirectory(settings.advertised_address) if settings.notifier_partitioned else None
-    feed = _feed(settings, group, store, lifeline, directory)
+    feed = _feed(settings, group, store, lifeline, directory, metrics)
     # Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack.
     producer = AsyncProducer(
         producer_config(
@@ -144,11 +144,13 @@ def _feed(
     store: TaskStore,
     lifeline: runtime.Lifeline,
     directory: PartitionDirectory | None,
+    metrics: NotifierMetrics,
 ) -> Feed:
     def deliver(batch: list[Decoded], offsets: Offsets) -> None:
         for decoded in batch:
             if isinstance(decoded.event, result_pb2.AIResultEvent):
-                store.apply_result(decoded.event, decoded.trace)
+                if store.apply_result(decoded.event, decoded.trace):
+                    metrics.repeated_results.inc()
             else:
                 store.apply_task(decoded.event)
         store.flush(offsets)

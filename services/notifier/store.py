@@ -216,7 +216,9 @@ class TaskStore:
         elif learned:
             self._notify(record)
 
-    def apply_result(self, result: result_pb2.AIResultEvent, trace: SpanContext | None = None) -> None:
+    def apply_result(self, result: result_pb2.AIResultEvent, trace: SpanContext | None = None) -> bool:
+        """Take ``result`` if it advances its task. True if it was a terminal result of a task that had one already
+        (dropped: the task ran again, as ``at_least_once`` allows after a worker's crash)."""
         record = self._record(result.task_id)
         learned = bool(result.tenant) and self._learn_tenant(record, result.tenant)
         if learned:
@@ -225,11 +227,12 @@ class TaskStore:
         if not _advances(record.state, result.status, sequence):
             if learned:
                 self._notify(record)
-            return
+            return events.is_terminal(result.status) and events.is_terminal(record.state.status)
         if not record.state.model_name:
             record.state.model_name = result.model_name
         self._dirty[result.task_id] = record
         self._change(record, result.status, sequence, result.produced_at, result, trace)
+        return False
 
     def flush(self, offsets: Mapping[tuple[str, int], int] | None = None) -> None:
         """Write every change since the last flush, and ``offsets`` (the next offset to read of each

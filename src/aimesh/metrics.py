@@ -315,6 +315,12 @@ class NotifierMetrics:
         )
         for outcome in CANCEL_OUTCOMES:
             self.cancel_requests.labels(outcome)
+        self.repeated_results = Counter(
+            "aimesh_notifier_repeated_results_total",
+            "Terminal results read for a task that had one already, and dropped: the task ran again after a worker "
+            "died between publishing its result and committing its offset (AIMESH_PROCESSING_GUARANTEE=at_least_once).",
+            registry=self.registry,
+        )
 
 
 class GatewayMetrics:

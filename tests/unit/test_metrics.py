@@ -87,6 +87,7 @@ def test_names_follow_the_prometheus_conventions() -> None:
         "aimesh_worker_consumer_lag_records",
         "aimesh_notifier_active_subscriptions",
         "aimesh_notifier_cancel_requests_total",
+        "aimesh_notifier_repeated_results_total",
         "aimesh_notifier_end_to_end_seconds",
         "aimesh_notifier_tasks_known",
         "aimesh_notifier_updates_delivered_total",

@@ -40,9 +40,12 @@ async def test_watchers_see_each_change_in_order_and_late_watchers_get_the_resul
 
 async def test_first_terminal_result_wins_and_states_never_go_backwards() -> None:
     store = TaskStore(retention_s=60)
-    store.apply_result(result(result_pb2.TASK_STATUS_SUCCEEDED, worker="first"))
-    store.apply_result(result(result_pb2.TASK_STATUS_FAILED, worker="second"))
-    store.apply_result(result(result_pb2.TASK_STATUS_RUNNING, worker="third"))
+    repeats = [
+        store.apply_result(result(result_pb2.TASK_STATUS_SUCCEEDED, worker="first")),
+        store.apply_result(result(result_pb2.TASK_STATUS_FAILED, worker="second")),  # a rerun's: counted as a repeat
+        store.apply_result(result(result_pb2.TASK_STATUS_RUNNING, worker="third")),  # stale, not a repeated result
+    ]
+    assert repeats == [False, True, False]
     store.apply_task(task())  # the task record read after its result
     state = store.get(TASK_ID)
     assert state is not None
