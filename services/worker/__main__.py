@@ -25,7 +25,8 @@ log = logging.getLogger("aimesh.worker")
 def new_publisher(settings: WorkerSettings, producer_cfg: dict[str, Any], worker_id: str) -> Publisher:
     """The publisher of the chosen processing guarantee."""
     if settings.processing_guarantee == "at_least_once":
-        return AcknowledgedPublisher(acknowledged_config(producer_cfg, max_record_bytes=settings.max_record_bytes))
+        config = acknowledged_config(producer_cfg, max_record_bytes=settings.max_record_bytes)
+        return AcknowledgedPublisher(config, commit_interval_s=settings.commit_interval_s)
     config = transactional_config(
         producer_cfg,
         transactional_id=settings.transactional_id or f"aimesh-worker-{worker_id}",

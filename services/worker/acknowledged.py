@@ -8,8 +8,10 @@ first terminal result and drops any later one, so subscribers and ``GetTask`` st
 
 The offsets are committed by the consumer thread (``commit``), not here: a call on the Consumer from another thread
 waits for its ``consume()`` to return, and the consumer thread calls ``consume()`` back to back. ``publish`` hands
-them over once every record is acknowledged; the consumer thread commits them asynchronously on its next turn, and
-synchronously when partitions are revoked, before they move.
+them over once every record is acknowledged; the consumer thread commits them asynchronously every
+``commit_interval_s`` (as Kafka's own consumers and Kafka Streams commit at an interval under at-least-once: one
+commit per fetch would be a broker write per few tasks), and synchronously when partitions are revoked, before they
+move. A crash re-runs at most the tasks published in the last interval.
 
 Errors map onto the transactional publisher's (``transactions``), so the worker handles both modes alike:
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -48,11 +52,16 @@ class AcknowledgedPublisher:
     """Owns one idempotent producer and the offsets waiting to be committed. ``publish`` from one thread at a time;
     ``commit`` from the consumer's thread."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(
+        self, config: dict[str, Any], *, commit_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._config = config
+        self._commit_interval_s = commit_interval_s
+        self._clock = clock
         self._producer: Producer | None = None
         self._lock = threading.Lock()
         self._uncommitted: dict[TopicPartitionKey, TopicPartition] = {}
+        self._committed_at = clock()
 
     @property
     def transactional_id(self) -> str:
@@ -98,9 +107,13 @@ class AcknowledgedPublisher:
                 self._uncommitted[(tp.topic, tp.partition)] = tp
 
     def commit(self, consumer: Consumer, keys: set[TopicPartitionKey] | None = None, *, wait: bool = False) -> None:
-        """Commit the offsets handed over by ``publish`` (of ``keys``, or all) through ``consumer``: asynchronously,
-        or, with ``wait``, before returning (a revoke: the partitions' next owner reads them). Consumer thread only.
-        A commit the broker refuses (the partition moved meanwhile) leaves its tasks to run again."""
+        """Commit the offsets handed over by ``publish`` (of ``keys``, or all) through ``consumer``: asynchronously once
+        ``commit_interval_s`` has passed since the last commit, or, with ``wait``, now and before returning (a revoke:
+        the partitions' next owner reads them). Consumer thread only. A commit the broker refuses (the partition
+        moved meanwhile) leaves its tasks to run again."""
+        if not wait and self._clock() - self._committed_at < self._commit_interval_s:
+            return
+        self._committed_at = self._clock()
         with self._lock:
             chosen = [key for key in self._uncommitted if keys is None or key in keys]
             offsets = [self._uncommitted.pop(key) for key in chosen]

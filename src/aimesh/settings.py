@@ -307,6 +307,12 @@ class WorkerSettings(KafkaSettings):
         "offsets are committed, with no transaction (lower latency; a crash may publish a result twice on the "
         "results topic, and the notifier delivers only the first).",
     )
+    commit_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="Under at_least_once, how often the worker commits the offsets of the results it published (and "
+        "at once when partitions are revoked): a crash runs again at most the tasks of the last interval.",
+    )
     transactional_id: str = Field(
         "",
         description="Kafka transactional.id, stable and unique per worker instance; default aimesh-worker-<id>. "

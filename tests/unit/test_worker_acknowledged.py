@@ -4,6 +4,7 @@ transaction (a refused record named, a fatal error fatal)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -50,8 +51,10 @@ class FakeConsumer:
         self.commits.append(([(tp.topic, tp.partition, tp.offset, tp.metadata) for tp in offsets], asynchronous))
 
 
-def publisher(producer: FakeProducer) -> AcknowledgedPublisher:
-    p = AcknowledgedPublisher({})
+def publisher(
+    producer: FakeProducer, commit_interval_s: float = 0.0, clock: Any = time.monotonic
+) -> AcknowledgedPublisher:
+    p = AcknowledgedPublisher({}, commit_interval_s=commit_interval_s, clock=clock)
     p._producer = producer  # type: ignore[assignment]
     return p
 
@@ -66,6 +69,21 @@ def test_offsets_are_committed_by_the_consumer_only_after_every_record_is_acknow
     p.commit(consumer)  # type: ignore[arg-type]
     p.commit(consumer)  # type: ignore[arg-type]
     assert consumer.commits == [([("tasks", 0, 3, "meta"), ("tasks", 1, 7, None)], True)]
+
+
+def test_offsets_are_committed_at_most_once_an_interval_but_at_once_on_a_revoke() -> None:
+    now = [0.0]
+    consumer = FakeConsumer()
+    p = publisher(FakeProducer(), commit_interval_s=1.0, clock=lambda: now[0])
+    p.publish([RESULT], [TopicPartition("tasks", 0, 3)], None)
+    now[0] = 0.9
+    p.commit(consumer)  # type: ignore[arg-type]
+    assert consumer.commits == []
+    now[0] = 1.0
+    p.commit(consumer)  # type: ignore[arg-type]
+    p.publish([OTHER], [TopicPartition("tasks", 0, 4)], None)
+    p.commit(consumer, {("tasks", 0)}, wait=True)  # type: ignore[arg-type]
+    assert consumer.commits == [([("tasks", 0, 3, None)], True), ([("tasks", 0, 4, None)], False)]
 
 
 def test_a_revoke_commits_its_partitions_synchronously_and_a_loss_drops_them() -> None:
