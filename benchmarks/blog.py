@@ -27,9 +27,10 @@ METHOD = (
     "the same Triton and `sleep` model), sends the result to the results topic and commits the record's offset "
     "before polling again. Written with confluent_kafka, run as threads of the benchmark process, one consumer "
     "(the blog's) and one per partition of the tasks topic (the most one consumer group can use). Measured like "
-    "the mesh: a prefilled backlog, a new consumer group starting at it, the steady rate of terminal results on "
-    "the results topic. The ratio is the mesh's throughput at the top concurrency of the sweep over the blog "
-    "design's, round by round: each blog consumer holds one task at a time, so Triton never gets a batch."
+    "the mesh: a new consumer group at the tasks topic's end, a burst of tasks once every consumer holds its "
+    "partitions, the steady rate of terminal results on the results topic. The ratio is the mesh's throughput "
+    "at the top concurrency of the sweep over the blog design's, round by round: each blog consumer holds one "
+    "task at a time, so Triton never gets a batch."
 )
 
 

@@ -125,7 +125,8 @@ def measure(workers: Workers, args: argparse.Namespace) -> dict[str, Any]:
         app = Celery("aimesh_bench_client", broker=url, backend=url)
         client = redis.Redis.from_url(url)
         parameters = sleep_parameters(args.delay_ms)
-        # Prefill the queue with no worker running, as the mesh's backlog is prefilled.
+        # Prefill the queue with no worker running: one worker process takes it all, so (unlike the mesh's group,
+        # which forms before its burst) no start-up leaves one part of the backlog to run alone.
         task_ids = [app.send_task(TASK, (SLEEP_MODEL, TEXT, parameters)).id for _ in range(tasks)]
         worker = celery_worker(url, stack.triton_url, concurrency, stack.log_dir)
         worker.start()

@@ -17,10 +17,11 @@ METHOD = (
     "(`AIMESH_STACK_BROKERS=3`: combined broker and controller nodes, every topic and the internal ones at "
     "replication factor 3 and `min.insync.replicas` 2; every producer `acks=all`, so each record, and each "
     "transaction marker and offset commit, waits for a second replica), all on this one machine. On each: the "
-    "batched throughput of the `sleep` model at one concurrency (the throughput section's method: a prefilled "
-    "backlog, 2 workers), then light-load latency (the latency section's method: sequential `sentiment` tasks "
-    "through SubmitTask and WatchTask, alternating with direct Triton calls; overhead is the mesh's percentile "
-    "minus the direct call's). The figures are three brokers over one, the median across rounds."
+    "batched throughput of the `sleep` model at one concurrency (the throughput section's method: a burst of "
+    "tasks once 2 new workers hold their partitions), then light-load latency (the latency section's method: "
+    "sequential `sentiment` tasks through SubmitTask and WatchTask, alternating with direct Triton calls; "
+    "overhead is the mesh's percentile minus the direct call's). The figures are three brokers over one, the "
+    "median across rounds."
 )
 BROKERS = (1, 3)
 
@@ -29,7 +30,7 @@ def measure(brokers: int, args: argparse.Namespace) -> dict[str, Any]:
     concurrency = int(max(args.concurrency))
     tasks = tasks_for(concurrency, args.seconds, args.delay_ms)
     with bench_stack(brokers=brokers) as stack:
-        # Latency first, on the stack's own workers; the throughput point then runs its own on a prefilled backlog.
+        # Latency first, on the stack's own workers; the throughput point then starts its own.
         timings = asyncio.run(latency.drive(stack, args.latency_model, args.latency_tasks, args.warmup))
         workers = Workers(stack)
         workers.stop()

@@ -180,7 +180,8 @@ def end_offsets(bootstrap: str, topic: str) -> list[TopicPartition]:
 
 class ResultReader:
     """Reads the results topic (read_committed, from its end at creation) on a thread and records when each
-    awaited task's terminal result arrived, as a client reading the topic sees it."""
+    task's terminal result arrived, as a client reading the topic sees it. It records every task's, not only the
+    awaited ones': workers already running may finish a task before its submit returns and ``expect`` names it."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self._consumer = Consumer(
@@ -196,8 +197,9 @@ class ResultReader:
         self._consumer.assign(end_offsets(bootstrap, topic))
         self._lock = threading.Lock()
         self._awaited: set[str] = set()
+        self._awaited_arrived = 0
         self.arrivals: dict[str, float] = {}
-        self.inference_s: list[float] = []  # the Triton call as the worker timed it (Timings.inference)
+        self.inference_s: dict[str, float] = {}  # the Triton call as the worker timed it (Timings.inference)
         self.appended: dict[str, float] = {}  # the broker's append time (LogAppendTime, else producer's), seconds
         self.statuses: dict[str, int] = {}
         self._done = threading.Event()
@@ -208,6 +210,14 @@ class ResultReader:
     def expect(self, task_ids: Sequence[str]) -> None:
         with self._lock:
             self._awaited.update(task_ids)
+            self._awaited_arrived = sum(1 for t in self._awaited if t in self.arrivals)
+            self._settle()
+
+    def _settle(self) -> None:
+        """Set or clear ``_done``: whether every awaited task has its result. With ``_lock`` held."""
+        if self._awaited and self._awaited_arrived >= len(self._awaited):
+            self._done.set()
+        else:
             self._done.clear()
 
     def _run(self) -> None:
@@ -220,22 +230,24 @@ class ResultReader:
                 if not events.is_terminal(result.status):
                     continue
                 with self._lock:
-                    if result.task_id in self._awaited and result.task_id not in self.arrivals:
+                    if result.task_id not in self.arrivals:
                         self.arrivals[result.task_id] = now
                         self.appended[result.task_id] = message.timestamp()[1] / 1000
-                        self.inference_s.append(result.timings.inference.ToTimedelta().total_seconds())
+                        self.inference_s[result.task_id] = result.timings.inference.ToTimedelta().total_seconds()
                         self.statuses[result.task_id] = result.status
-                    if self._awaited and len(self.arrivals) >= len(self._awaited):
-                        self._done.set()
+                        self._awaited_arrived += result.task_id in self._awaited
+                        self._settle()
 
     def wait(self, timeout_s: float) -> list[float]:
         """Arrival times of every awaited task's terminal result; raise if a task failed or did not finish."""
         if not self._done.wait(timeout_s):
-            raise TimeoutError(f"{len(self.arrivals)} of {len(self._awaited)} results arrived in {timeout_s:.0f}s")
-        failed = [s for s in self.statuses.values() if s != result_pb2.TASK_STATUS_SUCCEEDED]
+            raise TimeoutError(f"{self._awaited_arrived} of {len(self._awaited)} results arrived in {timeout_s:.0f}s")
+        with self._lock:
+            awaited = list(self._awaited)
+        failed = [t for t in awaited if self.statuses[t] != result_pb2.TASK_STATUS_SUCCEEDED]
         if failed:
-            raise RuntimeError(f"{len(failed)} of {len(self.statuses)} tasks did not succeed")
-        return list(self.arrivals.values())
+            raise RuntimeError(f"{len(failed)} of {len(awaited)} tasks did not succeed")
+        return [self.arrivals[t] for t in awaited]
 
     def close(self) -> None:
         self._stop.set()
