@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 from integration.mesh_client import (
     MeshClient,
     TopicReader,
+    metric_total,
     read_topic,
     terminal_results,
     wait_caught_up,
     wait_for_results,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from aimesh import events
 from aimesh.devstack.stack import Stack
@@ -61,14 +60,7 @@ def notifiers(stack: Stack) -> list[str]:
 
 def repeated_results(stack: Stack, name: str) -> float:
     """Notifier ``name``'s count of terminal results it dropped because their task had one already."""
-    with urllib.request.urlopen(stack.metrics_url(name), timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "aimesh_notifier_repeated_results_total"
-    )
+    return metric_total(stack.metrics_url(name), "aimesh_notifier_repeated_results_total")
 
 
 def same_result(a: result_pb2.AIResultEvent, b: result_pb2.AIResultEvent) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -10,6 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 import grpc
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client.parser import text_string_to_metric_families
 
 from aimesh import events
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
@@ -212,6 +214,18 @@ def not_exactly_once(task_ids: Iterable[str], counts: Mapping[str, int], *, show
     return (
         f"of {len(ids)} tasks, {len(missing)} have no terminal result {missing[:show]} and "
         f"{len(duplicated)} have several {dict(list(duplicated.items())[:show])}"
+    )
+
+
+def metric_total(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of metric ``name``'s samples (those with ``labels``) that a service serves at ``metrics_url``."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
     )
 
 

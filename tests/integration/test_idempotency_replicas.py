@@ -5,20 +5,18 @@ terminal result, whether the two submissions race or follow each other with the 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from aimesh import events
 from aimesh.devstack.ports import free_ports
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, result_pb2, task_pb2
 
-from .mesh_client import TopicReader, read_topic, wait_caught_up, wait_for_results
+from .mesh_client import TopicReader, metric_total, read_topic, wait_caught_up, wait_for_results
 
 WORKERS_GROUP = "aimesh-workers"
 
@@ -68,14 +66,7 @@ def statuses(mesh: Stack, task_id: str) -> list[int]:
 
 
 def duplicates_dropped(mesh: Stack, worker: str) -> float:
-    with urllib.request.urlopen(mesh.metrics_url(worker), timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "aimesh_worker_duplicate_tasks_total"
-    )
+    return metric_total(mesh.metrics_url(worker), "aimesh_worker_duplicate_tasks_total")
 
 
 async def wait_dropped(mesh: Stack, worker: str, expected: float, timeout_s: float = 10.0) -> None:

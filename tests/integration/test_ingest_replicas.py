@@ -6,20 +6,20 @@ effective total the README states)."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from prometheus_client.parser import text_string_to_metric_families
 
 from aimesh.auth import hash_key, new_key
 from aimesh.client import AsyncClient
 from aimesh.client.targets import ROUND_ROBIN
 from aimesh.devstack.stack import Stack, StackSettings
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, result_pb2, task_pb2
+
+from .mesh_client import metric_total
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -60,14 +60,7 @@ def task(model: str, text: str) -> ingest_pb2.SubmitTaskRequest:
 
 def accepted(stack: Stack, name: str, model: str) -> float:
     """Replica ``name``'s count of tasks of ``model`` it accepted."""
-    with urllib.request.urlopen(stack.metrics_url(name), timeout=5) as reply:
-        text = reply.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "aimesh_ingest_tasks_accepted_total" and sample.labels.get("model") == model
-    )
+    return metric_total(stack.metrics_url(name), "aimesh_ingest_tasks_accepted_total", model=model)
 
 
 def rate_limited(error: grpc.aio.AioRpcError) -> float:
