@@ -38,7 +38,17 @@ from benchmarks.common import (
     submit_request,
 )
 from benchmarks.kafka_floor import floor_chains, sample_records
-from benchmarks.latency import Column, Configuration, Target, latencies, median_of, ratio_of, table, targets
+from benchmarks.latency import (
+    Column,
+    Configuration,
+    Target,
+    latencies,
+    median_of,
+    overhead_target,
+    ratio_of,
+    table,
+    targets,
+)
 
 TITLE = "Time to first token"
 METHOD = (
@@ -177,15 +187,7 @@ COLUMNS: dict[str, Column] = {
     "overhead p50 / at-least-once chain p50": ratio_of("overhead_ms", 0.5, "at_least_once_ms"),
 }
 # Partial updates carry no transaction: in both modes the floor is the at-least-once chain.
-TARGETS: tuple[Target, ...] = tuple(
-    (
-        f"{c.name}: overhead p50 / at-least-once chain p50",
-        (c.key, "overhead_ms", 0.5),
-        (c.key, "at_least_once_ms", 0.5),
-        1.3,
-    )
-    for c in CONFIGURATIONS
-)
+TARGETS: tuple[Target, ...] = tuple(overhead_target(c, "at_least_once", 0.5, 1.3) for c in CONFIGURATIONS)
 
 
 async def drive(stack: Stack, tasks: int, warmup: int) -> dict[str, list[float]]:

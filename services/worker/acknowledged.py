@@ -135,8 +135,8 @@ class AcknowledgedPublisher:
 
     @staticmethod
     def _failed(errors: dict[int, KafkaError]) -> None:
-        if any(error.fatal() for error in errors.values()):
-            fatal = next(error for error in errors.values() if error.fatal())
+        fatal = next((error for error in errors.values() if error.fatal()), None)
+        if fatal is not None:
             log.error("the idempotent producer hit a fatal error: %s", fatal.str())
             raise TransactionFatal(fatal.str())
         refused = tuple(r for i, error in sorted(errors.items()) if (r := refusal(i, error)) is not None)
