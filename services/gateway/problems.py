@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from aimesh.client.errors import ClientError
+from aimesh.errors import AimeshError
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -47,7 +48,7 @@ DEFAULT_UNAVAILABLE_RETRY_S = 1
 
 
 @dataclass(eq=False)
-class Problem(Exception):
+class Problem(AimeshError):
     """One problem object. ``grpc_status`` names the upstream status (empty for the gateway's own refusals);
     ``retry_after_s`` becomes the ``Retry-After`` header (and ``retryAfterS`` where there are no headers)."""
 

@@ -19,10 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
-from aimesh import finished_offsets
+from aimesh import finished_offsets, kafka
 from aimesh.background import BackgroundThread
+from aimesh.errors import AimeshError
 from aimesh.metrics import IngestMetrics
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ MEASURE_TIMEOUT_S = 5.0
 UNKNOWN_RATE_RETRY_S = 5.0
 
 
-class LagUnavailable(Exception):
+class LagUnavailable(AimeshError):
     """The backlog could not be measured (broker unreachable, a request timed out)."""
 
 
@@ -283,15 +284,8 @@ class KafkaLagSource:
     """
 
     def __init__(self, config: Mapping[str, Any], group: str) -> None:
-        self._consumer = Consumer(
-            {
-                **config,
-                "group.id": group,  # only to read its committed offsets: never subscribes, joins or commits
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-            },
-            logger=log,
-        )
+        # The group's id only to read its committed offsets: never subscribes, joins or commits.
+        self._consumer = kafka.consumer(kafka.reader_config(config, group_id=group), logger=log)
 
     def measure(self, topics: Sequence[str]) -> dict[str, BacklogSample]:
         try:
@@ -304,29 +298,13 @@ class KafkaLagSource:
 
     def _measure(self, topics: Sequence[str]) -> dict[str, BacklogSample]:
         metadata = self._consumer.list_topics(timeout=MEASURE_TIMEOUT_S)
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            if topic in metadata.topics and metadata.topics[topic].error is None
-            for p in metadata.topics[topic].partitions
-        ]
-        if not partitions:
-            return {}
-        committed = {
-            (tp.topic, tp.partition): (tp.offset, tp.metadata or "")
-            for tp in self._consumer.committed(partitions, timeout=MEASURE_TIMEOUT_S)
-            if tp.error is None
-        }
+        partitions = [(topic, p) for topic in topics for p in kafka.partitions_in(metadata, topic)]
         backlog: dict[str, int] = {}
         position: dict[str, int] = {}
-        for tp in partitions:
-            start, end = self._consumer.get_watermark_offsets(tp, timeout=MEASURE_TIMEOUT_S, cached=False)
-            # A partition the group never committed is read from its log start (auto.offset.reset=earliest).
-            at, metadata = committed.get((tp.topic, tp.partition), (-1, ""))
-            done_ahead = _published_ahead(at, metadata)
-            at = at if at >= 0 else start
-            backlog[tp.topic] = backlog.get(tp.topic, 0) + max(0, end - at - done_ahead)
-            position[tp.topic] = position.get(tp.topic, 0) + at + done_ahead
+        for (topic, _), lag in kafka.group_lag(self._consumer, partitions, MEASURE_TIMEOUT_S).items():
+            done_ahead = _published_ahead(lag.committed, lag.metadata)
+            backlog[topic] = backlog.get(topic, 0) + max(0, lag.records - done_ahead)
+            position[topic] = position.get(topic, 0) + lag.position + done_ahead
         return {topic: BacklogSample(backlog[topic], position[topic]) for topic in backlog}
 
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException
 
-from aimesh import events
+from aimesh import events, kafka
 from aimesh.background import BackgroundThread
 from aimesh.errors import UndecodableRecord
 from aimesh.kafka import fetch
@@ -230,18 +230,14 @@ class ResultsReader(BackgroundThread):
     def __init__(self, config: Mapping[str, Any], topic: str, tasks: InFlightTasks) -> None:
         super().__init__("results-reader")
         self._config = {
-            **config,
-            # librdkafka wants a group id even for assigned partitions; this one never joins or commits.
-            "group.id": f"aimesh-ingest-results-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
+            **kafka.reader_config(config, group_id=f"aimesh-ingest-results-{uuid.uuid4()}"),
             "isolation.level": "read_committed",
         }
         self._topic = topic
         self._tasks = tasks
 
     def run(self) -> None:
-        consumer = Consumer(self._config, logger=log)
+        consumer = kafka.consumer(self._config, logger=log)
         try:
             while not self.stopping.is_set() and not self._assign(consumer):
                 self.stopping.wait(1.0)
@@ -263,12 +259,10 @@ class ResultsReader(BackgroundThread):
 
     def _assign(self, consumer: Consumer) -> bool:
         try:
-            metadata = consumer.list_topics(self._topic, timeout=5).topics.get(self._topic)
+            assigned = kafka.assign_topic(consumer, self._topic, since_ms=None, timeout_s=5)
         except KafkaException as e:
             log.warning("cannot list %s, retrying: %s", self._topic, e)
             return False
-        if metadata is None or metadata.error is not None or not metadata.partitions:
+        if not assigned:
             log.warning("topic %s not found, retrying", self._topic)
-            return False
-        consumer.assign([TopicPartition(self._topic, p, OFFSET_END) for p in sorted(metadata.partitions)])
-        return True
+        return assigned > 0

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from aimesh import kafka
+from aimesh.errors import AimeshError
 from aimesh.kafka import partition_of
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ REQUEST_TIMEOUT_S = 5.0
 SCAN_TIMEOUT_S = 10.0
 
 
-class LookupUnavailable(Exception):
+class LookupUnavailable(AimeshError):
     """The partition could not be read (broker unreachable, topic missing, scan too long)."""
 
 
@@ -47,10 +49,7 @@ class KafkaRecordFinder:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self._config = {
-            **config,
-            "group.id": "aimesh-ingest-record-finder",  # required by librdkafka; never joined or committed
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
+            **kafka.reader_config(config, group_id="aimesh-ingest-record-finder"),
             "isolation.level": "read_uncommitted",  # ingest's producer is not transactional
         }
         self._consumer: Consumer | None = None
@@ -68,7 +67,7 @@ class KafkaRecordFinder:
     def _landed(self, topic: str, key: bytes, since_ms: int) -> bool:
         with self._lock:
             if self._consumer is None:
-                self._consumer = Consumer(self._config, logger=log)
+                self._consumer = kafka.consumer(self._config, logger=log)
             try:
                 return self._scan(self._consumer, topic, key, since_ms)
             except KafkaException as e:
@@ -77,15 +76,15 @@ class KafkaRecordFinder:
                 self._consumer.unassign()
 
     def _scan(self, consumer: Consumer, topic: str, key: bytes, since_ms: int) -> bool:
-        metadata = consumer.list_topics(topic, timeout=REQUEST_TIMEOUT_S).topics.get(topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
+        partitions = kafka.topic_partitions(consumer, topic, REQUEST_TIMEOUT_S)
+        if not partitions:
             raise LookupUnavailable(f"topic {topic} not found")
-        partition = partition_of(key, len(metadata.partitions))
-        start = consumer.offsets_for_times([TopicPartition(topic, partition, since_ms)], REQUEST_TIMEOUT_S)[0]
+        partition = partition_of(key, len(partitions))
+        start = kafka.offsets_at(consumer, [(topic, partition)], since_ms, REQUEST_TIMEOUT_S)[(topic, partition)]
         _, end = consumer.get_watermark_offsets(TopicPartition(topic, partition), REQUEST_TIMEOUT_S, cached=False)
-        if start.offset < 0 or start.offset >= end:  # no record at or after since_ms
+        if start < 0 or start >= end:  # no record at or after since_ms
             return False
-        consumer.assign([TopicPartition(topic, partition, start.offset)])
+        consumer.assign([TopicPartition(topic, partition, start)])
         give_up_at = time.monotonic() + SCAN_TIMEOUT_S
         while time.monotonic() < give_up_at:
             for message in consumer.consume(500, 0.5):
@@ -93,4 +92,4 @@ class KafkaRecordFinder:
                     return True
             if consumer.position([TopicPartition(topic, partition)])[0].offset >= end:
                 return False
-        raise LookupUnavailable(f"reading {topic}[{partition}] from offset {start.offset} to {end} took too long")
+        raise LookupUnavailable(f"reading {topic}[{partition}] from offset {start} to {end} took too long")

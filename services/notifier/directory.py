@@ -21,10 +21,11 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
-from aimesh.background import BackgroundThread, OnDeath
-from aimesh.kafka import GROUP_MEMBER_PROPERTIES
+from aimesh import kafka
+from aimesh.background import BackgroundThread
+from aimesh.lifecycle import OnDeath
 
 from .ownership import partition_of
 
@@ -99,8 +100,7 @@ def owners_of(committed: Iterable[TopicPartition]) -> dict[int, str]:
 
 class DirectoryRefresher(BackgroundThread):
     """Reads the group's committed offsets of ``topic`` every REFRESH_S (sooner when the directory is marked
-    stale) into ``directory``, with a consumer of the group that does not join it (``consumer_config``
-    without the rebalance protocol's properties)."""
+    stale) into ``directory``, with a consumer of the group that does not join it (``kafka.reader_config``)."""
 
     def __init__(
         self,
@@ -111,12 +111,12 @@ class DirectoryRefresher(BackgroundThread):
         on_death: OnDeath | None = None,
     ) -> None:
         super().__init__("notifier-directory", on_death=on_death)
-        self._config = {k: v for k, v in consumer_config.items() if k not in GROUP_MEMBER_PROPERTIES}
+        self._config = kafka.reader_config(consumer_config)
         self._topic = topic
         self._directory = directory
 
     def run(self) -> None:
-        reader = Consumer(self._config, logger=log)
+        reader = kafka.consumer(self._config, logger=log)
         try:
             while not self.stopping.is_set():
                 self._directory.stale.wait(REFRESH_S)

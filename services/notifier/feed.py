@@ -17,13 +17,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from opentelemetry.trace import SpanContext
 
-from aimesh import events, tracing
-from aimesh.background import BackgroundThread, OnDeath
+from aimesh import events, kafka, tracing
+from aimesh.background import BackgroundThread
 from aimesh.errors import UndecodableRecord
 from aimesh.kafka import Record, fetch
+from aimesh.lifecycle import OnDeath
 from aimesh.v1 import result_pb2, task_pb2
 
 from .directory import PartitionDirectory
@@ -109,7 +110,7 @@ class Feed(BackgroundThread):
         self.caught_up = asyncio.Event()
 
     def run(self) -> None:
-        consumer = Consumer(self._config, logger=log)
+        consumer = kafka.consumer(self._config, logger=log)
         try:
             partitions = self._wait_for_topics(consumer)
             if self._directory is None:
@@ -154,9 +155,9 @@ class Feed(BackgroundThread):
         for topic in self._topics:
             while not self.stopping.is_set():
                 cluster = consumer.list_topics(topic, timeout=10)
-                metadata = cluster.topics.get(topic)
-                if metadata is not None and metadata.error is None and metadata.partitions:
-                    partitions.extend(TopicPartition(topic, p) for p in metadata.partitions)
+                found = kafka.partitions_in(cluster, topic)
+                if found:
+                    partitions.extend(TopicPartition(topic, p) for p in found)
                     self._check_cluster(cluster.cluster_id)
                     break
                 log.warning("topic %s is not available yet; waiting", topic)
@@ -236,13 +237,11 @@ class Feed(BackgroundThread):
         """Where to start each partition: where the saved state (or this run) left it, unless that is older
         than the window; else the window's first record, or the end if it has none (nothing older matters)."""
         since_ms = int((time.time() - self._history_s) * 1000)
-        wanted = [TopicPartition(p.topic, p.partition, since_ms) for p in partitions]
-        found = consumer.offsets_for_times(wanted, timeout=30) if wanted else []
-        starts: list[TopicPartition] = []
-        for p in found:
-            resume = self._next.get((p.topic, p.partition), -1)
-            starts.append(TopicPartition(p.topic, p.partition, OFFSET_END if p.offset < 0 else max(resume, p.offset)))
-        return starts
+        found = kafka.offsets_at(consumer, [(p.topic, p.partition) for p in partitions], since_ms, timeout_s=30)
+        return [
+            TopicPartition(t, p, offset if offset < 0 else max(self._next.get((t, p), -1), offset))
+            for (t, p), offset in found.items()
+        ]
 
     def _check_caught_up(self, consumer: Consumer, started: float) -> None:
         if self._targets:

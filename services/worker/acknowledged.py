@@ -31,6 +31,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from aimesh import kafka
+
 from .ledger import OutRecord, TopicPartitionKey
 from .transactions import CALL_TIMEOUT_S, TransactionAborted, TransactionFatal, refusal, retry_produce
 
@@ -68,7 +70,7 @@ class AcknowledgedPublisher:
         return "none (at_least_once)"
 
     def start(self) -> None:
-        self._producer = Producer(self._config, logger=log)
+        self._producer = kafka.producer(self._config, logger=log)
 
     def fence(self, timeout_s: float) -> bool:
         """Nothing to resolve: a publish stuck in a call holds no transaction, and a result it still delivers is at

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aimesh.errors import AimeshError
 from aimesh.v1 import result_pb2
 
 from .inference import Inference, InferenceFailed, Triton
@@ -53,7 +54,7 @@ def _deadline_passed(when: str) -> InferenceFailed:
     )
 
 
-class CancelledByClient(Exception):
+class CancelledByClient(AimeshError):
     """The task was cancelled while it waited to join a request: it was never sent to Triton."""
 
 

@@ -18,9 +18,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException
 
-from aimesh import events
+from aimesh import events, kafka
+from aimesh.background import BackgroundThread
 from aimesh.errors import UndecodableRecord
 from aimesh.kafka import fetch
 
@@ -68,9 +69,10 @@ class Cancellations:
             del self._cancelled[task_id]
 
 
-class CancellationReader:
-    """Reads ``topic`` into ``cancellations`` until ``stop`` is set; ``on_cancel(task_id, tenant)`` is called (on
-    the reader's thread) for each record read."""
+class CancellationReader(BackgroundThread):
+    """Reads ``topic`` into ``cancellations`` on a thread of its own (a ``lifecycle.Part``) until stopped;
+    ``on_cancel(task_id, tenant)`` is called (on the reader's thread) for each record read. It outlives broker
+    trouble; anything else that ends it is reported to ``on_death``."""
 
     def __init__(
         self,
@@ -82,7 +84,8 @@ class CancellationReader:
         on_cancel: Callable[[str, str], None] = lambda task_id, tenant: None,
         on_undecodable: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        self._config = consumer_config
+        super().__init__("kafka-cancels")
+        self._config = kafka.reader_config(consumer_config)  # assigns every partition itself: never joins
         self._topic = topic
         self._cancellations = cancellations
         self._window_s = window_s
@@ -90,8 +93,9 @@ class CancellationReader:
         self._on_undecodable = on_undecodable
         self.assigned = threading.Event()  # set once the reader reads every partition
 
-    def run(self, stop: threading.Event) -> None:
-        consumer = Consumer(self._config, logger=log)
+    def run(self) -> None:
+        stop = self.stopping
+        consumer = kafka.consumer(self._config, logger=log)
         try:
             while not stop.is_set() and not self._assign(consumer):
                 stop.wait(SETUP_RETRY_S)
@@ -111,24 +115,18 @@ class CancellationReader:
             consumer.close()
 
     def _assign(self, consumer: Consumer) -> bool:
-        """Read every partition from the first record of the window. False (try again) while that cannot be set up."""
+        """Read every partition from the first record of the window (from the end where the window has none). False
+        (try again) while that cannot be set up."""
         try:
-            metadata = consumer.list_topics(self._topic, timeout=SETUP_TIMEOUT_S)
-            topic = metadata.topics.get(self._topic)
-            if topic is None or topic.error is not None or not topic.partitions:
-                log.warning("cancellations topic %s is not available yet", self._topic)
-                return False
             since_ms = int((time.time() - self._window_s) * 1000)
-            wanted = [TopicPartition(self._topic, p, since_ms) for p in sorted(topic.partitions)]
-            offsets = consumer.offsets_for_times(wanted, timeout=SETUP_TIMEOUT_S)
+            assigned = kafka.assign_topic(consumer, self._topic, since_ms=since_ms, timeout_s=SETUP_TIMEOUT_S)
         except KafkaException as e:
             log.warning("cannot set up the cancellations reader yet: %s", e)
             return False
-        # No record at or after the time: offset -1, start from the end (nothing of the window is there).
-        consumer.assign(
-            [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END) for tp in offsets]
-        )
-        log.info("reading cancellations from %d partitions of %s", len(offsets), self._topic)
+        if not assigned:
+            log.warning("cancellations topic %s is not available yet", self._topic)
+            return False
+        log.info("reading cancellations from %d partitions of %s", assigned, self._topic)
         self.assigned.set()
         return True
 

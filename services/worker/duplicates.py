@@ -27,8 +27,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from aimesh import finished_offsets
-from aimesh.kafka import GROUP_MEMBER_PROPERTIES, fetch
+from aimesh import finished_offsets, kafka
+from aimesh.kafka import fetch
 
 from .ledger import Committed, TopicPartitionKey
 
@@ -114,7 +114,7 @@ class Duplicates:
 
     def __init__(self, window_s: float, consumer_config: dict[str, Any]) -> None:
         self._window_s = window_s
-        self._config = {k: v for k, v in consumer_config.items() if k not in GROUP_MEMBER_PROPERTIES}
+        self._config = kafka.reader_config(consumer_config)
         self._config.update(
             {
                 "client.id": f"{consumer_config.get('client.id', 'aimesh-worker')}-duplicates",
@@ -165,13 +165,10 @@ class Duplicates:
             return 0 if partition is None else len(partition)
 
     def _read(self, committed: dict[TopicPartitionKey, Committed], into: dict[TopicPartitionKey, FirstOffsets]) -> int:
-        consumer = Consumer(self._config, logger=log)
+        consumer = kafka.consumer(self._config, logger=log)
         try:
             since_ms = int((time.time() - self._window_s) * 1000)
-            found = consumer.offsets_for_times(
-                [TopicPartition(t, p, since_ms) for t, p in committed], timeout=REBUILD_TIMEOUT_S
-            )
-            ranges = rebuild_ranges(committed, {(tp.topic, tp.partition): tp.offset for tp in found})
+            ranges = rebuild_ranges(committed, kafka.offsets_at(consumer, committed, since_ms, REBUILD_TIMEOUT_S))
             read = 0
             for key, record_key, offset, timestamp_ms in read_ranges(consumer, ranges, REBUILD_TIMEOUT_S):
                 task_id = derived_id(record_key)

@@ -24,6 +24,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from aimesh import kafka
+from aimesh.errors import AimeshError
+
 from .ledger import OutRecord, Refusal, RefusalScope, TopicPartitionKey
 
 log = logging.getLogger(__name__)
@@ -121,7 +124,7 @@ class Publisher(Protocol):
     def forget(self, keys: set[TopicPartitionKey]) -> None: ...
 
 
-class TransactionAborted(Exception):
+class TransactionAborted(AimeshError):
     """The transaction was aborted; nothing of it is visible. Publish again, without or in place of the records
     ``refused`` names (empty: the abort named no record)."""
 
@@ -130,7 +133,7 @@ class TransactionAborted(Exception):
         self.refused = refused
 
 
-class TransactionFatal(Exception):
+class TransactionFatal(AimeshError):
     """The producer cannot go on (fenced, or a fatal idempotence error): recreate it and start over."""
 
 
@@ -176,7 +179,7 @@ class TransactionalPublisher:
     def start(self) -> None:
         """Create the producer and register its transactional id, which fences any older instance with the
         same id and aborts whatever transaction it left open."""
-        producer = Producer(self._config, logger=log)
+        producer = kafka.producer(self._config, logger=log)
         # Retried for as long as the broker is away: there is nothing else this worker could do meanwhile.
         self._retry(
             lambda: producer.init_transactions(CALL_TIMEOUT_S), "init_transactions", abortable=False, retry_for_s=None
@@ -188,7 +191,7 @@ class TransactionalPublisher:
         in a call (from another thread: the stuck producer is not touched). The broker answers only once the
         transaction the stuck producer left open is resolved, committed if its commit had reached the coordinator,
         else aborted, and fences the stuck producer. True if that happened within ``timeout_s``."""
-        producer = Producer(self._config, logger=log)
+        producer = kafka.producer(self._config, logger=log)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

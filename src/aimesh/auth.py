@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from aimesh.errors import AimeshError
 from aimesh.grpc_handlers import Behavior, rewrap
 from aimesh.settings import TENANT_PATTERN, ServerSettings
 
@@ -45,11 +46,11 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 _tenant_var: ContextVar[str | None] = ContextVar("aimesh_tenant", default=None)
 
 
-class AuthConfigError(ValueError):
+class AuthConfigError(AimeshError, ValueError):
     """The keys configuration cannot be used (a malformed entry, a key hash listed twice, auth on without keys)."""
 
 
-class Unauthenticated(Exception):
+class Unauthenticated(AimeshError):
     """The call carries no usable API key."""
 
 

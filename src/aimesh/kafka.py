@@ -1,4 +1,9 @@
-"""Thin asyncio adapters over confluent-kafka: everything in aimesh talks to Kafka through here.
+"""Thin adapters over confluent-kafka: everything in aimesh talks to Kafka through here.
+
+Every client is built here (``consumer``, ``producer``, ``admin``), from the settings built here
+(``producer_config``, ``consumer_config``, ``reader_config``), and the jobs several parts share are done here:
+reading a topic from a time or its end (``assign_topic``, ``offsets_at``) and a consumer group's lag
+(``group_lag``).
 
 librdkafka's calls block and its delivery callbacks only run inside ``poll()``/``flush()``, so each
 adapter owns one thread that polls; the event loop only ever awaits futures the thread resolves.
@@ -10,17 +15,38 @@ import asyncio
 import logging
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ClusterMetadata  # type: ignore[attr-defined]  # no __all__ there
 
 from aimesh.errors import BrokerUnavailable
+from aimesh.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str | bytes | None]]
+TopicPartitionKey = tuple[str, int]
+GroupProtocol = Literal["classic", "consumer"]
+# AIMESH_WORKER_GROUP_PROTOCOL's default, read from the settings rather than written twice.
+DEFAULT_GROUP_PROTOCOL: GroupProtocol = WorkerSettings.model_fields["worker_group_protocol"].default
+
+
+def consumer(config: Mapping[str, Any], *, logger: logging.Logger = log) -> Consumer:
+    """A Consumer with ``config``; librdkafka's log lines go to ``logger`` (the caller's module logger)."""
+    return Consumer(dict(config), logger=logger)
+
+
+def producer(config: Mapping[str, Any], *, logger: logging.Logger = log) -> Producer:
+    """A Producer with ``config``; librdkafka's log lines go to ``logger`` (the caller's module logger)."""
+    return Producer(dict(config), logger=logger)
+
+
+def admin(config: Mapping[str, Any], *, logger: logging.Logger = log) -> AdminClient:
+    """An AdminClient with ``config``; librdkafka's log lines go to ``logger`` (the caller's module logger)."""
+    return AdminClient(dict(config), logger=logger)
 
 
 def producer_config(
@@ -68,27 +94,28 @@ def producer_config(
 class AsyncProducer:
     """An idempotent producer whose ``produce`` coroutine returns once the broker acknowledged the record.
 
-    Use as ``async with AsyncProducer(config) as producer``. ``stop`` flushes what is queued and is safe to
-    call twice.
+    A ``lifecycle.Part`` (or ``async with AsyncProducer(config) as producer``). ``stop`` flushes what is queued
+    and is safe to call twice.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], *, name: str = "kafka-producer") -> None:
+        self.name = name
         self._config = config
         self._producer: Producer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
     async def __aenter__(self) -> AsyncProducer:
-        self.start()
+        await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._producer is not None:
             return
-        self._producer = Producer(self._config, logger=log)
+        self._producer = producer(self._config)
         self._thread = threading.Thread(target=self._poll_loop, name="kafka-producer-poll", daemon=True)
         self._thread.start()
 
@@ -231,13 +258,14 @@ def consumer_config(
     *,
     group_id: str,
     client_id: str,
-    group_protocol: Literal["classic", "consumer"] = "classic",
+    group_protocol: GroupProtocol = DEFAULT_GROUP_PROTOCOL,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Settings for a consumer that commits only what it says is done.
 
     Auto-commit and the automatic offset store are off: offsets are committed explicitly after a task's
-    result is durable. Either rebalance protocol moves only the partitions that must move:
+    result is durable. Either rebalance protocol moves only the partitions that must move (the default is
+    ``AIMESH_WORKER_GROUP_PROTOCOL``'s):
 
     - ``classic``: the client-side cooperative-sticky assignor; the session timeout is the client's (10 s).
     - ``consumer`` (KIP-848, Kafka 4): the broker assigns, with its ``range`` assignor, which spreads *each topic*
@@ -270,3 +298,102 @@ def consumer_config(
         )
     config.update(extra or {})
     return config
+
+
+def reader_config(config: Mapping[str, Any], *, group_id: str | None = None) -> dict[str, Any]:
+    """Settings for a consumer that reads partitions it assigns itself and never joins its group or commits:
+    ``config`` without the rebalance protocol's properties, auto-commit and the automatic offset store off.
+    ``group_id`` replaces the config's: librdkafka wants one even so (the group whose committed offsets it reads,
+    or a name never joined)."""
+    reader = {k: v for k, v in config.items() if k not in GROUP_MEMBER_PROPERTIES}
+    reader.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
+    if group_id is not None:
+        reader["group.id"] = group_id
+    return reader
+
+
+def partitions_in(metadata: ClusterMetadata, topic: str) -> list[int]:
+    """The partitions of ``topic`` in ``metadata`` (a ``list_topics`` answer), sorted; none while the topic does
+    not exist."""
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None:
+        return []
+    return sorted(found.partitions)
+
+
+def topic_partitions(client: Consumer, topic: str, timeout_s: float) -> list[int]:
+    """The partitions of ``topic``, sorted; none while it does not exist. Raises KafkaException."""
+    return partitions_in(client.list_topics(topic, timeout=timeout_s), topic)
+
+
+def offsets_at(
+    consumer: Consumer, partitions: Iterable[TopicPartitionKey], since_ms: int, timeout_s: float
+) -> dict[TopicPartitionKey, int]:
+    """The offset of the first record with a timestamp at or after ``since_ms`` in each of ``partitions``;
+    OFFSET_END where there is none (nothing of the partition is that recent). Raises KafkaException."""
+    wanted = [TopicPartition(topic, partition, since_ms) for topic, partition in partitions]
+    found = consumer.offsets_for_times(wanted, timeout=timeout_s) if wanted else []
+    return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else OFFSET_END for tp in found}
+
+
+def assign_topic(consumer: Consumer, topic: str, *, since_ms: int | None, timeout_s: float) -> int:
+    """Assign every partition of ``topic``, each from its first record at or after ``since_ms`` (0: from its
+    start; None: from its end). Returns how many partitions it assigned: 0, assigning nothing, while the topic
+    does not exist. Raises KafkaException."""
+    keys = [(topic, partition) for partition in topic_partitions(consumer, topic, timeout_s)]
+    if not keys:
+        return 0
+    starts = dict.fromkeys(keys, OFFSET_END) if since_ms is None else offsets_at(consumer, keys, since_ms, timeout_s)
+    consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in starts.items()])
+    return len(starts)
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """Where a consumer group stands in one partition: its committed offset (-1: none) and that commit's metadata,
+    and the partition's low and high watermarks."""
+
+    committed: int
+    metadata: str
+    low: int
+    high: int
+
+    @property
+    def position(self) -> int:
+        """Where the group reads from: its committed offset, or the log start where it committed none (aimesh's
+        consumers start from the earliest record)."""
+        return self.committed if self.committed >= 0 else self.low
+
+    @property
+    def records(self) -> int:
+        """Records from the group's position to the end of the partition."""
+        return max(0, self.high - self.position)
+
+
+def group_lag(
+    consumer: Consumer,
+    partitions: Iterable[TopicPartitionKey],
+    timeout_s: float,
+    *,
+    known: Mapping[TopicPartitionKey, int] | None = None,
+    stop: threading.Event | None = None,
+) -> dict[TopicPartitionKey, PartitionLag]:
+    """The lag of the group ``consumer`` names (``group.id``; it need not join, see ``reader_config``) in each of
+    ``partitions``: the group's committed offsets (one OffsetFetch to its coordinator, not asked for the partitions
+    whose offset ``known`` gives) and each partition's watermarks, asked of the broker (a paused partition is not
+    fetched, so its cached watermarks go stale). Once ``stop`` is set it returns what it has. Raises
+    KafkaException."""
+    keys = list(partitions)
+    committed = {key: (offset, "") for key, offset in (known or {}).items()}
+    asked = [TopicPartition(topic, partition) for topic, partition in keys if (topic, partition) not in committed]
+    for tp in consumer.committed(asked, timeout=timeout_s) if asked else []:
+        if tp.error is None and tp.offset >= 0:
+            committed[(tp.topic, tp.partition)] = (tp.offset, tp.metadata or "")
+    lags: dict[TopicPartitionKey, PartitionLag] = {}
+    for topic, partition in keys:
+        if stop is not None and stop.is_set():
+            break
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s, cached=False)
+        offset, metadata = committed.get((topic, partition), (-1, ""))
+        lags[(topic, partition)] = PartitionLag(offset, metadata, low, high)
+    return lags

@@ -15,6 +15,7 @@ from typing import TextIO, TypeVar
 from pythonjsonlogger.json import JsonFormatter
 
 from aimesh import tracing
+from aimesh.errors import AimeshError
 from aimesh.settings import KafkaSettings
 
 S = TypeVar("S", bound=KafkaSettings)
@@ -93,7 +94,7 @@ def run_service(service: str, settings: S, serve: Callable[[S, asyncio.Event], A
         tracing.shutdown()
 
 
-class ComponentDied(Exception):
+class ComponentDied(AimeshError):
     """A long-lived part of a service (a Kafka reader thread, a poll loop) ended while the service ran."""
 
     def __init__(self, component: str, cause: BaseException) -> None:

@@ -66,7 +66,7 @@ async def test_a_dead_admission_monitor_turns_ingest_not_serving_and_ends_it(mon
 
 
 async def test_a_dead_results_reader_turns_ingest_not_serving_and_ends_it(monkeypatch, health_changes) -> None:
-    monkeypatch.setattr(quotas, "Consumer", broken_consumer)
+    monkeypatch.setattr(quotas.kafka, "consumer", broken_consumer)
     with pytest.raises(ComponentDied, match="results-reader"):
         await asyncio.wait_for(
             ingest_main.serve(settings(admission_max_wait_s=0, tenant_max_concurrent=5), asyncio.Event()), 30

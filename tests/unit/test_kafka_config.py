@@ -8,7 +8,7 @@ import pytest
 
 from aimesh.ingest.__main__ import MESSAGE_TIMEOUT_S, ingest_producer_config
 from aimesh.kafka import consumer_config, producer_config
-from aimesh.settings import IngestSettings, KafkaSettings, NotifierSettings
+from aimesh.settings import IngestSettings, KafkaSettings, NotifierSettings, WorkerSettings
 
 SASL_SSL = {
     "security.protocol": "SASL_SSL",
@@ -64,8 +64,13 @@ def test_worker_group_protocols() -> None:
     consumer = consumer_config("b:9092", group_id="g", client_id="c", group_protocol="consumer")
     assert consumer["group.protocol"] == "consumer" and consumer["group.remote.assignor"] == "range"
     assert not {"partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"} & consumer.keys()
-    classic = consumer_config("b:9092", group_id="g", client_id="c")
+    classic = consumer_config("b:9092", group_id="g", client_id="c", group_protocol="classic")
     assert classic["partition.assignment.strategy"] == "cooperative-sticky" and "group.protocol" not in classic
+
+
+def test_a_consumer_follows_the_worker_groups_protocol_unless_told_otherwise() -> None:
+    default = consumer_config("b:9092", group_id="g", client_id="c")
+    assert default.get("group.protocol", "classic") == WorkerSettings.model_fields["worker_group_protocol"].default
 
 
 def test_the_assignment_protocol_cannot_be_overridden() -> None:
