@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 from confluent_kafka import KafkaError, KafkaException
-from google.protobuf import duration_pb2, timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2
+from google.protobuf import timestamp_pb2
+from google.rpc import code_pb2
 from opentelemetry import propagate
 
 from aimesh import auth, events, runtime, tracing
@@ -28,19 +28,17 @@ from aimesh.errors import (
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.kafka import AsyncProducer
 from aimesh.metrics import (
-    REJECT_BACKLOG_TOO_LONG,
     REJECT_BROKER_UNAVAILABLE,
     REJECT_DEADLINE_PASSED,
     REJECT_INVALID_ARGUMENT,
     REJECT_MODEL_NOT_FOUND,
-    REJECT_TENANT_CONCURRENCY_LIMITED,
-    REJECT_TENANT_RATE_LIMITED,
     IngestMetrics,
 )
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
 
 from .admission import Admission
 from .idempotency import Accepted, IdempotencyKeys, SentRecord, derived_task_id
+from .load_checks import LoadChecks
 from .quotas import InFlightTasks, RateQuotas, Reservation
 from .record_finder import LookupUnavailable, RecordFinder
 from .record_size import record_bytes
@@ -48,8 +46,6 @@ from .validation import Limits, validate
 
 log = logging.getLogger(__name__)
 
-# A tenant over its concurrency quota is told to retry after this long: when its tasks finish is not known.
-CONCURRENCY_RETRY_S = 2.0
 # The send span injects a traceparent even when the call came without trace context: its size is counted.
 TRACEPARENT_HEADER = ("traceparent", "00-" + "0" * 32 + "-" + "0" * 16 + "-00")
 
@@ -101,9 +97,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._publish_timeout_s = publish_timeout_s
         self._idempotency = idempotency
         self._metrics = metrics if metrics is not None else IngestMetrics()
-        self._admission = admission
-        self._rate_quotas = rate_quotas
-        self._in_flight = in_flight if in_flight is not None and in_flight.enabled else None
+        self._load_checks = LoadChecks(
+            metrics=self._metrics,
+            idempotency=idempotency,
+            topic_of=self.topic_of,
+            admission=admission,
+            rate_quotas=rate_quotas,
+            in_flight=in_flight,
+        )
         self._max_record_bytes = max_record_bytes
         self._record_finder = record_finder
 
@@ -115,7 +116,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.SubmitTaskResponse:
         await self._validate_or_abort(context, [request], lambda _: "")
         records = await self._build_or_abort(context, [request], lambda _: "")
-        reservation = await self._admit_or_abort(context, [request])
+        reservation = await self._load_checks.admit_or_abort(context, [request])
         try:
             return (await self._accept_or_abort(context, [request], records, reservation))[0]
         finally:
@@ -133,7 +134,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             )
         await self._validate_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
         records = await self._build_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
-        reservation = await self._admit_or_abort(context, request.tasks)
+        reservation = await self._load_checks.admit_or_abort(context, request.tasks)
         try:
             return ingest_pb2.SubmitTasksResponse(
                 tasks=await self._accept_or_abort(context, request.tasks, records, reservation)
@@ -215,89 +216,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if request.HasField("deadline"):
             event.deadline.CopyFrom(request.deadline)
         return TaskRecord(self.topic_of(request), request.model_name, event, event.SerializeToString())
-
-    async def _admit_or_abort(
-        self, context: grpc.aio.ServicerContext[Any, Any], requests: Sequence[ingest_pb2.SubmitTaskRequest]
-    ) -> Reservation | None:
-        """Abort with RESOURCE_EXHAUSTED when the backlog or the tenant's quotas turn the call away; else return
-        the concurrency slots held for its tasks (None when no concurrency quota applies). All or nothing: every
-        task of a batch counts. Tasks whose idempotency key was accepted before publish nothing and are not
-        counted.
-
-        Runs without awaiting between the checks and the taking of tokens and slots, so concurrent calls on the
-        event loop cannot both pass one check.
-        """
-        tenant = auth.current_tenant()
-        fresh = [
-            r for r in requests if not (r.idempotency_key and self._idempotency.lookup(f"{tenant}/{r.idempotency_key}"))
-        ]
-        if not fresh:
-            return None
-        count = len(requests)
-        if self._admission is not None:
-            now = time.time()
-            for request in fresh:
-                to_deadline = events.timestamp_s(request.deadline) - now if request.HasField("deadline") else None
-                rejection = self._admission.check(self.topic_of(request), seconds_to_deadline=to_deadline)
-                if rejection is not None:
-                    self._metrics.tasks_rejected.labels(REJECT_BACKLOG_TOO_LONG).inc(count)
-                    await abort_with(
-                        context,
-                        code_pb2.RESOURCE_EXHAUSTED,
-                        f"{rejection.message}; nothing was accepted",
-                        [
-                            _retry_info(rejection.retry_after_s),
-                            error_info(
-                                "BACKLOG_TOO_LONG",
-                                topic=rejection.topic,
-                                backlog=str(rejection.backlog),
-                                estimated_wait_s=f"{rejection.wait_s:.1f}",
-                            ),
-                        ],
-                    )
-        if self._in_flight is not None:
-            limit = self._in_flight.limit(tenant)
-            held = self._in_flight.count(tenant)
-            if limit > 0 and held + len(fresh) > limit:
-                self._metrics.tasks_rejected.labels(REJECT_TENANT_CONCURRENCY_LIMITED).inc(count)
-                await abort_with(
-                    context,
-                    code_pb2.RESOURCE_EXHAUSTED,
-                    f"tenant {tenant} has {held} tasks unfinished; its limit is {limit} and this call adds "
-                    f"{len(fresh)}; nothing was accepted",
-                    [
-                        _retry_info(CONCURRENCY_RETRY_S),
-                        error_info("TENANT_CONCURRENCY_LIMITED", tenant=tenant, limit=str(limit), in_flight=str(held)),
-                        _quota_failure(tenant, f"at most {limit} tasks accepted and not yet finished"),
-                    ],
-                )
-        if self._rate_quotas is not None:
-            wait_s = self._rate_quotas.take(tenant, len(fresh))
-            if wait_s > 0:
-                quota = self._rate_quotas.limit(tenant)
-                self._metrics.tasks_rejected.labels(REJECT_TENANT_RATE_LIMITED).inc(count)
-                await abort_with(
-                    context,
-                    code_pb2.RESOURCE_EXHAUSTED,
-                    f"tenant {tenant} is over its rate of {quota.rate_per_s:g} tasks/s (burst {quota.burst}); "
-                    "nothing was accepted",
-                    [
-                        _retry_info(wait_s),
-                        error_info(
-                            "TENANT_RATE_LIMITED",
-                            tenant=tenant,
-                            rate_per_s=f"{quota.rate_per_s:g}",
-                            burst=str(quota.burst),
-                        ),
-                        _quota_failure(tenant, f"at most {quota.rate_per_s:g} tasks/s, bursts of {quota.burst}"),
-                    ],
-                )
-        if self._in_flight is not None and self._in_flight.limit(tenant) > 0:
-            reservation = self._in_flight.reserve(tenant, len(fresh))
-            if reservation is None:  # pragma: no cover - checked above with no await in between
-                raise RuntimeError("concurrency slots vanished between check and reservation")
-            return reservation
-        return None
 
     async def _accept_or_abort(
         self,
@@ -428,15 +346,3 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     # A delivery nobody awaits any more (the call gave up waiting) must not log "exception never retrieved".
     if not future.cancelled():
         future.exception()
-
-
-def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(max(1_000_000, int(delay_s * 1e9)))  # a positive delay, at least 1 ms
-    return error_details_pb2.RetryInfo(retry_delay=delay)
-
-
-def _quota_failure(tenant: str, description: str) -> error_details_pb2.QuotaFailure:
-    return error_details_pb2.QuotaFailure(
-        violations=[error_details_pb2.QuotaFailure.Violation(subject=f"tenant:{tenant}", description=description)]
-    )

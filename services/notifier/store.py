@@ -29,26 +29,22 @@ tenants, the default tenant's) or from a result that carries one (an empty tenan
 nothing). Only that tenant's watchers and lookups see the task. While the tenant is not known yet, nobody
 sees the task: watchers wait and get its updates once it is; a watcher of another tenant then gets DENIED.
 
-On disk: every known task lives in a key-value database (``state_db``; RocksDB in the service): its record
-(tenant, time of its last change, current state) under ``s/<id>``, each kept update under ``h/<id>/<sequence>``,
-and an index ``t/<last change ms><id>`` by which expiry finds what to remove. The feed calls ``flush`` after
-every batch of records with the offsets the batch reached; one atomic write holds both, so after a restart the
-state reflects exactly the records before the saved offsets and reading resumes there. Memory holds the tasks
-being watched and a bounded cache of the most recently changed others; any other is read from disk when asked
+On disk (laid out by ``store_layout``): every known task lives in a key-value database (``state_db``; RocksDB in the
+service): its record (tenant, time of its last change, current state) under ``s/<id>``, each kept update under
+``h/<id>/<sequence>``, and an index ``t/<last change ms><id>`` by which expiry finds what to remove. The feed calls
+``flush`` after every batch of records with the offsets the batch reached; one atomic write holds both, so after a
+restart the state reflects exactly the records before the saved offsets and reading resumes there. Memory holds the
+tasks being watched and a bounded cache of the most recently changed others; any other is read from disk when asked
 for (an update's trace context is not kept on disk: a delivery of a task read back starts its own trace).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
 import logging
-import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.trace import SpanContext
@@ -56,8 +52,27 @@ from opentelemetry.trace import SpanContext
 from aimesh import events
 from aimesh.v1 import notifier_pb2, result_pb2, task_pb2
 
+from . import store_layout
 from .ownership import partition_of
 from .state_db import Batch, MemoryStateDb, StateDb
+from .task_entry import TaskEntry, Watcher, advances, copy_state, fill_task, patched, place, since, with_task
+from .updates import DENIED, ENDED, MOVED, Deliver, Denied, Ended, Moved, Update, WatchItem
+
+__all__ = [
+    "DEFAULT_CACHE_TASKS",
+    "DEFAULT_MAX_UPDATES_PER_TASK",
+    "DENIED",
+    "ENDED",
+    "EXPIRE_BATCH",
+    "MOVED",
+    "Deliver",
+    "Denied",
+    "Ended",
+    "Moved",
+    "TaskStore",
+    "Update",
+    "WatchItem",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,94 +80,6 @@ DEFAULT_MAX_UPDATES_PER_TASK = 10_000
 DEFAULT_CACHE_TASKS = 10_000
 # Most tasks one expire() call forgets: the event loop's pause for one write of their deletions.
 EXPIRE_BATCH = 5_000
-
-_RANK: dict[int, int] = {
-    result_pb2.TASK_STATUS_UNSPECIFIED: 0,
-    result_pb2.TASK_STATUS_QUEUED: 1,
-    result_pb2.TASK_STATUS_RUNNING: 2,
-}
-
-_LEGACY_SEQUENCE: dict[int, int] = {
-    result_pb2.TASK_STATUS_QUEUED: events.QUEUED_SEQUENCE,
-    result_pb2.TASK_STATUS_RUNNING: events.RUNNING_SEQUENCE,
-}
-
-
-def _rank(status: int) -> int:
-    return 3 if events.is_terminal(status) else _RANK.get(status, 0)
-
-
-@dataclass(frozen=True)
-class Update:
-    """One change of a task, as a watcher receives it: the new state and the trace it belongs to. Shared by
-    every watcher: never change ``state``."""
-
-    state: notifier_pb2.TaskState
-    trace: SpanContext | None = None
-
-    @functools.cached_property
-    def size_bytes(self) -> int:
-        """The state's serialized size: what sending it costs, and what a watcher's buffer counts."""
-        return self.state.ByteSize()
-
-
-class Denied:
-    """Put in a watcher's queue instead of an update: the task belongs to another tenant."""
-
-
-class Ended:
-    """Put in a watcher's queue instead of an update: the task has ended and the watcher resumed after its
-    terminal update, so nothing more will come."""
-
-
-class Moved:
-    """Put in a watcher's queue instead of an update: the task's partition moved to another notifier replica,
-    so nothing more will come from this one (the servicer follows the task at its new owner)."""
-
-
-DENIED = Denied()
-ENDED = Ended()
-MOVED = Moved()
-
-WatchItem = Update | Denied | Ended | Moved
-Deliver = Callable[[WatchItem], None]
-
-
-@dataclass(eq=False)
-class _Watcher:
-    tenant: str
-    deliver: Deliver
-    after: int | None  # the last sequence delivered; None: nothing yet and the watcher wants the current state
-
-
-@dataclass
-class _Record:
-    state: notifier_pb2.TaskState
-    touched_s: float
-    history: deque[Update]  # the updates delivered before the current state, oldest first
-    watchers: dict[Hashable, _Watcher] = field(default_factory=dict)
-    # The span that read the task's latest result: deliveries to subscribers continue its trace.
-    trace: SpanContext | None = None
-    tenant: str | None = None  # None: not learned yet
-    _current: Update | None = None
-    # What the database holds of it: the time it was last written with (None: nothing), the sequence of the
-    # last history update written, the history updates dropped since (to delete), and whether the history
-    # there is stale (patched since).
-    written_ms: int | None = None
-    history_written: int = 0
-    history_dropped: list[int] = field(default_factory=list)
-    history_stale: bool = False
-
-    @property
-    def known(self) -> bool:
-        return self.state.status != result_pb2.TASK_STATUS_UNSPECIFIED
-
-    @property
-    def current(self) -> Update:
-        """The current state as the one Update every watcher is handed."""
-        if self._current is None or self._current.state is not self.state:
-            self._current = Update(self.state, self.trace)
-        return self._current
 
 
 class TaskStore:
@@ -183,17 +110,17 @@ class TaskStore:
         self._cache_tasks = cache_tasks
         self._db: StateDb = db if db is not None else MemoryStateDb()
         self._clock = clock
-        self._records: OrderedDict[str, _Record] = OrderedDict()  # least recently used first
-        self._dirty: dict[str, _Record] = {}
-        count = self._db.get(_KNOWN_KEY)
+        self._records: OrderedDict[str, TaskEntry] = OrderedDict()  # least recently used first
+        self._dirty: dict[str, TaskEntry] = {}
+        count = self._db.get(store_layout.KNOWN_KEY)
         self._known = int.from_bytes(count, "big") if count else 0  # kept so len() is cheap
 
     def get(self, task_id: str, tenant: str | None = None) -> notifier_pb2.TaskState | None:
         """The task's state if it is known and ``tenant``'s (``None``: the default tenant)."""
-        record = self._records.get(task_id) or self._load(task_id)
+        record = self._records.get(task_id) or store_layout.load_entry(self._db, task_id, self._history_len)
         if record is None or not record.known or record.tenant != (tenant or self._default_tenant):
             return None
-        return _copy(record.state)
+        return copy_state(record.state)
 
     def apply_task(self, task: task_pb2.AITaskEvent) -> None:
         record = self._record(task.task_id)
@@ -204,11 +131,11 @@ class TaskStore:
         self._dirty[task.task_id] = record
         if record.known:
             # Results read before the task record: their states were handed out, so patch copies.
-            record.state = _with_task(record.state, task)
-            record.history = deque((_patched(u, task) for u in record.history), maxlen=record.history.maxlen)
+            record.state = with_task(record.state, task)
+            record.history = deque((patched(u, task) for u in record.history), maxlen=record.history.maxlen)
             record.history_stale = True
         else:
-            _fill_task(record.state, task)
+            fill_task(record.state, task)
         state = record.state
         learned = self._learn_tenant(record, task.tenant or self._default_tenant)
         if state.status == result_pb2.TASK_STATUS_UNSPECIFIED:
@@ -223,8 +150,8 @@ class TaskStore:
         learned = bool(result.tenant) and self._learn_tenant(record, result.tenant)
         if learned:
             self._dirty[result.task_id] = record
-        sequence = self._place(record.state, result)
-        if not _advances(record.state, result.status, sequence):
+        sequence = place(record.state, result)
+        if not advances(record.state, result.status, sequence):
             if learned:
                 self._notify(record)
             return events.is_terminal(result.status) and events.is_terminal(record.state.status)
@@ -240,26 +167,21 @@ class TaskStore:
         batch = Batch()
         for task_id, record in self._dirty.items():
             if record.known:
-                self._write(batch, task_id, record)
+                store_layout.write_entry(batch, task_id, record)
         self._dirty.clear()
-        for (topic, partition), offset in (offsets or {}).items():
-            batch.put(_offset_key(topic, partition), offset.to_bytes(8, "big"))
+        store_layout.put_offsets(batch, offsets or {})
         if batch:
-            batch.put(_KNOWN_KEY, self._known.to_bytes(8, "big"))
+            batch.put(store_layout.KNOWN_KEY, self._known.to_bytes(8, "big"))
             self._db.write(batch)
         self._evict()
 
     def saved_offsets(self) -> dict[tuple[str, int], int]:
         """The offsets the last flush recorded: where reading resumes after a restart."""
-        saved: dict[tuple[str, int], int] = {}
-        for key, value in self._db.items(_OFFSETS, _after(_OFFSETS)):
-            topic, partition = key[len(_OFFSETS) : -5], key[-4:]  # topic, a 0 byte, 4 bytes of partition
-            saved[(topic.decode(), int.from_bytes(partition, "big"))] = int.from_bytes(value, "big")
-        return saved
+        return store_layout.read_offsets(self._db)
 
     def cluster_id(self) -> str | None:
         """The Kafka cluster the state was read from; None for a new state."""
-        value = self._db.get(_CLUSTER_KEY)
+        value = self._db.get(store_layout.CLUSTER_KEY)
         return None if value is None else value.decode()
 
     def reset(self, cluster_id: str) -> None:
@@ -267,8 +189,8 @@ class TaskStore:
         record ``cluster_id`` as the state's cluster. Watchers stay and get what the new cluster brings."""
         batch = Batch()
         batch.delete_range(b"", b"\xff")
-        batch.put(_CLUSTER_KEY, cluster_id.encode())
-        batch.put(_KNOWN_KEY, (0).to_bytes(8, "big"))
+        batch.put(store_layout.CLUSTER_KEY, cluster_id.encode())
+        batch.put(store_layout.KNOWN_KEY, (0).to_bytes(8, "big"))
         self._db.write(batch)
         self._dirty.clear()
         self._known = 0
@@ -296,7 +218,7 @@ class TaskStore:
         tenant's; ENDED, and nothing more, if the task has ended at or before ``after_sequence``. ``key``
         names the subscription for ``unsubscribe`` (one per task and key)."""
         record = self._record(task_id)
-        watcher = _Watcher(tenant or self._default_tenant, deliver, after_sequence or None)
+        watcher = Watcher(tenant or self._default_tenant, deliver, after_sequence or None)
         record.watchers[key] = watcher
         self._send(record, key, watcher)
 
@@ -315,19 +237,16 @@ class TaskStore:
         cutoff_ms = max(0, int((self._clock() - self._retention_s) * 1000))
         batch = Batch()
         forgotten = 0
-        for key, _ in list(itertools.islice(self._db.items(_TOUCHED, _touched_key(cutoff_ms, "")), limit)):
-            task_id = key[len(_TOUCHED) + 8 :].decode()
+        for key, task_id in store_layout.unchanged_since(self._db, cutoff_ms, limit):
             record = self._records.get(task_id)
             if record is not None and record.watchers:
                 continue
             self._records.pop(task_id, None)
-            batch.delete(key)
-            batch.delete(_state_key(task_id))
-            batch.delete_range(*_history_range(task_id))
+            store_layout.delete_task(batch, key, task_id)
             forgotten += 1
         if forgotten:
             self._known -= forgotten
-            batch.put(_KNOWN_KEY, self._known.to_bytes(8, "big"))
+            batch.put(store_layout.KNOWN_KEY, self._known.to_bytes(8, "big"))
             self._db.write(batch)
         return forgotten
 
@@ -360,60 +279,19 @@ class TaskStore:
         """Tasks whose state is known. Constant time, and safe to call from another thread (a metrics scrape)."""
         return self._known
 
-    def _record(self, task_id: str) -> _Record:
+    def _record(self, task_id: str) -> TaskEntry:
         record = self._records.get(task_id)
         if record is not None:
             self._records.move_to_end(task_id)
             return record
-        record = self._load(task_id) or self._new_record(task_id)
+        record = store_layout.load_entry(self._db, task_id, self._history_len) or self._new_record(task_id)
         self._records[task_id] = record
         return record
 
-    def _new_record(self, task_id: str, watchers: dict[Hashable, _Watcher] | None = None) -> _Record:
+    def _new_record(self, task_id: str, watchers: dict[Hashable, Watcher] | None = None) -> TaskEntry:
         """A task nothing is known of yet (``watchers``: who waits for it)."""
         history: deque[Update] = deque(maxlen=max(0, self._history_len))
-        return _Record(notifier_pb2.TaskState(task_id=task_id), self._clock(), history, watchers=watchers or {})
-
-    def _load(self, task_id: str) -> _Record | None:
-        """The task as the database has it, or None if it has nothing of it."""
-        value = self._db.get(_state_key(task_id))
-        if value is None:
-            return None
-        _, touched_ms, kept, tenant_len = _RECORD_HEAD.unpack_from(value)
-        tenant_end = _RECORD_HEAD.size + tenant_len
-        state = notifier_pb2.TaskState.FromString(value[tenant_end:])
-        stored = self._db.items(*_history_range(task_id)) if kept else ()  # a scan costs as much as the rest
-        history = deque(
-            (Update(notifier_pb2.TaskState.FromString(v)) for _, v in stored), maxlen=max(0, self._history_len)
-        )
-        record = _Record(
-            state, touched_ms / 1000, history, tenant=value[_RECORD_HEAD.size : tenant_end].decode() or None
-        )
-        record.written_ms = touched_ms
-        record.history_written = history[-1].state.sequence if history else 0
-        return record
-
-    def _write(self, batch: Batch, task_id: str, record: _Record) -> None:
-        touched_ms = int(record.touched_s * 1000)
-        tenant = (record.tenant or "").encode()
-        head = _RECORD_HEAD.pack(_RECORD_VERSION, touched_ms, len(record.history), len(tenant))
-        batch.put(_state_key(task_id), head + tenant + record.state.SerializeToString())
-        if record.written_ms != touched_ms:
-            if record.written_ms is not None:
-                batch.delete(_touched_key(record.written_ms, task_id))
-            batch.put(_touched_key(touched_ms, task_id), b"")
-            record.written_ms = touched_ms
-        if record.history_stale:  # patched by a late task record: rewritten whole
-            batch.delete_range(*_history_range(task_id))
-            record.history_written, record.history_stale = 0, False
-        for sequence in record.history_dropped:
-            batch.delete(_history_key(task_id, sequence))
-        record.history_dropped.clear()
-        for update in record.history:
-            if update.state.sequence > record.history_written:
-                batch.put(_history_key(task_id, update.state.sequence), update.state.SerializeToString())
-        if record.history:
-            record.history_written = record.history[-1].state.sequence
+        return TaskEntry(notifier_pb2.TaskState(task_id=task_id), self._clock(), history, watchers=watchers or {})
 
     def _evict(self) -> None:
         """Drop the least recently used tasks nobody watches until at most ``cache_tasks`` remain of those."""
@@ -428,21 +306,9 @@ class TaskStore:
                 del self._records[task_id]
                 excess -= 1
 
-    @staticmethod
-    def _place(state: notifier_pb2.TaskState, result: result_pb2.AIResultEvent) -> int:
-        """The result's sequence number; a result from before sequences (0) is placed by its status. The first
-        terminal result always ends the task, so it is numbered past every update delivered before it, even when
-        the worker numbered it lower (a rerun after a crash that ended sooner than the first attempt had
-        streamed, say: cancelled after 3 partial outputs where the first attempt sent 10)."""
-        if events.is_terminal(result.status):
-            return max(result.sequence, state.sequence + 1, events.FIRST_PARTIAL_SEQUENCE)
-        if result.sequence:
-            return result.sequence
-        return _LEGACY_SEQUENCE.get(result.status, 0)
-
     def _change(
         self,
-        record: _Record,
+        record: TaskEntry,
         status: int,
         sequence: int,
         when: Timestamp,
@@ -454,7 +320,7 @@ class TaskStore:
                 if len(record.history) == self._history_len:
                     record.history_dropped.append(record.history[0].state.sequence)
                 record.history.append(record.current)
-            state = _copy(record.state)
+            state = copy_state(record.state)
         else:
             self._known += 1
             state = record.state
@@ -469,19 +335,19 @@ class TaskStore:
         self._notify(record)
 
     @staticmethod
-    def _learn_tenant(record: _Record, tenant: str) -> bool:
+    def _learn_tenant(record: TaskEntry, tenant: str) -> bool:
         """Record the task's tenant unless known already (the first source wins); whether it was learned now."""
         if record.tenant is not None:
             return False
         record.tenant = tenant
         return True
 
-    def _notify(self, record: _Record) -> None:
+    def _notify(self, record: TaskEntry) -> None:
         for key, watcher in list(record.watchers.items()):
             self._send(record, key, watcher)
 
     @staticmethod
-    def _send(record: _Record, key: Hashable, watcher: _Watcher) -> None:
+    def _send(record: TaskEntry, key: Hashable, watcher: Watcher) -> None:
         """What ``watcher`` has not had yet of the record, if it may see it; DENIED (once) if it may not."""
         if record.tenant is None:
             return  # held back until the tenant is known
@@ -502,86 +368,6 @@ class TaskStore:
                 del record.watchers[key]
                 watcher.deliver(ENDED)
             return
-        for update in _since(record, watcher.after):
+        for update in since(record, watcher.after):
             watcher.deliver(update)
         watcher.after = state.sequence
-
-
-def _advances(state: notifier_pb2.TaskState, status: int, sequence: int) -> bool:
-    """Whether an update of ``status`` numbered ``sequence`` moves the task on: never after its end, never
-    backwards in status or sequence."""
-    if events.is_terminal(state.status) or _rank(status) == 0:
-        return False
-    return sequence > state.sequence and _rank(status) >= _rank(state.status)
-
-
-def _since(record: _Record, after: int) -> Iterator[Update]:
-    """The record's updates numbered above ``after``, in order, the current state last."""
-    if record.history and record.history[-1].state.sequence > after:
-        yield from (update for update in record.history if update.state.sequence > after)
-    yield record.current
-
-
-def _fill_task(state: notifier_pb2.TaskState, task: task_pb2.AITaskEvent) -> None:
-    state.submitted_at.CopyFrom(task.submitted_at)
-    state.model_name = task.model_name
-
-
-def _with_task(state: notifier_pb2.TaskState, task: task_pb2.AITaskEvent) -> notifier_pb2.TaskState:
-    patched = _copy(state)
-    _fill_task(patched, task)
-    return patched
-
-
-def _patched(update: Update, task: task_pb2.AITaskEvent) -> Update:
-    """A kept update read before the task record, with the submission time and model the record brought."""
-    state = update.state
-    if state.HasField("submitted_at") and state.model_name:
-        return update
-    return Update(_with_task(state, task), update.trace)
-
-
-def _copy(state: notifier_pb2.TaskState) -> notifier_pb2.TaskState:
-    out = notifier_pb2.TaskState()
-    out.CopyFrom(state)
-    return out
-
-
-# The database's keys: a task's record, its history updates by sequence, an index of tasks by the time of their
-# last change (for expiry), the next offset to read of each partition, and the count of tasks.
-_STATE = b"s/"
-_HISTORY = b"h/"
-_TOUCHED = b"t/"
-_OFFSETS = b"o/"
-_KNOWN_KEY = b"m/known"
-_CLUSTER_KEY = b"m/cluster"
-# A record's value: format version, last change (ms since the epoch), how many history updates it keeps, the
-# tenant's length; then the tenant (empty: not learned yet) and the serialized TaskState.
-_RECORD_HEAD = struct.Struct(">BqIH")
-_RECORD_VERSION = 1
-
-
-def _state_key(task_id: str) -> bytes:
-    return _STATE + task_id.encode()
-
-
-def _history_key(task_id: str, sequence: int) -> bytes:
-    return _HISTORY + task_id.encode() + b"/" + sequence.to_bytes(8, "big")
-
-
-def _history_range(task_id: str) -> tuple[bytes, bytes]:
-    prefix = _HISTORY + task_id.encode() + b"/"
-    return prefix, _after(prefix)
-
-
-def _touched_key(touched_ms: int, task_id: str) -> bytes:
-    return _TOUCHED + touched_ms.to_bytes(8, "big") + task_id.encode()
-
-
-def _offset_key(topic: str, partition: int) -> bytes:
-    return _OFFSETS + topic.encode() + b"\0" + partition.to_bytes(4, "big")
-
-
-def _after(prefix: bytes) -> bytes:
-    """The least key greater than every key starting with ``prefix`` (its last byte is not 0xff)."""
-    return prefix[:-1] + bytes([prefix[-1] + 1])

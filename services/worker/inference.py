@@ -313,24 +313,11 @@ class TritonInference:
         Ends after the response flagged final, or, once ``stop`` is set, at once with the request cancelled in
         Triton (the gRPC stream is cancelled; the model sees ``is_cancelled()``). ``timeout_s`` bounds the whole
         stream (gRPC deadline: DEADLINE_EXCEEDED, retryable). Raises InferenceFailed."""
-        data = np.array([[text.encode("utf-8")]], dtype=np.object_)
-        tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
-        tensor.set_data_from_numpy(data)
         finished = asyncio.Event()
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {
-                "model_name": model_name,
-                "inputs": [tensor],
-                "model_version": model_version,
-                "parameters": dict(parameters or {}),
-            }
-            # The request side stays open until the final response, then half-closes so that Triton ends the call.
-            await finished.wait()
-
+        requests = _stream_requests(model_name, text, model_version, parameters, finished)
         try:
             responses = self._require().stream_infer(
-                requests(),
+                requests,
                 stream_timeout=timeout_s,
                 headers=metadata if metadata is not None else tracing.grpc_metadata(),
             )
@@ -346,32 +333,10 @@ class TritonInference:
                     following.cancel()
                     responses.cancel()
                     return
-                try:
-                    result, error = following.result()
-                except StopAsyncIteration:
-                    raise InferenceFailed(
-                        result_pb2.ERROR_CODE_UNAVAILABLE, "the stream ended without a final response", retryable=True
-                    ) from None
-                except grpc.aio.AioRpcError as e:
-                    raise _classify_rpc(e) from e
-                if error is not None:
-                    raise _classify_stream_error(error.message() or str(error), tokens=tokens)
-                assert result is not None
-                response = result.get_response()
-                array = result.as_numpy(STREAM_OUTPUT_NAME)
-                piece = (
-                    ""
-                    if array is None
-                    else "".join(
-                        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                        for v in array.reshape(-1).tolist()
-                    )
-                )
-                final_parameter = response.parameters.get(FINAL_RESPONSE_PARAMETER)
-                final = final_parameter is not None and final_parameter.bool_param
+                token = _token_of(following, tokens)
                 tokens += 1
-                yield Token(piece, final, response.model_version)
-                if final:
+                yield token
+                if token.final:
                     finished.set()
                     await _ended(responses)
                     return
@@ -387,3 +352,45 @@ class TritonInference:
             # Created on the event loop: a grpc.aio channel belongs to the loop it was made on.
             self._client = triton_aio.InferenceServerClient(self.url, channel_args=self.channel_args)
         return self._client
+
+
+def _stream_requests(
+    model_name: str, text: str, model_version: str, parameters: dict[str, str] | None, finished: asyncio.Event
+) -> AsyncIterator[dict[str, Any]]:
+    """The request side of a stream: one request with ``text``, then open until ``finished`` is set."""
+    data = np.array([[text.encode("utf-8")]], dtype=np.object_)
+    tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        yield {
+            "model_name": model_name,
+            "inputs": [tensor],
+            "model_version": model_version,
+            "parameters": dict(parameters or {}),
+        }
+        # The request side stays open until the final response, then half-closes so that Triton ends the call.
+        await finished.wait()
+
+    return requests()
+
+
+def _token_of(following: asyncio.Future[Any], tokens: int) -> Token:
+    """The token of a stream's next response (``tokens``: how many came before it), or the failure it carries."""
+    try:
+        result, error = following.result()
+    except StopAsyncIteration:
+        raise InferenceFailed(
+            result_pb2.ERROR_CODE_UNAVAILABLE, "the stream ended without a final response", retryable=True
+        ) from None
+    except grpc.aio.AioRpcError as e:
+        raise _classify_rpc(e) from e
+    if error is not None:
+        raise _classify_stream_error(error.message() or str(error), tokens=tokens)
+    assert result is not None
+    response = result.get_response()
+    array = result.as_numpy(STREAM_OUTPUT_NAME)
+    values = [] if array is None else array.reshape(-1).tolist()
+    piece = "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values)
+    final_parameter = response.parameters.get(FINAL_RESPONSE_PARAMETER)
+    return Token(piece, final_parameter is not None and final_parameter.bool_param, response.model_version)

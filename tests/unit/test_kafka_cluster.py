@@ -16,10 +16,10 @@ from aimesh.devstack.kafka import (
     KafkaBroker,
     KafkaBrokerError,
     KafkaCluster,
-    _partitions_out_of_sync,
     coordinator_partition,
     replication_for,
 )
+from aimesh.devstack.kafka_cluster import _partitions_out_of_sync
 from aimesh.devstack.stack import Stack, StackSettings, StackState, stop_from_state, write_state
 
 THREE_NODES = [(19092, 19093), (19094, 19095), (19096, 19097)]

@@ -7,31 +7,39 @@ tests, which start one stack per test session on free ports.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
-import os
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 from confluent_kafka.admin import AdminClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from aimesh.client.targets import grpc_target
-from aimesh.settings import KafkaSettings
 
 from .kafka import KafkaCluster, create_topics, ensure_kafka_jars, replication_for
-from .ports import free_port_block, free_ports
 from .process import ManagedProcess, stop_pid
+from .stack_layout import StackLayout, replica_name
+from .stack_settings import ROOT, StackSettings
+from .stack_state import STATE_FILE, StackState, read_state, write_state
 from .triton import TritonServer
+
+__all__ = [
+    "NOTIFIER_GROUP",
+    "REPLICATED",
+    "ROOT",
+    "STATE_FILE",
+    "Stack",
+    "StackSettings",
+    "StackState",
+    "read_state",
+    "replica_name",
+    "stop_from_state",
+    "write_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,282 +51,20 @@ REPLICATED = {
     "notifier": ("aimesh.notifier", "AIMESH_NOTIFIER_ADDRESS"),
 }
 
-ROOT = Path(__file__).resolve().parents[3]
-
 # The consumer group in which several notifier replicas split the results and tasks partitions.
 NOTIFIER_GROUP = "aimesh-notifiers"
 
 
-class StackSettings(BaseSettings):
-    """Ports and sizes of the local stack (environment: ``AIMESH_STACK_`` + field name)."""
-
-    model_config = SettingsConfigDict(env_prefix="AIMESH_STACK_", frozen=True, extra="ignore")
-
-    run_dir: Path = Field(ROOT / ".run", description="Logs, Kafka data and the state file.")
-    cache_dir: Path = Field(ROOT / ".cache", description="Kafka jars.")
-    model_repository: Path = Field(ROOT / "models", description="Triton model repository.")
-    kafka_port: int = Field(9092, description="Kafka client listener (of node 0; node i uses this port + 2i).")
-    kafka_controller_port: int = Field(
-        9093, description="Kafka KRaft controller listener (of node 0; node i uses this port + 2i)."
-    )
-    brokers: int = Field(1, description="Kafka nodes: 1, or 3 (a KRaft cluster, every topic on 3 replicas, 2 in sync).")
-    triton_grpc_port: int = Field(8001, description="Triton gRPC.")
-    triton_http_port: int = Field(8000, description="Triton HTTP.")
-    triton_metrics_port: int = Field(8002, description="Triton Prometheus metrics.")
-    triton_servers: int = Field(
-        1,
-        ge=1,
-        description="Triton servers: the first on the Triton ports above, the others on free ports; the workers get "
-        "them all as a list.",
-    )
-    ingest_port: int = Field(50051, description="Ingest gRPC (of the first replica).")
-    notifier_port: int = Field(50052, description="Notifier gRPC (of the first replica).")
-    ingest_replicas: int = Field(
-        1,
-        ge=1,
-        description="Ingest processes: `ingest` on the ingest ports, `ingest-<i>` on free ports of its own (gRPC and "
-        "metrics).",
-    )
-    notifier_replicas: int = Field(
-        1,
-        ge=1,
-        description="Notifier processes, named and given ports as for ingest; several split the results and tasks "
-        "partitions between them (AIMESH_NOTIFIER_PARTITIONED) and forward calls to a task's owner.",
-    )
-    gateway_port: int = Field(
-        8080, ge=0, le=65535, description="Gateway HTTP: the web page and the HTTP API; 0: no gateway."
-    )
-    ingest_metrics_port: int = Field(
-        9101, ge=0, le=65535, description="Ingest Prometheus metrics (of the first replica); 0: none, of any."
-    )
-    notifier_metrics_port: int = Field(
-        9103, ge=0, le=65535, description="Notifier Prometheus metrics (of the first replica); 0: none, of any."
-    )
-    gateway_metrics_port: int = Field(9104, ge=0, le=65535, description="Gateway Prometheus metrics; 0: none.")
-    worker_metrics_port: int = Field(
-        9110, ge=0, le=65535, description="Prometheus metrics of worker 0; worker i uses this port + i; 0: none."
-    )
-    workers: int = Field(2, ge=1, description="Worker processes.")
-    tasks_partitions: int = Field(6, ge=1, description="Partitions of the tasks topic.")
-    results_partitions: int = Field(6, ge=1, description="Partitions of the results topic.")
-    ready_timeout_s: float = Field(180.0, description="How long to wait for each part to be healthy.")
-
-    def kafka_ports(self) -> list[tuple[int, int]]:
-        """Each Kafka node's (client, controller) port."""
-        return [(self.kafka_port + 2 * i, self.kafka_controller_port + 2 * i) for i in range(self.brokers)]
-
-    @model_validator(mode="after")
-    def _ports_do_not_collide(self) -> StackSettings:
-        if self.brokers not in (1, 3):
-            raise ValueError(f"brokers must be 1 or 3, not {self.brokers}")
-        first_worker = self.worker_metrics_port
-        worker_metrics = list(range(first_worker, first_worker + self.workers)) if first_worker else []
-        if worker_metrics and worker_metrics[-1] > 65535:
-            raise ValueError(f"worker metrics ports {first_worker}+ run past 65535 for {self.workers} workers")
-        ports = [
-            *(port for node in self.kafka_ports() for port in node),
-            self.triton_grpc_port,
-            self.triton_http_port,
-            self.triton_metrics_port,
-            self.ingest_port,
-            self.notifier_port,
-            self.gateway_port,
-            self.ingest_metrics_port,
-            self.notifier_metrics_port,
-            self.gateway_metrics_port,
-            *worker_metrics,
-        ]
-        clashes = sorted({p for p in ports if p and ports.count(p) > 1})
-        if clashes:
-            raise ValueError(f"stack ports used twice: {clashes}")
-        return self
-
-    @classmethod
-    def on_free_ports(cls, run_dir: Path, **overrides: object) -> StackSettings:
-        """Settings for a stack in ``run_dir`` whose every port was free a moment ago, so it runs beside others
-        (tests, parallel runs). ``overrides`` sets any other field (``workers``, ``tasks_partitions``, ...)."""
-        workers = overrides.get("workers", cls.model_fields["workers"].default)
-        brokers = overrides.get("brokers", cls.model_fields["brokers"].default)
-        if not isinstance(workers, int) or not isinstance(brokers, int):
-            raise TypeError(f"workers and brokers must be ints, not {workers!r} and {brokers!r}")
-        ports = free_ports(11)
-        names = (
-            "kafka_port",
-            "kafka_controller_port",
-            "triton_grpc_port",
-            "triton_http_port",
-            "triton_metrics_port",
-            "ingest_port",
-            "notifier_port",
-            "gateway_port",
-            "ingest_metrics_port",
-            "notifier_metrics_port",
-            "gateway_metrics_port",
-        )
-        fields: dict[str, object] = dict(zip(names, ports, strict=True))
-        first_worker = free_port_block(workers, avoid=ports)
-        fields["worker_metrics_port"] = first_worker  # worker i serves on this port + i
-        if brokers > 1:  # Kafka node i listens on kafka_port + 2i and kafka_controller_port + 2i
-            first_node = free_port_block(2 * brokers, avoid=[*ports, *range(first_worker, first_worker + workers)])
-            fields.update(kafka_port=first_node, kafka_controller_port=first_node + 1)
-        fields.update(run_dir=run_dir, **overrides)
-        return cls.model_validate(fields)
-
-
-@dataclass
-class StackState:
-    """What ``down`` needs to stop a stack that another process started."""
-
-    pids: dict[str, int] = field(default_factory=dict)
-    kafka_bootstrap: str = ""
-    triton_url: str = ""
-    ingest_address: str = ""  # the first replica's
-    notifier_address: str = ""
-    ingest_addresses: list[str] = field(default_factory=list)  # every replica's, the first one's first
-    notifier_addresses: list[str] = field(default_factory=list)
-    gateway_url: str = ""  # empty: the stack runs no gateway
-    metrics_urls: dict[str, str] = field(default_factory=dict)
-
-
-def replica_name(service: str, index: int) -> str:
-    """The process name of replica ``index`` of ``service``: the first keeps the service's own name (``ingest``, as
-    every caller of a one-replica stack knows it), the others are ``ingest-1``, ``ingest-2``, ..."""
-    return f"{service}-{index}" if index else service
-
-
-class Stack:
+class Stack(StackLayout):
     """Starts the parts in dependency order and waits for each to be healthy; ``stop`` reverses it."""
 
     def __init__(self, settings: StackSettings, *, extra_env: dict[str, str] | None = None) -> None:
-        self.settings = settings
-        # Topic names come from the same AIMESH_TASKS_TOPIC / AIMESH_RESULTS_TOPIC the services read.
-        self.topics = KafkaSettings()
+        super().__init__(settings, extra_env=extra_env)
         self.log_dir = settings.run_dir / "logs"
-        self._extra_env = extra_env or {}
         self.kafka: KafkaCluster | None = None
         self.triton: TritonServer | None = None  # the first of ``tritons``
         self.tritons: list[TritonServer] = []
-        # One pick for every port beyond the settings', so no two parts get the same one.
-        extra_replicas = settings.ingest_replicas + settings.notifier_replicas - 2
-        free = iter(self._free_ports_beside_settings(3 * (settings.triton_servers - 1) + 2 * extra_replicas))
-        self._extra_triton_ports = [(next(free), next(free), next(free)) for _ in range(settings.triton_servers - 1)]
-        self._replica_ports = {
-            "ingest": _replica_ports(
-                (settings.ingest_port, settings.ingest_metrics_port), settings.ingest_replicas, free
-            ),
-            "notifier": _replica_ports(
-                (settings.notifier_port, settings.notifier_metrics_port), settings.notifier_replicas, free
-            ),
-        }
         self.services: dict[str, ManagedProcess] = {}
-
-    # --- addresses --------------------------------------------------------------------------------------
-    @property
-    def kafka_bootstrap(self) -> str:
-        """Every Kafka node's client listener, comma separated (``bootstrap.servers``)."""
-        return ",".join(f"127.0.0.1:{port}" for port, _ in self.settings.kafka_ports())
-
-    @property
-    def triton_url(self) -> str:
-        """The first Triton server's gRPC address."""
-        return f"127.0.0.1:{self.settings.triton_grpc_port}"
-
-    @property
-    def triton_urls(self) -> list[str]:
-        """Every Triton server's gRPC address, the first one's first."""
-        return [self.triton_url, *(f"127.0.0.1:{grpc_port}" for grpc_port, _, _ in self._extra_triton_ports)]
-
-    @property
-    def ingest_address(self) -> str:
-        """The first ingest replica's gRPC address."""
-        return f"127.0.0.1:{self.settings.ingest_port}"
-
-    @property
-    def notifier_address(self) -> str:
-        """The first notifier replica's gRPC address."""
-        return f"127.0.0.1:{self.settings.notifier_port}"
-
-    @property
-    def ingest_addresses(self) -> list[str]:
-        """Every ingest replica's gRPC address, the first one's first."""
-        return self.replica_addresses("ingest")
-
-    @property
-    def notifier_addresses(self) -> list[str]:
-        """Every notifier replica's gRPC address, the first one's first."""
-        return self.replica_addresses("notifier")
-
-    @property
-    def ingest_target(self) -> str:
-        """A gRPC target of every ingest replica; a channel to it with the ``round_robin`` policy
-        (``aimesh.client.targets.ROUND_ROBIN``, as the client library uses) spreads calls over them."""
-        return grpc_target(self.ingest_addresses)
-
-    @property
-    def notifier_target(self) -> str:
-        """A gRPC target of every notifier replica, as ``ingest_target``."""
-        return grpc_target(self.notifier_addresses)
-
-    def replica_addresses(self, service: str) -> list[str]:
-        """Every replica's gRPC address of ``service`` (``ingest`` or ``notifier``)."""
-        return [f"127.0.0.1:{grpc_port}" for grpc_port, _ in self._replica_ports[service]]
-
-    replica_name = staticmethod(replica_name)
-
-    @property
-    def gateway_url(self) -> str:
-        """The gateway's base URL: the web page at ``/``, the HTTP API under ``/v1``."""
-        if not self.settings.gateway_port:
-            raise RuntimeError("this stack runs no gateway (gateway_port is 0)")
-        return f"http://127.0.0.1:{self.settings.gateway_port}"
-
-    def metrics_port(self, name: str) -> int:
-        """The metrics port of service process ``name`` (``ingest``, ``ingest-<i>``, ``notifier``, ``notifier-<i>``,
-        ``gateway``, ``worker-<i>``); 0 (none) for any other, such as an extra process a test starts beside them."""
-        s = self.settings
-        replicas = {
-            self.replica_name(service, index): metrics_port
-            for service, ports in self._replica_ports.items()
-            for index, (_, metrics_port) in enumerate(ports)
-        }
-        if name in replicas:
-            return replicas[name]
-        if name == "gateway":
-            return s.gateway_metrics_port
-        worker = name.removeprefix("worker-")
-        if worker != name and worker.isdigit() and s.worker_metrics_port:
-            return s.worker_metrics_port + int(worker)
-        return 0
-
-    def metrics_url(self, name: str) -> str:
-        """Where service process ``name`` serves its Prometheus metrics."""
-        port = self.metrics_port(name)
-        if not port:
-            raise KeyError(f"{name} serves no metrics in this stack")
-        return f"http://127.0.0.1:{port}/metrics"
-
-    def service_env(self) -> dict[str, str]:
-        """The environment every service process gets: the documented AIMESH_* variables."""
-        env = dict(os.environ)
-        # A loopback development stack: no API keys unless the caller's environment (or extra_env) asks for them.
-        env.setdefault("AIMESH_AUTH", "off")
-        env.update(
-            {
-                "AIMESH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
-                "AIMESH_TASKS_TOPIC": self.topics.tasks_topic,
-                "AIMESH_BATCH_TASKS_TOPIC": self.topics.batch_tasks_topic,
-                "AIMESH_CANCEL_TOPIC": self.topics.cancel_topic,
-                "AIMESH_RESULTS_TOPIC": self.topics.results_topic,
-                "AIMESH_DEAD_LETTER_TOPIC": self.topics.dead_letter_topic,
-                "AIMESH_TRITON_URL": ",".join(self.triton_urls),
-                "AIMESH_INGEST_ADDRESS": self.ingest_address,
-                "AIMESH_NOTIFIER_ADDRESS": self.notifier_address,
-                "AIMESH_METRICS_HOST": "127.0.0.1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env.update(self._extra_env)
-        return env
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self, *, say: Callable[[str], None] = lambda _: None) -> None:
@@ -562,11 +308,6 @@ class Stack:
             log_dir=self.log_dir / f"triton-{index}" if index else self.log_dir,
         )
 
-    def _free_ports_beside_settings(self, count: int) -> list[int]:
-        """``count`` ports for the parts beyond the settings' ports: free a moment ago, none of the settings'."""
-        taken = {port for port in self.settings.model_dump().values() if isinstance(port, int)}
-        return [p for p in free_ports(count + len(taken)) if p not in taken][:count]
-
     @staticmethod
     def _require(part: _Part | None, name: str) -> _Part:
         if part is None:
@@ -615,33 +356,12 @@ class Stack:
         self.stop()
 
 
-def _replica_ports(first: tuple[int, int], replicas: int, free: Iterator[int]) -> list[tuple[int, int]]:
-    """(gRPC, metrics) ports of each replica of a service: the first's from the settings, the others' ``free`` ones
-    (and no metrics where the first serves none)."""
-    metrics_port = first[1]
-    return [first, *((next(free), next(free) if metrics_port else 0) for _ in range(1, replicas))]
-
-
 def _stop_rank(name: str) -> int:
     """Stop order: what produces work first, what serves everyone last."""
     for rank, prefix in enumerate(("gateway", "ingest", "worker", "notifier", "triton", "kafka")):
         if name.startswith(prefix):
             return rank
     return 0
-
-
-STATE_FILE = "stack.json"
-
-
-def write_state(run_dir: Path, state: StackState) -> None:
-    (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-
-
-def read_state(run_dir: Path) -> StackState | None:
-    try:
-        return StackState(**json.loads((run_dir / STATE_FILE).read_text()))
-    except FileNotFoundError:
-        return None
 
 
 def stop_from_state(run_dir: Path, say: Callable[[str], None] = print) -> bool:

@@ -35,6 +35,8 @@ from pathlib import Path
 from tritonclient.grpc import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from aimesh.errors import AimeshError
+
 from .process import Launched
 
 _SHM_DIR = Path("/dev/shm")
@@ -65,7 +67,7 @@ print(json.dumps({
 """
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(AimeshError, RuntimeError):
     """The development Triton server could not be prepared, did not become ready, or is not running."""
 
 
