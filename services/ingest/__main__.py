@@ -6,13 +6,12 @@ import asyncio
 import logging
 import os
 import socket
-from contextlib import AsyncExitStack
 
-from aimesh import runtime, tracing
+from aimesh import runtime
 from aimesh.auth import Authenticator
-from aimesh.background import BackgroundThread
-from aimesh.grpc_edge import ConnectionPolicy, GrpcServer, ServerTls
+from aimesh.grpc_edge import GrpcServer
 from aimesh.kafka import AsyncProducer, producer_config
+from aimesh.lifecycle import Parts
 from aimesh.metrics import IngestMetrics, MetricsServer, new_registry
 from aimesh.settings import IngestSettings
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc
@@ -49,61 +48,24 @@ def ingest_producer_config(settings: IngestSettings) -> dict[str, object]:
 
 
 async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then let calls in flight finish within ``AIMESH_SHUTDOWN_GRACE_S``; if a reader
+    thread dies first, turn health NOT_SERVING, stop, and raise ``runtime.ComponentDied``."""
     authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
-    catalog = (
-        ParameterCatalog.from_file(settings.model_parameters_file)
-        if settings.model_parameters_file
-        else ParameterCatalog.built_in()
-    )
-    config = ingest_producer_config(settings)
     metrics = IngestMetrics(new_registry(), models=settings.model_names)
-    metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
-    kafka = {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_client_config()}
-    # Estimates older than a few measurements are not used: admission fails open while the broker is unreachable.
-    admission = Admission(settings.admission_max_wait_s, stale_after_s=max(3 * settings.admission_interval_s, 3.0))
-    in_flight = InFlightTasks(settings.tenant_max_concurrent, settings.max_concurrent_overrides)
-    rate_quotas = RateQuotas(
-        RateLimit.of(settings.tenant_rate_per_s, settings.tenant_rate_burst),
-        {tenant: RateLimit.of(rate, burst) for tenant, (rate, burst) in settings.rate_overrides.items()},
-    )
+    config = ingest_producer_config(settings)
     lifeline = runtime.Lifeline()
-    readers: list[BackgroundThread] = []
-    async with AsyncExitStack() as running:
-        producer = await running.enter_async_context(AsyncProducer(config))
-        finder = KafkaRecordFinder({**kafka, "client.id": f"{config['client.id']}-finder"})
-        running.callback(finder.close)
-        await running.enter_async_context(metrics_server)
-        if admission.enabled:
-            source = KafkaLagSource({**kafka, "client.id": f"{config['client.id']}-admission"}, settings.worker_group)
-            topics = [settings.tasks_topic, settings.batch_tasks_topic]
-            monitor = AdmissionMonitor(
-                source,
-                admission,
-                topics,
-                interval_s=settings.admission_interval_s,
-                stalled_backlog=settings.admission_stalled_backlog,
-                metrics=metrics,
-                window_s=max(10.0, 5 * settings.admission_interval_s),
-            )
-            readers.append(monitor)
-        if in_flight.enabled:
-            reader = ResultsReader(
-                {**kafka, "client.id": f"{config['client.id']}-results"}, settings.results_topic, in_flight
-            )
-            readers.append(reader)
-        for thread in readers:
-            thread.on_death = lifeline.report  # a reader that died must not leave ingest looking healthy
-            await running.enter_async_context(thread)
+    async with Parts(lifeline) as parts:
+        producer = await parts.start(AsyncProducer(config, name="kafka-task-producer"))
+        finder = KafkaRecordFinder(_client_config(settings, f"{config['client.id']}-finder"))
+        parts.close_on_stop("record-finder", finder.close)
+        await parts.start(MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry))
+        admission = await _admission(settings, metrics, parts, f"{config['client.id']}-admission")
+        in_flight = await _in_flight(settings, parts, f"{config['client.id']}-results")
         servicer = IngestServicer(
             producer,
             tasks_topic=settings.tasks_topic,
             batch_tasks_topic=settings.batch_tasks_topic,
-            limits=Limits(
-                models=settings.model_names,
-                max_text_bytes=settings.max_text_bytes,
-                max_deadline_s=settings.max_deadline_s,
-                parameters=catalog,
-            ),
+            limits=_limits(settings),
             max_record_bytes=settings.max_record_bytes,
             record_finder=finder,
             max_batch_tasks=settings.max_batch_tasks,
@@ -111,28 +73,76 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
             idempotency=IdempotencyKeys(settings.idempotency_ttl_s),
             metrics=metrics,
             admission=admission,
-            rate_quotas=rate_quotas,
+            rate_quotas=RateQuotas(
+                RateLimit.of(settings.tenant_rate_per_s, settings.tenant_rate_burst),
+                {tenant: RateLimit.of(rate, burst) for tenant, (rate, burst) in settings.rate_overrides.items()},
+            ),
             in_flight=in_flight,
         )
-        server = GrpcServer(
-            settings.ingest_address,
-            [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
-            max_message_bytes=settings.max_message_bytes,
-            interceptors=tracing.server_interceptors(),
-            auth=authenticator,
-            tls=ServerTls.from_settings(settings),
-            connections=ConnectionPolicy.from_settings(settings),
-        )
-        server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
-        await server.start()
+        server = await parts.start(_grpc_server(settings, authenticator, servicer))
         try:
             await lifeline.wait_for(stop)
         except runtime.ComponentDied:
-            await server.set_serving(False)
-            await server.stop(settings.shutdown_grace_s)
+            await server.set_serving(False)  # at once: stopping the rest takes a while
             raise
         log.info("stopping: draining in-flight calls for up to %.1fs", settings.shutdown_grace_s)
-        await server.stop(settings.shutdown_grace_s)
+
+
+def _client_config(settings: IngestSettings, client_id: str) -> dict[str, object]:
+    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_client_config(), "client.id": client_id}
+
+
+def _limits(settings: IngestSettings) -> Limits:
+    catalog = (
+        ParameterCatalog.from_file(settings.model_parameters_file)
+        if settings.model_parameters_file
+        else ParameterCatalog.built_in()
+    )
+    return Limits(
+        models=settings.model_names,
+        max_text_bytes=settings.max_text_bytes,
+        max_deadline_s=settings.max_deadline_s,
+        parameters=catalog,
+    )
+
+
+async def _admission(settings: IngestSettings, metrics: IngestMetrics, parts: Parts, client_id: str) -> Admission:
+    """Admission control, and (when it is on) the monitor of the workers' backlog it decides by, started."""
+    # Estimates older than a few measurements are not used: admission fails open while the broker is unreachable.
+    admission = Admission(settings.admission_max_wait_s, stale_after_s=max(3 * settings.admission_interval_s, 3.0))
+    if admission.enabled:
+        source = KafkaLagSource(_client_config(settings, client_id), settings.worker_group)
+        monitor = AdmissionMonitor(
+            source,
+            admission,
+            [settings.tasks_topic, settings.batch_tasks_topic],
+            interval_s=settings.admission_interval_s,
+            stalled_backlog=settings.admission_stalled_backlog,
+            metrics=metrics,
+            window_s=max(10.0, 5 * settings.admission_interval_s),
+        )
+        await parts.start(monitor)  # a reader that died must not leave ingest looking healthy: see Parts
+    return admission
+
+
+async def _in_flight(settings: IngestSettings, parts: Parts, client_id: str) -> InFlightTasks:
+    """The per-tenant count of unfinished tasks, and (when a limit is set) the results reader that keeps it."""
+    in_flight = InFlightTasks(settings.tenant_max_concurrent, settings.max_concurrent_overrides)
+    if in_flight.enabled:
+        await parts.start(ResultsReader(_client_config(settings, client_id), settings.results_topic, in_flight))
+    return in_flight
+
+
+def _grpc_server(settings: IngestSettings, authenticator: Authenticator, servicer: IngestServicer) -> GrpcServer:
+    server = GrpcServer.of_service(
+        settings,
+        settings.ingest_address,
+        ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+        authenticator,
+        grace_s=settings.shutdown_grace_s,
+    )
+    server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
+    return server
 
 
 def main() -> None:

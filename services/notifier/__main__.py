@@ -9,15 +9,15 @@ import os
 import socket
 import tempfile
 
-from aimesh import runtime, tracing
+from aimesh import runtime
 from aimesh.auth import Authenticator
-from aimesh.grpc_edge import ConnectionPolicy, GrpcServer, ServerTls
+from aimesh.grpc_edge import GrpcServer
 from aimesh.kafka import AsyncProducer, consumer_config, producer_config
+from aimesh.lifecycle import Parts
 from aimesh.metrics import MetricsServer, NotifierMetrics, new_registry
 from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
-from .buffers import BufferLimits
 from .directory import DirectoryRefresher, PartitionDirectory
 from .feed import Decoded, Feed, Offsets
 from .forwarding import Forwarder
@@ -57,7 +57,7 @@ async def _serve(
     metrics.tasks_known.set_function(lambda: len(store))
     group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
     directory = PartitionDirectory(settings.advertised_address) if settings.notifier_partitioned else None
-    feed = _feed(settings, group, store, lifeline, directory, metrics)
+    feed = _feed(settings, group, store, directory, metrics)
     # Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack.
     producer = AsyncProducer(
         producer_config(
@@ -65,62 +65,56 @@ async def _serve(
             client_id=f"{group}-cancel",
             delivery_timeout_s=settings.publish_timeout_s,
             extra=settings.kafka_client_config(),
-        )
+        ),
+        name="kafka-cancel-producer",
     )
-    cancels = Cancellations(producer, settings.cancel_topic, settings.publish_timeout_s)
     forwarder = Forwarder.from_settings(settings)
     servicer = NotifierServicer(
         store,
         ready=feed.caught_up,
         metrics=metrics,
-        limits=_stream_limits(settings),
-        cancels=cancels,
+        limits=StreamLimits.of(settings),
+        cancels=Cancellations(producer, settings.cancel_topic, settings.publish_timeout_s),
         ownership=directory,
         forwarder=forwarder,
     )
-    server = GrpcServer(
-        settings.notifier_address,
-        [notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name],
-        max_message_bytes=settings.max_message_bytes,
-        interceptors=tracing.server_interceptors(),
-        auth=authenticator,
-        tls=ServerTls.from_settings(settings),
-        connections=ConnectionPolicy.from_settings(settings),
-    )
-    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
-    async with contextlib.AsyncExitStack() as started:
+    server = _grpc_server(settings, authenticator, servicer)
+    async with Parts(lifeline) as parts:
         # Each part is stopped, last started first, however serving ends; the ports are bound first, so a
         # port in use stops the notifier before any thread starts.
-        await server.start(serving=False)  # NOT_SERVING until the history is read
-        started.push_async_callback(server.stop, settings.shutdown_grace_s)
-        metrics_server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
-        metrics_server.start()
-        started.push_async_callback(metrics_server.stop)
-        producer.start()
-        started.push_async_callback(producer.stop)
-        started.push_async_callback(forwarder.close)
-        feed.start()
-        started.push_async_callback(feed.stop)
+        await parts.start(server)  # NOT_SERVING until the history is read
+        await parts.start(MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry))
+        await parts.start(producer)
+        parts.close_on_stop("forwarder", forwarder.close)
+        await parts.start(feed)
         if directory is not None:
-            refresher = DirectoryRefresher(
-                consumer_config(
-                    settings.kafka_bootstrap,
-                    group_id=group,
-                    client_id=f"{group}-directory",
-                    extra=settings.kafka_client_config(),
-                ),
-                topic=settings.results_topic,
-                directory=directory,
-                on_death=lifeline.report,
-            )
-            refresher.start()
-            started.push_async_callback(refresher.stop)
+            await parts.start(_refresher(settings, group, directory))
         sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
-        started.callback(sweeper.cancel)
+        parts.close_on_stop("retention-sweeper", sweeper.cancel)
         # Once all is up, open streams are closed first (stop is idempotent), while the feed still feeds them.
-        started.push_async_callback(server.stop, settings.shutdown_grace_s)
+        parts.close_on_stop("streams", server.stop)
         await _serve_until_stopped(server, lifeline, feed, stop, store)
         log.info("stopping: closing streams within %.1fs", settings.shutdown_grace_s)
+
+
+def _grpc_server(settings: NotifierSettings, authenticator: Authenticator, servicer: NotifierServicer) -> GrpcServer:
+    server = GrpcServer.of_service(
+        settings,
+        settings.notifier_address,
+        notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name,
+        authenticator,
+        grace_s=settings.shutdown_grace_s,
+        serving=False,
+    )
+    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
+    return server
+
+
+def _refresher(settings: NotifierSettings, group: str, directory: PartitionDirectory) -> DirectoryRefresher:
+    config = consumer_config(
+        settings.kafka_bootstrap, group_id=group, client_id=f"{group}-directory", extra=settings.kafka_client_config()
+    )
+    return DirectoryRefresher(config, topic=settings.results_topic, directory=directory)
 
 
 async def _serve_until_stopped(
@@ -142,7 +136,6 @@ def _feed(
     settings: NotifierSettings,
     group: str,
     store: TaskStore,
-    lifeline: runtime.Lifeline,
     directory: PartitionDirectory | None,
     metrics: NotifierMetrics,
 ) -> Feed:
@@ -186,18 +179,6 @@ def _feed(
         on_new_cluster=store.reset,
         directory=directory,
         on_moved=moved,
-        on_death=lifeline.report,
-    )
-
-
-def _stream_limits(settings: NotifierSettings) -> StreamLimits:
-    return StreamLimits(
-        max_per_connection=settings.max_subscriptions_per_connection,
-        max_per_tenant=settings.max_subscriptions_per_tenant,
-        idle_timeout_s=settings.stream_idle_timeout_s,
-        send_timeout_s=settings.stream_send_timeout_s,
-        buffer=BufferLimits(settings.max_stream_buffer_bytes, settings.max_stream_buffer_updates),
-        max_total_buffer_bytes=settings.max_subscription_buffer_bytes,
     )
 
 

@@ -1,18 +1,16 @@
-"""A daemon thread with a stop flag, usable as an async context manager: what the services' Kafka readers
-that run beside the event loop share."""
+"""A daemon thread with a stop flag, a ``lifecycle.Part``: what the services' Kafka readers that run beside the
+event loop share."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
 from typing import Self
 
-log = logging.getLogger(__name__)
+from aimesh.lifecycle import OnDeath
 
-# Told the thread's name and what ended it; called on the dying thread (``runtime.Lifeline.report`` is safe).
-OnDeath = Callable[[str, BaseException], None]
+log = logging.getLogger(__name__)
 
 
 class BackgroundThread:
@@ -20,7 +18,8 @@ class BackgroundThread:
     ``self.stopping`` is set. ``start`` and ``stop`` are idempotent; ``async with`` starts and stops it.
 
     If ``run`` raises, the error is logged, kept in ``failed`` and passed to ``on_death`` (settable after
-    construction): a thread that died must not look alive, so a service hands this to its ``Lifeline``.
+    construction; ``lifecycle.Parts`` sets it): a thread that died must not look alive, so a service hands this to
+    its ``Lifeline``.
     """
 
     def __init__(self, name: str, *, on_death: OnDeath | None = None) -> None:
@@ -37,7 +36,7 @@ class BackgroundThread:
     def run(self) -> None:
         raise NotImplementedError
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run_reporting, name=self._name, daemon=True)
@@ -50,7 +49,7 @@ class BackgroundThread:
         await asyncio.to_thread(self._thread.join)
 
     async def __aenter__(self) -> Self:
-        self.start()
+        await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from aimesh import tracing
 from aimesh.auth import Authenticator, AuthInterceptor
 from aimesh.errors import InvalidTask
 from aimesh.grpc_handlers import Behavior, rewrap
@@ -171,9 +172,11 @@ class GrpcServer:
     ``add`` registers servicers before ``start``; ``start`` raises (having stopped the server) if the address
     cannot be bound; ``set_serving`` is the health setter a service uses when it cannot serve (history not
     read yet, a component died); ``stop`` turns health to NOT_SERVING, lets in-flight calls finish within the
-    grace period and is safe to call twice. A message over ``max_message_bytes`` is refused with
-    RESOURCE_EXHAUSTED by gRPC itself.
+    grace period (``grace_s`` unless given) and is safe to call twice: a ``lifecycle.Part``. A message over
+    ``max_message_bytes`` is refused with RESOURCE_EXHAUSTED by gRPC itself.
     """
+
+    name = "grpc-server"
 
     def __init__(
         self,
@@ -185,8 +188,12 @@ class GrpcServer:
         auth: Authenticator | None = None,
         tls: ServerTls | None = None,
         connections: ConnectionPolicy | None = None,
+        grace_s: float = 0.0,
+        serving: bool = True,
     ) -> None:
         self._address = address
+        self._grace_s = grace_s
+        self._serving_at_start = serving
         self._service_names = list(service_names)
         self._tls = tls
         auth = auth if auth is not None else Authenticator.disabled()
@@ -204,16 +211,40 @@ class GrpcServer:
         self.port = 0
         self._stopped = False
 
+    @classmethod
+    def of_service(
+        cls,
+        settings: ServerSettings,
+        address: str,
+        service: str,
+        auth: Authenticator,
+        *,
+        grace_s: float,
+        serving: bool = True,
+    ) -> GrpcServer:
+        """The server of a service (``service``: its full name) as its settings say, traced like every call."""
+        return cls(
+            address,
+            [service],
+            max_message_bytes=settings.max_message_bytes,
+            interceptors=tracing.server_interceptors(),
+            auth=auth,
+            tls=ServerTls.from_settings(settings),
+            connections=ConnectionPolicy.from_settings(settings),
+            grace_s=grace_s,
+            serving=serving,
+        )
+
     def add(self, register: Callable[[Any, Any], None], servicer: object) -> None:
         """Register a servicer with its generated ``add_*Servicer_to_server`` function."""
         register(servicer, self.server)
 
-    async def start(self, *, serving: bool = True) -> None:
-        """Listen, with health already at ``serving`` when the first client can ask (False: NOT_SERVING until
-        ``set_serving(True)``)."""
+    async def start(self, *, serving: bool | None = None) -> None:
+        """Listen, with health already at ``serving`` (the constructor's unless given) when the first client can
+        ask (False: NOT_SERVING until ``set_serving(True)``)."""
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        await self.set_serving(serving)
+        await self.set_serving(self._serving_at_start if serving is None else serving)
         try:
             self.port = self._bind()
             await self.server.start()
@@ -241,12 +272,12 @@ class GrpcServer:
         for name in self._service_names:
             await self.health.set(name, status)
 
-    async def stop(self, grace_s: float) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
         if self._stopped:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        await self.server.stop(self._grace_s if grace_s is None else grace_s)
 
 
 async def abort_invalid(context: grpc.aio.ServicerContext[Any, Any], error: InvalidTask) -> NoReturn:

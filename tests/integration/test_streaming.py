@@ -13,7 +13,7 @@ from tritonclient.grpc import InferInput
 from aimesh import events
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import result_pb2
-from aimesh.worker.worker import derived_seed
+from aimesh.worker.results import derived_seed
 
 from .mesh_client import MeshClient, TopicReader, task_updates
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aimesh import runtime
 from aimesh.background import BackgroundThread
 from aimesh.grpc_edge import GrpcServer
+from aimesh.lifecycle import Parts
 from aimesh.notifier import __main__ as notifier_main
 from aimesh.settings import NotifierSettings
 
@@ -30,6 +31,7 @@ class FakeFeed:
     thread as an error in librdkafka would."""
 
     made: list[FakeFeed] = []
+    name = "notifier-feed"
 
     def __init__(self, *args: object, on_death: Callable[[str, BaseException], None] | None = None, **kw: Any):
         self.caught_up = asyncio.Event()
@@ -37,7 +39,7 @@ class FakeFeed:
         self.started = self.stopped = False
         FakeFeed.made.append(self)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self.started = True
 
     async def stop(self) -> None:
@@ -52,11 +54,12 @@ class FakeFeed:
 class FakeProducer:
     made: list[FakeProducer] = []
 
-    def __init__(self, config: object) -> None:
+    def __init__(self, config: object, *, name: str = "kafka-producer") -> None:
+        self.name = name
         self.started = self.stopped = False
         FakeProducer.made.append(self)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self.started = True
 
     async def stop(self) -> None:
@@ -158,12 +161,13 @@ class Dying(BackgroundThread):
         raise OSError("the reader's socket broke")
 
 
-async def test_a_background_thread_that_dies_is_reported_to_the_lifeline() -> None:
+async def test_a_background_thread_that_dies_is_reported_to_the_lifeline_of_the_parts_it_runs_in() -> None:
     lifeline = runtime.Lifeline()
-    thread = Dying("results-reader", on_death=lifeline.report)
-    thread.start()
-    with pytest.raises(runtime.ComponentDied) as info:
-        await asyncio.wait_for(lifeline.wait_for(asyncio.Event()), 10)
+    thread = Dying("results-reader")
+    async with Parts(lifeline) as parts:
+        await parts.start(thread)
+        with pytest.raises(runtime.ComponentDied) as info:
+            await asyncio.wait_for(lifeline.wait_for(asyncio.Event()), 10)
     assert info.value.component == "results-reader" and isinstance(info.value.__cause__, OSError)
     assert isinstance(thread.failed, OSError)
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_worker_poison_outcomes import FakeProgress, options
 from triton_fakes import echoed
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
@@ -22,9 +23,11 @@ from aimesh.metrics import WorkerMetrics
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
 from aimesh.worker import inference
+from aimesh.worker.cancellation import Cancellations
+from aimesh.worker.health import TritonHealth
 from aimesh.worker.inference import Inference, InferenceFailed, ModelInfo, Token, TritonInference
+from aimesh.worker.runner import TaskRunner
 from aimesh.worker.triton_pool import BACKOFF_INITIAL_S, BACKOFF_MAX_S, TritonPool, connect, endpoints_of
-from aimesh.worker.worker import Worker
 
 
 def unreachable() -> InferenceFailed:
@@ -331,23 +334,16 @@ async def test_a_stream_closed_early_frees_its_endpoint() -> None:
 # --- the worker on a pool -------------------------------------------------------------------------------------
 
 
-def make_worker(pool: TritonPool, metrics: WorkerMetrics) -> Worker:
-    return Worker(
-        consumer_config={"group.id": "test"},
-        publisher=None,  # type: ignore[arg-type]
-        progress=None,  # type: ignore[arg-type]
+def make_runner(pool: TritonPool, metrics: WorkerMetrics) -> TaskRunner:
+    return TaskRunner.of(
+        options(),
         triton=pool,
-        tasks_topic="aimesh.tasks",
-        results_topic="aimesh.results",
-        dead_letter_topic="aimesh.tasks.dlq",
-        worker_id="w",
-        max_in_flight=8,
-        max_batch_size=8,
-        inference_timeout_s=5.0,
-        triton_retry=RetryPolicy(initial_s=0.001, max_s=0.01, budget_s=5.0),
-        health_interval_s=1.0,
-        grace_s=1.0,
+        progress=FakeProgress(),  # type: ignore[arg-type]
+        health=TritonHealth(pool.is_ready, interval_s=1.0),
+        cancellations=Cancellations(3600.0),
         metrics=metrics,
+        retry=RetryPolicy(initial_s=0.001, max_s=0.01, budget_s=5.0),
+        group="test",
     )
 
 
@@ -365,27 +361,23 @@ def retried(metrics: WorkerMetrics) -> float:
     return sum(v for (name, _), v in exposed(metrics).items() if name == "aimesh_worker_retries_total")
 
 
-async def test_a_task_whose_first_endpoint_is_dead_succeeds_without_a_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Worker, "_announce_running", lambda self, task: None)
+async def test_a_task_whose_first_endpoint_is_dead_succeeds_without_a_retry() -> None:
     a, b = FakeServer("a:8001"), FakeServer("b:8001")
     a.down = True
     metrics = WorkerMetrics()
-    outcome = await make_worker(pool_of(a, b, metrics=metrics), metrics)._handle(task_record("t1"))
+    outcome = await make_runner(pool_of(a, b, metrics=metrics), metrics).handle(task_record("t1"))
     [record] = [r for r in outcome.records if r.topic == "aimesh.results"]
     assert events.decode_result(record.value).status == result_pb2.TASK_STATUS_SUCCEEDED
     assert (a.requests, b.requests) == ([], [["t1"]])  # the model's configuration query found a down already
     assert retried(metrics) == 0  # routed around inside the pool: no retry, no backoff, no budget spent
 
 
-async def test_with_every_endpoint_down_a_task_retries_as_with_one_server_and_succeeds_when_one_is_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(Worker, "_announce_running", lambda self, task: None)
+async def test_with_every_endpoint_down_a_task_retries_as_with_one_server_and_succeeds_when_one_is_back() -> None:
     a, b = FakeServer("a:8001"), FakeServer("b:8001")
     a.down = b.down = True
     b.back_after = 2  # refuses the first try and the first retry
     metrics = WorkerMetrics()
-    outcome = await make_worker(pool_of(a, b, metrics=metrics), metrics)._handle(task_record("t1"))
+    outcome = await make_runner(pool_of(a, b, metrics=metrics), metrics).handle(task_record("t1"))
     [record] = [r for r in outcome.records if r.topic == "aimesh.results"]
     assert events.decode_result(record.value).status == result_pb2.TASK_STATUS_SUCCEEDED
     assert retried(metrics) >= 2 and b.requests == [["t1"]]

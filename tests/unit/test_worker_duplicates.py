@@ -4,11 +4,13 @@ publisher at its seam). The real broker and two ingest replicas: tests/integrati
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
-from test_worker_poison_outcomes import TASKS, FakePublisher, make_worker, results, task_record
+import pytest
+from test_worker_poison_outcomes import TASKS, FakePublisher, IdleConsumer, make_worker, results, task_record
 
-from aimesh import events, finished_offsets
+from aimesh import events, finished_offsets, kafka
 from aimesh.ingest.idempotency import derived_task_id
 from aimesh.kafka import Record
 from aimesh.v1 import task_pb2
@@ -80,21 +82,21 @@ def derived_record(task_id: str, offset: int) -> Record:
     return Record(TASKS, 0, offset, task_id.encode(), task.SerializeToString(), [])
 
 
-async def test_a_duplicate_record_runs_nothing_publishes_nothing_and_its_offset_commits() -> None:
+async def test_a_duplicate_record_runs_nothing_publishes_nothing_and_its_offset_commits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     publisher = FakePublisher()
     worker = make_worker(publisher)
-    key = (TASKS, 0)
-    worker._ledger.assign([key])
+    monkeypatch.setattr(kafka, "consumer", IdleConsumer)
+    worker.consumer.subscribe(asyncio.get_running_loop())
+    worker.ledger.assign([(TASKS, 0)])
     other = task_record("other", partition=0, offset=1)
     for record in (derived_record(ID, 0), other, derived_record(ID, 2)):
-        partition = worker._ledger.fetched(key, record.offset)
-        assert partition is not None
-        if worker._duplicates.is_duplicate(key, record.key, record.offset, 1_000_000):
-            worker._drop_duplicate(record, partition)
-        else:
-            assert worker._ledger.finished(partition, record.offset, await worker._handle(record))
-    assert worker._publish_ready()
+        worker.consumer.take(record, 1_000_000)
+    await asyncio.sleep(0)  # the records handed to the event loop reach the scheduler
+    await worker.scheduler.drain(grace_s=5.0)  # and every task they started ends
+    assert worker.committer.publish_ready()
     assert sorted(results(publisher)) == sorted([ID, other.key.decode()])  # type: ignore[union-attr]
     assert len(publisher.committed) == 2  # two results, nothing for the duplicate
     assert publisher.committed_offsets == [(0, 3)]  # its offset is committed all the same
-    assert worker._metrics.duplicate_tasks.labels(TASKS)._value.get() == 1
+    assert worker.metrics.duplicate_tasks.labels(TASKS)._value.get() == 1

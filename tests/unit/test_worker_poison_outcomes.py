@@ -14,17 +14,20 @@ import pytest
 from confluent_kafka import TopicPartition
 from triton_fakes import echoed
 
-from aimesh import events, runtime
+from aimesh import events, kafka, runtime
 from aimesh.kafka import Record
+from aimesh.lifecycle import run_until
 from aimesh.metrics import WorkerMetrics
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
-from aimesh.worker import worker as worker_module
+from aimesh.worker import lag
 from aimesh.worker.inference import Inference, InferenceFailed, ModelInfo
 from aimesh.worker.ledger import OutRecord, Refusal
+from aimesh.worker.options import WorkerOptions
 from aimesh.worker.record_limits import record_bytes
+from aimesh.worker.runner import MAX_DEADLINE_S, deadline_of
 from aimesh.worker.transactions import TransactionAborted
-from aimesh.worker.worker import MAX_DEADLINE_S, Worker
+from aimesh.worker.worker import Worker
 
 TASKS, RESULTS, DLQ = "aimesh.tasks", "aimesh.results", "aimesh.tasks.dlq"
 
@@ -84,25 +87,38 @@ class FakePublisher:
         pass
 
 
-def make_worker(publisher: FakePublisher, *, max_record_bytes: int = 1_000_000, **kw: Any) -> Worker:
+def options(**overrides: Any) -> WorkerOptions:
+    """A worker's options as the tests run it: small limits, fast retries, no batch or cancellations topic."""
+    fields: dict[str, Any] = {
+        "worker_id": "w",
+        "tasks_topic": TASKS,
+        "results_topic": RESULTS,
+        "dead_letter_topic": DLQ,
+        "max_in_flight": 8,
+        "max_batch_size": 8,
+        "max_request_bytes": 4_194_304,
+        "max_record_bytes": 1_000_000,
+        "inference_timeout_s": 5.0,
+        "health_interval_s": 1.0,
+        "grace_s": 1.0,
+        "idempotency_window_s": 3600.0,
+        "cancel_window_s": 3600.0,
+    }
+    return WorkerOptions(**{**fields, **overrides})
+
+
+def make_worker(
+    publisher: FakePublisher, *, cancel_consumer_config: dict[str, Any] | None = None, **overrides: Any
+) -> Worker:
     return Worker(
+        options(**overrides),
         consumer_config={"group.id": "test"},
         publisher=publisher,  # type: ignore[arg-type]
         progress=FakeProgress(),  # type: ignore[arg-type]
         triton=EchoTriton(),  # type: ignore[arg-type]
-        tasks_topic=TASKS,
-        results_topic=RESULTS,
-        dead_letter_topic=DLQ,
-        worker_id="w",
-        max_in_flight=8,
-        max_batch_size=8,
-        inference_timeout_s=5.0,
         triton_retry=RetryPolicy(initial_s=0.001, max_s=0.01, budget_s=1.0),
-        health_interval_s=1.0,
-        grace_s=1.0,
         metrics=WorkerMetrics(),
-        max_record_bytes=max_record_bytes,
-        **kw,
+        cancel_consumer_config=cancel_consumer_config,
     )
 
 
@@ -120,17 +136,17 @@ def task_record(text: str, *, partition: int, offset: int, model: str = "sleep",
 
 async def finish(worker: Worker, records: list[Record]) -> None:
     """Run ``records`` through the worker into its ledger, as its consumer thread and event loop would."""
-    worker._ledger.assign(sorted({(r.topic, r.partition) for r in records}))
+    worker.ledger.assign(sorted({(r.topic, r.partition) for r in records}))
     for record in records:
-        partition = worker._ledger.fetched((record.topic, record.partition), record.offset)
+        partition = worker.ledger.fetched((record.topic, record.partition), record.offset)
         assert partition is not None
-        assert worker._ledger.finished(partition, record.offset, await worker._handle(record))
+        assert worker.ledger.finished(partition, record.offset, await worker.runner.handle(record))
 
 
 def publish_until_done(worker: Worker, tries: int = 10) -> int:
     """Call the publisher thread's step until everything is published; return how many steps it took."""
     for step in range(1, tries + 1):
-        if worker._publish_ready():
+        if worker.committer.publish_ready():
             return step
     raise AssertionError(f"still not published after {tries} steps")
 
@@ -144,7 +160,7 @@ def dead_letters(publisher: FakePublisher) -> dict[bytes | None, OutRecord]:
 
 
 def refused(worker: Worker, record: str, action: str) -> float:
-    return worker._metrics.refused_records.labels(record, action)._value.get()
+    return worker.metrics.refused_records.labels(record, action)._value.get()
 
 
 async def test_an_oversize_result_is_failed_before_publishing_and_its_dead_letter_record_is_cut() -> None:
@@ -217,16 +233,16 @@ async def test_a_results_topic_that_refuses_everything_blocks_with_backoff_until
     await finish(worker, [task_record("fine", partition=0, offset=0)])
     waits = []
     for _ in range(4):
-        assert not worker._publish_ready()
-        waits.append(worker._aborts.wait_s())
+        assert not worker.committer.publish_ready()
+        waits.append(worker.committer.backoff_s())
     assert waits == sorted(waits) and waits[0] > 0 and waits[-1] > waits[0]  # backing off, no hot loop
-    assert worker._publish_blocked.is_set() and worker._metrics.publish_blocked._value.get() == 1
+    assert worker.committer.blocked.is_set() and worker.metrics.publish_blocked._value.get() == 1
     assert results(publisher) == {}  # the outcome was not touched: it is not the input's fault
 
     publisher.refuse = lambda i, r: None
-    assert worker._publish_ready()
+    assert worker.committer.publish_ready()
     assert results(publisher)["00000000-0000-4000-8000-000000000000"].status == result_pb2.TASK_STATUS_SUCCEEDED
-    assert not worker._publish_blocked.is_set() and worker._metrics.publish_blocked._value.get() == 0
+    assert not worker.committer.blocked.is_set() and worker.metrics.publish_blocked._value.get() == 0
 
 
 async def test_aborts_that_name_no_record_isolate_partitions_so_one_head_holds_back_no_other() -> None:
@@ -234,14 +250,14 @@ async def test_aborts_that_name_no_record_isolate_partitions_so_one_head_holds_b
     worker = make_worker(publisher)
     await finish(worker, [task_record(f"t{p}", partition=p, offset=0) for p in (0, 1, 2)])
     for _ in range(3):
-        assert not worker._publish_ready()
+        assert not worker.committer.publish_ready()
     assert sorted(publisher.committed_offsets) == [(0, 1), (2, 1)]  # in their own transactions
-    assert worker._ledger.pending() == 1  # partition 1's task waits, unchanged: a coordinator error is no input's fault
+    assert worker.ledger.pending() == 1  # partition 1's task waits, unchanged: a coordinator error is no input's fault
 
     publisher.stuck = frozenset()
-    assert worker._publish_ready()
+    assert worker.committer.publish_ready()
     assert sorted(publisher.committed_offsets) == [(0, 1), (1, 1), (2, 1)]
-    assert not worker._aborts.isolate  # a round that published everything: one transaction for all again
+    assert not worker.committer.isolating  # a round that published everything: one transaction for all again
 
 
 async def test_an_absurd_deadline_is_clamped_and_the_task_succeeds() -> None:
@@ -250,7 +266,7 @@ async def test_an_absurd_deadline_is_clamped_and_the_task_succeeds() -> None:
     far = task_record("far", partition=0, offset=0)
     task = events.decode_task(far.value)
     task.deadline.seconds = 10**13
-    assert Worker._deadline(task, 1000.0) == 1000.0 + MAX_DEADLINE_S
+    assert deadline_of(task, 1000.0) == 1000.0 + MAX_DEADLINE_S
     record = Record(TASKS, 0, 0, far.key, task.SerializeToString(), [])
     await finish(worker, [record])
     publish_until_done(worker)
@@ -288,19 +304,26 @@ class StartablePublisher(FakePublisher):
         pass
 
 
-async def test_a_worker_thread_that_dies_stops_the_worker_which_raises_component_died(
+async def test_a_worker_thread_that_dies_stops_the_worker_and_the_service_sees_component_died(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(worker_module, "Consumer", IdleConsumer)
-    monkeypatch.setattr(worker_module, "LAG_REFRESH_INTERVAL_S", 3600.0)
-    worker = make_worker(StartablePublisher(), cancel_topic="aimesh.tasks.cancel", cancel_consumer_config={})
-    assert worker._cancel_reader is not None
+    consumers: list[IdleConsumer] = []
 
-    def dies(stop: threading.Event) -> None:
+    def idle_consumer(config: dict[str, Any], logger: Any = None) -> IdleConsumer:
+        consumers.append(IdleConsumer(config))
+        return consumers[-1]
+
+    monkeypatch.setattr(kafka, "consumer", idle_consumer)
+    monkeypatch.setattr(lag, "LAG_REFRESH_INTERVAL_S", 3600.0)
+    worker = make_worker(StartablePublisher(), cancel_topic="aimesh.tasks.cancel", cancel_consumer_config={})
+    assert worker.cancel_reader is not None
+
+    def dies() -> None:
         raise ValueError("a bug in the cancellations reader")
 
-    monkeypatch.setattr(worker._cancel_reader, "run", dies)
+    monkeypatch.setattr(worker.cancel_reader, "run", dies)
     with pytest.raises(runtime.ComponentDied) as died:
-        await asyncio.wait_for(worker.run(asyncio.Event()), 20)
+        await asyncio.wait_for(run_until(asyncio.Event(), worker), 20)
     assert died.value.component == "kafka-cancels"
     assert isinstance(died.value.__cause__, ValueError)
+    assert consumers and all(c.closed.is_set() for c in consumers)  # the worker was stopped: it left its group

@@ -4,20 +4,29 @@ fake progress producer (no Kafka, no Triton)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from test_worker_poison_outcomes import options
 from triton_fakes import echoed
 
 from aimesh import events
 from aimesh.kafka import Record
+from aimesh.metrics import WorkerMetrics
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2
+from aimesh.worker import runner as runner_module
+from aimesh.worker.cancellation import Cancellations
+from aimesh.worker.health import TritonHealth
 from aimesh.worker.inference import Inference, InferenceFailed, ModelInfo, Token
-from aimesh.worker.ledger import Outcome
-from aimesh.worker.worker import Worker, derived_seed
+from aimesh.worker.ledger import Ledger, Outcome
+from aimesh.worker.results import derived_seed
+from aimesh.worker.runner import TaskRunner
+from aimesh.worker.scheduler import Scheduler
 
 TASKS, BATCH, RESULTS = "aimesh.tasks", "aimesh.tasks.batch", "aimesh.results"
 TASK_ID = "6f1c2a4e-3b7d-4e8a-9c0f-1a2b3c4d5e6f"
@@ -111,23 +120,16 @@ class FakeProgress:
         return future
 
 
-def make_worker(triton: FakeTriton, progress: FakeProgress, *, max_in_flight: int = 8) -> Worker:
-    return Worker(
-        consumer_config={"group.id": "test"},
-        publisher=None,  # type: ignore[arg-type]
-        progress=progress,  # type: ignore[arg-type]
+def make_runner(triton: FakeTriton, progress: FakeProgress) -> TaskRunner:
+    return TaskRunner.of(
+        options(batch_tasks_topic=BATCH),
         triton=triton,  # type: ignore[arg-type]
-        tasks_topic=TASKS,
-        batch_tasks_topic=BATCH,
-        results_topic=RESULTS,
-        dead_letter_topic="aimesh.tasks.dlq",
-        worker_id="w",
-        max_in_flight=max_in_flight,
-        max_batch_size=8,
-        inference_timeout_s=5.0,
-        triton_retry=RetryPolicy(initial_s=0.001, max_s=0.01, budget_s=5.0),
-        health_interval_s=1.0,
-        grace_s=1.0,
+        progress=progress,  # type: ignore[arg-type]
+        health=TritonHealth(triton.is_ready, interval_s=1.0),
+        cancellations=Cancellations(3600.0),
+        metrics=WorkerMetrics(),
+        retry=RetryPolicy(initial_s=0.001, max_s=0.01, budget_s=5.0),
+        group="test",
     )
 
 
@@ -170,7 +172,7 @@ def text_of(event: result_pb2.AIResultEvent) -> str:
 
 async def test_each_token_is_a_partial_update_in_order_and_the_result_holds_the_whole_text() -> None:
     triton, progress = FakeTriton([" to", " a", " notifier"]), FakeProgress()
-    result = terminal(await make_worker(triton, progress)._handle(task_record()))
+    result = terminal(await make_runner(triton, progress).handle(task_record()))
 
     assert [(e.status, e.sequence, e.partial) for e in progress.sent] == [
         (result_pb2.TASK_STATUS_RUNNING, events.RUNNING_SEQUENCE, False),
@@ -187,9 +189,9 @@ async def test_each_token_is_a_partial_update_in_order_and_the_result_holds_the_
 
 async def test_a_task_without_a_seed_gets_one_derived_from_its_id_and_a_given_seed_is_kept() -> None:
     triton, progress = FakeTriton([" x"]), FakeProgress()
-    worker = make_worker(triton, progress)
-    await worker._handle(task_record())
-    await worker._handle(task_record(parameters={"seed": "7", "max_tokens": "3"}))
+    runner = make_runner(triton, progress)
+    await runner.handle(task_record())
+    await runner.handle(task_record(parameters={"seed": "7", "max_tokens": "3"}))
     assert triton.streams == [{"seed": str(derived_seed(TASK_ID))}, {"seed": "7", "max_tokens": "3"}]
     assert derived_seed(TASK_ID) == derived_seed(TASK_ID) != derived_seed(TASK_ID.replace("6", "7"))
     assert 0 <= derived_seed(TASK_ID) < 2**63
@@ -197,17 +199,17 @@ async def test_a_task_without_a_seed_gets_one_derived_from_its_id_and_a_given_se
 
 async def test_a_stream_with_no_text_ends_with_sequence_3_and_unary_results_too() -> None:
     triton, progress = FakeTriton([""]), FakeProgress()
-    worker = make_worker(triton, progress)
-    streamed = terminal(await worker._handle(task_record()))
+    runner = make_runner(triton, progress)
+    streamed = terminal(await runner.handle(task_record()))
     assert (streamed.status, streamed.sequence, text_of(streamed)) == (result_pb2.TASK_STATUS_SUCCEEDED, 3, "")
-    unary = terminal(await worker._handle(task_record("plain", offset=1)))
+    unary = terminal(await runner.handle(task_record("plain", offset=1)))
     assert (unary.status, unary.sequence) == (result_pb2.TASK_STATUS_SUCCEEDED, events.FIRST_PARTIAL_SEQUENCE)
     assert [e.sequence for e in progress.sent] == [2, 2]  # RUNNING twice, no partial for an empty token
 
 
 async def test_a_stream_cut_by_unavailable_is_retried_from_the_start_under_the_same_sequences() -> None:
     triton, progress = FakeTriton([" a", " b", " c"], cut_after=[2]), FakeProgress()
-    result = terminal(await make_worker(triton, progress)._handle(task_record()))
+    result = terminal(await make_runner(triton, progress).handle(task_record()))
     partials = [(e.sequence, text_of(e)) for e in progress.sent if e.partial]
     assert partials == [(3, " a"), (4, " b"), (3, " a"), (4, " b"), (5, " c")]
     assert len(triton.streams) == 2 and triton.streams[0] == triton.streams[1]  # same seed: same tokens
@@ -216,7 +218,7 @@ async def test_a_stream_cut_by_unavailable_is_retried_from_the_start_under_the_s
 
 async def test_a_stream_that_reaches_the_deadline_expires_with_the_text_so_far() -> None:
     triton, progress = FakeTriton([" a", " b", " c"], hold_after=2), FakeProgress()
-    result = terminal(await make_worker(triton, progress)._handle(task_record(deadline_s=0.3)))
+    result = terminal(await make_runner(triton, progress).handle(task_record(deadline_s=0.3)))
     assert result.status == result_pb2.TASK_STATUS_EXPIRED
     assert result.error.code == result_pb2.ERROR_CODE_DEADLINE_EXCEEDED
     assert result.sequence == 5  # partials 3 and 4 went out
@@ -225,33 +227,33 @@ async def test_a_stream_that_reaches_the_deadline_expires_with_the_text_so_far()
 
 async def test_a_cancelled_task_is_never_run_and_ends_cancelled() -> None:
     triton, progress = FakeTriton([" a"]), FakeProgress()
-    worker = make_worker(triton, progress)
-    worker._cancellations.add(TASK_ID, "acme")
-    result = terminal(await worker._handle(task_record()))
+    runner = make_runner(triton, progress)
+    runner.cancellations.add(TASK_ID, "acme")
+    result = terminal(await runner.handle(task_record()))
     assert result.status == result_pb2.TASK_STATUS_CANCELLED
     assert "cancelled by the client" in result.error.message
     assert result.sequence == events.FIRST_PARTIAL_SEQUENCE
     assert triton.streams == [] and progress.sent == []  # not run, not even announced RUNNING
-    assert [r.topic for r in (await worker._handle(task_record(offset=1))).records] == [RESULTS]  # no dead letter
+    assert [r.topic for r in (await runner.handle(task_record(offset=1))).records] == [RESULTS]  # no dead letter
 
 
 async def test_a_cancellation_from_another_tenant_is_ignored() -> None:
     triton, progress = FakeTriton([" a"]), FakeProgress()
-    worker = make_worker(triton, progress)
-    worker._cancellations.add(TASK_ID, "mallory")
-    worker._stop_stream(TASK_ID, "mallory")
-    result = terminal(await worker._handle(task_record()))
+    runner = make_runner(triton, progress)
+    runner.cancellations.add(TASK_ID, "mallory")
+    runner.stop_stream(TASK_ID, "mallory")
+    result = terminal(await runner.handle(task_record()))
     assert result.status == result_pb2.TASK_STATUS_SUCCEEDED
 
 
 async def test_a_running_stream_is_cancelled_in_triton_and_ends_cancelled_with_the_text_so_far() -> None:
     triton, progress = FakeTriton([" a", " b", " c", " d"], hold_after=2), FakeProgress()
-    worker = make_worker(triton, progress)
-    handled = asyncio.create_task(worker._handle(task_record()))
+    runner = make_runner(triton, progress)
+    handled = asyncio.create_task(runner.handle(task_record()))
     while len([e for e in progress.sent if e.partial]) < 2:  # noqa: ASYNC110 - polling a fake's record
         await asyncio.sleep(0.01)
-    worker._cancellations.add(TASK_ID, "acme")
-    worker._stop_stream(TASK_ID, "acme")  # what the reader thread schedules on the loop
+    runner.cancellations.add(TASK_ID, "acme")
+    runner.stop_stream(TASK_ID, "acme")  # what the reader thread schedules on the loop
     result = terminal(await asyncio.wait_for(handled, 5))
     assert triton.stopped == 1
     assert result.status == result_pb2.TASK_STATUS_CANCELLED
@@ -259,17 +261,20 @@ async def test_a_running_stream_is_cancelled_in_triton_and_ends_cancelled_with_t
     assert "while it ran" in result.error.message
 
 
-async def test_a_unary_task_cancelled_while_it_waits_to_join_a_request_is_not_sent() -> None:
+async def test_a_unary_task_cancelled_while_it_waits_to_join_a_request_is_not_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     triton, progress = FakeTriton([], delay_s=0.2), FakeProgress()
-    worker = make_worker(triton, progress)
-    worker._batcher._max_concurrent = 1  # one request outstanding per model: later tasks wait in the queue
+    # One request outstanding per model: later tasks wait in the queue.
+    monkeypatch.setattr(runner_module, "MAX_CONCURRENT_REQUESTS", 1)
+    runner = make_runner(triton, progress)
     ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(6)]
     records = [task_record("plain", task_id=i, offset=n) for n, i in enumerate(ids)]
-    handled = [asyncio.create_task(worker._handle(records[0]))]
+    handled = [asyncio.create_task(runner.handle(records[0]))]
     await asyncio.sleep(0.05)  # the first task's request is out; the others start together and wait
-    handled += [asyncio.create_task(worker._handle(r)) for r in records[1:]]
+    handled += [asyncio.create_task(runner.handle(r)) for r in records[1:]]
     await asyncio.sleep(0.05)
-    worker._cancellations.add(ids[5], "acme")
+    runner.cancellations.add(ids[5], "acme")
     results = [terminal(o) for o in await asyncio.gather(*handled)]
     assert [r.status for r in results] == [result_pb2.TASK_STATUS_SUCCEEDED] * 5 + [result_pb2.TASK_STATUS_CANCELLED]
     assert [texts for _, texts, _ in triton.requests] == [["Kafka"], ["Kafka"] * 4]
@@ -282,14 +287,30 @@ async def test_triton_request_priority_follows_the_task_class_for_models_with_pr
     model: str, topic: str, priority: int
 ) -> None:
     triton, progress = FakeTriton([]), FakeProgress()
-    await make_worker(triton, progress)._handle(task_record(model, topic=topic))
+    await make_runner(triton, progress).handle(task_record(model, topic=topic))
     assert [p for _, _, p in triton.requests] == [priority]
 
 
-def gated_worker(*, max_in_flight: int) -> tuple[Worker, list[str], asyncio.Event]:
-    """A worker owning partition 0 of both tasks topics whose tasks record their topic as they start, then wait
-    for the returned event."""
-    worker = make_worker(FakeTriton([]), FakeProgress(), max_in_flight=max_in_flight)
+@dataclass
+class Gated:
+    """A scheduler owning partition 0 of both tasks topics whose tasks record their topic as they start, then wait
+    for ``gate``."""
+
+    scheduler: Scheduler
+    ledger: Ledger
+    started: list[str]
+    gate: asyncio.Event
+
+    def enqueue(self, topic: str, count: int) -> None:
+        """Hand the scheduler records at offsets 0..count-1 of ``topic``'s partition 0, as the consumer thread
+        would."""
+        for offset in range(count):
+            partition = self.ledger.fetched((topic, 0), offset)
+            assert partition is not None
+            self.scheduler.enqueue(task_record("sleep", topic=topic, offset=offset), partition)
+
+
+def gated(*, max_in_flight: int) -> Gated:
     started: list[str] = []
     gate = asyncio.Event()
 
@@ -297,26 +318,19 @@ def gated_worker(*, max_in_flight: int) -> tuple[Worker, list[str], asyncio.Even
         started.append(record.topic)
         await gate.wait()
 
-    worker._process = process  # type: ignore[method-assign]
-    worker._loop = asyncio.get_running_loop()
-    worker._ledger.assign([(TASKS, 0), (BATCH, 0)])
-    return worker, started, gate
-
-
-def enqueue(worker: Worker, topic: str, count: int) -> None:
-    """Hand the worker records at offsets 0..count-1 of ``topic``'s partition 0, as its consumer thread would."""
-    for offset in range(count):
-        partition = worker._ledger.fetched((topic, 0), offset)
-        assert partition is not None
-        worker._enqueue(task_record("sleep", topic=topic, offset=offset), partition)
+    ledger = Ledger()
+    ledger.assign([(TASKS, 0), (BATCH, 0)])
+    scheduler = Scheduler(process, max_in_flight=max_in_flight, batch_tasks_topic=BATCH, stopped=threading.Event())
+    return Gated(scheduler, ledger, started, gate)
 
 
 async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
-    worker, started, gate = gated_worker(max_in_flight=1)
-    enqueue(worker, BATCH, 3)
-    enqueue(worker, TASKS, 2)
-    assert worker._backlog_sizes == {"interactive": 2, "batch": 2}
-    gate.set()
+    tasks = gated(max_in_flight=1)
+    started = tasks.started
+    tasks.enqueue(BATCH, 3)
+    tasks.enqueue(TASKS, 2)
+    assert tasks.scheduler.backlog_sizes == {"interactive": 2, "batch": 2}
+    tasks.gate.set()
     while len(started) < 5:  # noqa: ASYNC110 - polling what the fake recorded
         await asyncio.sleep(0.01)
     # The first batch task took the free slot before any interactive one arrived; after that interactive first.
@@ -324,14 +338,15 @@ async def test_free_slots_go_to_interactive_tasks_before_batch_ones() -> None:
 
 
 async def test_batch_tasks_leave_a_quarter_of_the_slots_to_interactive_ones() -> None:
-    worker, started, gate = gated_worker(max_in_flight=8)
-    enqueue(worker, BATCH, 10)
+    tasks = gated(max_in_flight=8)
+    started = tasks.started
+    tasks.enqueue(BATCH, 10)
     await asyncio.sleep(0.01)
     assert started == [BATCH] * 6  # 8 slots, 2 of them kept for interactive tasks
-    enqueue(worker, TASKS, 3)
+    tasks.enqueue(TASKS, 3)
     await asyncio.sleep(0.01)
     assert started == [BATCH] * 6 + [TASKS] * 2  # at once, though 4 batch tasks still wait
-    gate.set()
+    tasks.gate.set()
     while len(started) < 13:  # noqa: ASYNC110 - polling what the fake recorded
         await asyncio.sleep(0.01)
     assert sorted(started[8:]) == sorted([TASKS] + [BATCH] * 4)
@@ -339,7 +354,7 @@ async def test_batch_tasks_leave_a_quarter_of_the_slots_to_interactive_ones() ->
 
 async def test_a_model_triton_has_no_configuration_for_fails_through_the_unary_call() -> None:
     triton, progress = FakeTriton([]), FakeProgress()
-    outcome = await make_worker(triton, progress)._handle(task_record("ghost"))
+    outcome = await make_runner(triton, progress).handle(task_record("ghost"))
     result = terminal(outcome)
     assert (result.status, result.error.code) == (result_pb2.TASK_STATUS_FAILED, result_pb2.ERROR_CODE_MODEL_NOT_FOUND)
     assert [m for m, _, _ in triton.requests] == ["ghost"]  # the infer call ran (and its span with it)
