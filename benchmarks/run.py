@@ -57,6 +57,8 @@ ALL = [
     *("latency", "ttft", "hol", "cluster", "gateway", "store_choice", "notifier_state", "notifier_replicas"),
     "ingest_replicas",
 ]
+# Written by hand: the measurements behind the design's choices (docs/design.md), kept as the history of the figures.
+HISTORY_TITLE = "History: the measurements behind the design's choices"
 ORDER = [
     throughput.TITLE,
     blog.TITLE,
@@ -74,6 +76,7 @@ ORDER = [
     notifier_state.TITLE,
     notifier_state.BEFORE_TITLE,  # the same benchmark run on the notifier before its on-disk store: kept by hand
     notifier_replicas.TITLE,
+    HISTORY_TITLE,
 ]
 
 

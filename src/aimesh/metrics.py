@@ -5,7 +5,8 @@ and passes it down; every container registers on its own ``CollectorRegistry``, 
 in-process tests can build as many as they like. Names follow the Prometheus conventions: the base unit in
 the name (``_seconds``, ``_records``, ``_items``) and ``_total`` on counters (prometheus_client stores a
 counter's name without the suffix and adds it back on exposition, so a counter is written here with it).
-Label values are short lowercase slugs. The README's "Metrics" section lists every metric.
+Label values are short lowercase slugs. docs/operations.md, "Metrics", lists every metric, its labels and the
+fixed values a label takes (tests/unit/test_metrics.py checks the table against these containers).
 
 Updating a metric only touches memory; the scrape runs on the server's own thread.
 """
@@ -17,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -30,6 +32,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from aimesh import events
 from aimesh.v1 import result_pb2
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ REJECT_REASONS = (
     REJECT_TENANT_CONCURRENCY_LIMITED,
 )
 
-TERMINAL_STATUS_LABELS = ("succeeded", "failed", "expired")
+PUBLISH_OUTCOMES = ("ok", "error")
 
 # What the notifier's CancelTask answered.
 CANCEL_REQUESTED = "requested"
@@ -64,6 +67,9 @@ CANCEL_ALREADY_ENDED = "already_ended"
 CANCEL_NOT_FOUND = "not_found"
 CANCEL_UNAVAILABLE = "unavailable"
 CANCEL_OUTCOMES = (CANCEL_REQUESTED, CANCEL_ALREADY_ENDED, CANCEL_NOT_FOUND, CANCEL_UNAVAILABLE)
+
+# What the gateway's open streams are: an events stream, a WebSocket connection, a task a WebSocket watches.
+STREAM_KINDS = ("sse", "websocket", "watch")
 
 
 def new_registry() -> CollectorRegistry:
@@ -83,6 +89,11 @@ def status_label(status: int) -> str:
     return name.removeprefix("TASK_STATUS_").lower()
 
 
+# The status labels of terminal results, from the one list of terminal statuses (a cancelled task's result too).
+TERMINAL_STATUS_LABELS = tuple(status_label(s) for s in sorted(events.TERMINAL_STATUSES))
+UPDATE_STATUS_LABELS = ("queued", "running", *TERMINAL_STATUS_LABELS)
+
+
 def error_code_label(code: int) -> str:
     """An ErrorCode as a label value: ``ERROR_CODE_UNAVAILABLE`` -> ``unavailable``."""
     try:
@@ -92,59 +103,62 @@ def error_code_label(code: int) -> str:
     return name.removeprefix("ERROR_CODE_").lower()
 
 
-class IngestMetrics:
+class _Metrics:
+    """A service's container of metrics, all registered on its own registry (a fresh one unless given)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._counter = partial(Counter, registry=self.registry)
+        self._gauge = partial(Gauge, registry=self.registry)
+        self._histogram = partial(Histogram, registry=self.registry, buckets=SECONDS_BUCKETS)
+
+
+class IngestMetrics(_Metrics):
     """What ingest counts: tasks accepted and turned away, and how long Kafka takes to acknowledge one."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, models: frozenset[str] = frozenset()) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.tasks_accepted = Counter(
+        super().__init__(registry)
+        self.tasks_accepted = self._counter(
             "aimesh_ingest_tasks_accepted_total",
             "Tasks published and acknowledged by Kafka (a repeated idempotency key publishes nothing and is not "
             "counted).",
             ["model"],
-            registry=self.registry,
         )
-        self.tasks_rejected = Counter(
+        self.tasks_rejected = self._counter(
             "aimesh_ingest_tasks_rejected_total",
             "Tasks turned away, by reason: invalid_argument, model_not_found, deadline_passed, backlog_too_long, "
             "tenant_rate_limited, tenant_concurrency_limited (every task of the rejected request counts), "
             "broker_unavailable (tasks Kafka did not acknowledge in time).",
             ["reason"],
-            registry=self.registry,
         )
-        self.publish_seconds = Histogram(
+        self.publish_seconds = self._histogram(
             "aimesh_ingest_publish_seconds",
             "Time from producing a task record to its delivery report; outcome ok or error.",
             ["outcome"],
-            buckets=SECONDS_BUCKETS,
-            registry=self.registry,
         )
-        self.backlog_records = Gauge(
+        self.backlog_records = self._gauge(
             "aimesh_ingest_backlog_records",
             "Tasks of a tasks topic (one per priority class) the worker group has not committed, as admission "
             "control last measured them.",
             ["topic"],
-            registry=self.registry,
         )
-        self.estimated_wait_seconds = Gauge(
+        self.estimated_wait_seconds = self._gauge(
             "aimesh_ingest_estimated_wait_seconds",
             "Admission control's estimate of how long a task published to a tasks topic now would wait: backlog "
             "over drain rate (+Inf while no worker has been seen draining a large backlog).",
             ["topic"],
-            registry=self.registry,
         )
-        self.admission_monitor_errors = Counter(
+        self.admission_monitor_errors = self._counter(
             "aimesh_ingest_admission_monitor_errors_total",
             "Backlog measurements that failed (broker unreachable); admission control admits every task while its "
             "estimates are stale.",
-            registry=self.registry,
         )
         # Series that exist before their first event, so rate() sees them start from zero.
         for model in models:
             self.tasks_accepted.labels(model)
         for reason in REJECT_REASONS:
             self.tasks_rejected.labels(reason)
-        for outcome in ("ok", "error"):
+        for outcome in PUBLISH_OUTCOMES:
             self.publish_seconds.labels(outcome)
 
     @contextmanager
@@ -160,204 +174,189 @@ class IngestMetrics:
         self.publish_seconds.labels("ok").observe(time.perf_counter() - started)
 
 
-class WorkerMetrics:
+class WorkerMetrics(_Metrics):
     """What a worker measures: queueing, inference, results, retries, skipped records, load and lag."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.queue_wait_seconds = Histogram(
+        super().__init__(registry)
+        self._task_metrics()
+        self._record_metrics()
+        self._triton_and_load_metrics()
+
+    def _task_metrics(self) -> None:
+        """Queueing, inference and results, per model."""
+        self.queue_wait_seconds = self._histogram(
             "aimesh_worker_queue_wait_seconds",
             "Time from a task's submission (its submitted_at) to the start of its inference.",
             ["model"],
-            buckets=SECONDS_BUCKETS,
-            registry=self.registry,
         )
-        self.inference_seconds = Histogram(
+        self.inference_seconds = self._histogram(
             "aimesh_worker_inference_seconds",
             "Time of a task's Triton inference, retries included, whatever its outcome.",
             ["model"],
-            buckets=SECONDS_BUCKETS,
-            registry=self.registry,
         )
-        self.inference_batch_items = Histogram(
+        self.inference_batch_items = self._histogram(
             "aimesh_worker_inference_batch_items",
             "Items in each request the worker sent to Triton (Triton's dynamic batcher batches further).",
             ["model"],
             buckets=BATCH_ITEMS_BUCKETS,
-            registry=self.registry,
         )
-        self.results = Counter(
+        self.results = self._counter(
             "aimesh_worker_results_total",
             "Terminal results published and acknowledged by Kafka, by status: succeeded, failed, expired.",
             ["model", "status"],
-            registry=self.registry,
         )
-        self.retries = Counter(
+        self.retries = self._counter(
             "aimesh_worker_retries_total",
             "Triton calls retried after a transient error, by the error's code (unavailable, deadline_exceeded).",
             ["model", "code"],
-            registry=self.registry,
         )
-        self.undecodable_records = Counter(
+
+    def _record_metrics(self) -> None:
+        """Records skipped, dead-lettered, refused or not run, and the transactions that publish the rest."""
+        self.undecodable_records = self._counter(
             "aimesh_worker_undecodable_records_total",
             "Tasks-topic records skipped because they could not be decoded, by reason.",
             ["reason"],
-            registry=self.registry,
         )
-        self.dead_lettered = Counter(
+        self.dead_lettered = self._counter(
             "aimesh_worker_dead_lettered_total",
             "Task records published (committed) to the dead-letter topic, by reason: not_protobuf, model_not_found...",
             ["reason"],
-            registry=self.registry,
         )
-        self.transactions = Counter(
+        self.transactions = self._counter(
             "aimesh_worker_transactions_total",
             "Kafka transactions that published results and committed offsets, by outcome: committed, aborted, fatal.",
             ["outcome"],
-            registry=self.registry,
         )
-        self.refused_records = Counter(
+        self.refused_records = self._counter(
             "aimesh_worker_refused_records_total",
             "Result and dead-letter records that would not fit AIMESH_MAX_RECORD_BYTES or that Kafka refused for good, "
             "by record (result, dead_letter) and action: preflight (replaced or cut before publishing), replaced "
             "(by a smaller one), dropped (a dead-letter record refused even when minimal), blocked (its topic takes "
             "no record: publishing waits).",
             ["record", "action"],
-            registry=self.registry,
         )
-        self.duplicate_tasks = Counter(
+        self.duplicate_tasks = self._counter(
             "aimesh_worker_duplicate_tasks_total",
             "Task records not run because an earlier record of their partition carries the same task id (one derived "
             "from an idempotency key: a retry another ingest replica published), counted once their offsets commit.",
             ["topic"],
-            registry=self.registry,
         )
-        self.publish_blocked = Gauge(
+        self.publish_blocked = self._gauge(
             "aimesh_worker_publish_blocked",
             "1 while a topic the worker publishes to refuses every record (missing, not authorized): nothing is "
             "published or fetched meanwhile; 0 otherwise.",
-            registry=self.registry,
         )
-        self.triton_ready = Gauge(
+
+    def _triton_and_load_metrics(self) -> None:
+        """Triton's readiness (per endpoint of a list), the tasks in flight and the consumer lag."""
+        self.triton_ready = self._gauge(
             "aimesh_worker_triton_ready",
             "1 while the worker's Triton server is ready (with several: any of them), 0 while it is not (the worker "
             "then fetches nothing).",
-            registry=self.registry,
         )
         self.triton_ready.set(1)
-        self.triton_endpoint_requests = Counter(
+        self.triton_endpoint_requests = self._counter(
             "aimesh_worker_triton_endpoint_requests_total",
             "Requests (micro-batches and streams) sent to each Triton endpoint of a list in AIMESH_TRITON_URL, by "
             "outcome: ok, unreachable (sent again to another endpoint that is up, if any), error.",
             ["endpoint", "outcome"],
-            registry=self.registry,
         )
-        self.triton_endpoint_up = Gauge(
+        self.triton_endpoint_up = self._gauge(
             "aimesh_worker_triton_endpoint_up",
             "1 while the worker sends requests to this Triton endpoint of a list in AIMESH_TRITON_URL, 0 while it is "
             "down (a call found it unreachable or its readiness probe failed) and routed around.",
             ["endpoint"],
-            registry=self.registry,
         )
-        self.tasks_in_flight = Gauge(
+        self.tasks_in_flight = self._gauge(
             "aimesh_worker_tasks_in_flight",
             "Tasks this worker has fetched and not yet published (running, or finished and awaiting publication).",
-            registry=self.registry,
         )
-        self.consumer_lag_records = Gauge(
+        self.consumer_lag_records = self._gauge(
             "aimesh_worker_consumer_lag_records",
             "Records of an owned partition not yet done: its high watermark minus the group's committed offset.",
             ["topic", "partition"],
-            registry=self.registry,
         )
 
     def observe_retry(self, model: str, code: int) -> None:
         self.retries.labels(model, error_code_label(code)).inc()
 
 
-class NotifierMetrics:
+class NotifierMetrics(_Metrics):
     """What the notifier measures: open streams, what they delivered, and the whole trip of each task."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.active_subscriptions = Gauge(
+        super().__init__(registry)
+        self.active_subscriptions = self._gauge(
             "aimesh_notifier_active_subscriptions",
             "Tasks watched on open WatchTask and WatchTasks streams (a WatchTasks stream counts each task).",
-            registry=self.registry,
         )
-        self.end_to_end_seconds = Histogram(
+        self.end_to_end_seconds = self._histogram(
             "aimesh_notifier_end_to_end_seconds",
             "Time from a task's submission to the moment its terminal update is handed to a subscriber's stream; "
             "observed once per delivered terminal update (a late subscriber observes a long time).",
             ["model", "status"],
-            buckets=SECONDS_BUCKETS,
-            registry=self.registry,
         )
-        self.tasks_known = Gauge(
+        self.tasks_known = self._gauge(
             "aimesh_notifier_tasks_known",
             "Tasks whose state the notifier holds (within the retention window).",
-            registry=self.registry,
         )
-        self.updates_delivered = Counter(
+        self.updates_delivered = self._counter(
             "aimesh_notifier_updates_delivered_total",
             "Task state updates handed to WatchTask streams, by the status they carry.",
             ["status"],
-            registry=self.registry,
         )
-        for status in ("queued", "running", *TERMINAL_STATUS_LABELS):
+        for status in UPDATE_STATUS_LABELS:
             self.updates_delivered.labels(status)
-        self.cancel_requests = Counter(
+        self.cancel_requests = self._counter(
             "aimesh_notifier_cancel_requests_total",
             "CancelTask calls answered, by outcome: requested (published), already_ended, not_found, unavailable "
             "(the broker did not acknowledge).",
             ["outcome"],
-            registry=self.registry,
         )
         for outcome in CANCEL_OUTCOMES:
             self.cancel_requests.labels(outcome)
-        self.repeated_results = Counter(
+        self.repeated_results = self._counter(
             "aimesh_notifier_repeated_results_total",
             "Terminal results read for a task that had one already, and dropped: the task ran again after a worker "
             "died between publishing its result and committing its offset (AIMESH_PROCESSING_GUARANTEE=at_least_once).",
-            registry=self.registry,
         )
 
 
-class GatewayMetrics:
+class GatewayMetrics(_Metrics):
     """What the HTTP gateway measures: requests by route and status, their duration, and open streams."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
+        super().__init__(registry)
+        self.requests = self._counter(
             "aimesh_gateway_requests_total",
             "HTTP requests answered, by route template (`/v1/tasks/{task_id}`, never a task id), method and status.",
             ["route", "method", "status"],
-            registry=self.registry,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = self._histogram(
             "aimesh_gateway_request_seconds",
             "From a request's arrival to the end of its answer (a stream: until it closes), by route and method.",
             ["route", "method"],
-            buckets=SECONDS_BUCKETS,
-            registry=self.registry,
         )
-        self.open_streams = Gauge(
+        self.open_streams = self._gauge(
             "aimesh_gateway_open_streams",
             "Open streams by kind: `sse` (an events stream), `websocket` (a connection), `watch` (a task a "
             "WebSocket watches).",
             ["kind"],
-            registry=self.registry,
         )
-        for kind in ("sse", "websocket", "watch"):
+        for kind in STREAM_KINDS:
             self.open_streams.labels(kind)
 
 
 class MetricsServer:
     """Serves a registry at ``http://host:port/metrics`` from a thread of its own; port 0 serves nothing.
 
-    Use as ``async with MetricsServer(host, port, registry)``. A port that cannot be bound is logged and
-    the service runs on without metrics: telemetry never stops the data path. ``stop`` is idempotent.
+    A ``lifecycle.Part`` (or ``async with MetricsServer(host, port, registry)``). A port that cannot be bound is
+    logged and the service runs on without metrics: telemetry never stops the data path. ``stop`` is idempotent.
     """
+
+    name = "metrics-endpoint"
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
         self.host = host
@@ -366,13 +365,13 @@ class MetricsServer:
         self._server: WSGIServer | None = None
 
     async def __aenter__(self) -> MetricsServer:
-        self.start()
+        await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._server is not None or self.port == 0:
             return
         try:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from aimesh import events
@@ -23,7 +26,14 @@ from aimesh.ingest.idempotency import IdempotencyKeys
 from aimesh.ingest.service import IngestServicer
 from aimesh.ingest.validation import Limits
 from aimesh.metrics import (
+    CANCEL_OUTCOMES,
+    PUBLISH_OUTCOMES,
+    REJECT_REASONS,
     SECONDS_BUCKETS,
+    STREAM_KINDS,
+    TERMINAL_STATUS_LABELS,
+    UPDATE_STATUS_LABELS,
+    GatewayMetrics,
     IngestMetrics,
     MetricsServer,
     NotifierMetrics,
@@ -127,6 +137,85 @@ def test_label_values_are_lowercase_slugs() -> None:
     with pytest.raises(UndecodableRecord) as info:
         events.decode_task(b"")
     assert info.value.reason == "empty_value"
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+README = DOCS.parent / "README.md"
+METRIC_ROW = re.compile(r"^\| `(aimesh_[a-z_]+)` \| (\w*) \|([^|]*)\| (.*) \|$", flags=re.MULTILINE)
+
+# Labels that take a fixed set of values, and where metrics.py (or the error it counts) defines that set.
+FIXED_LABEL_VALUES = {
+    ("aimesh_ingest_tasks_rejected_total", "reason"): REJECT_REASONS,
+    ("aimesh_ingest_publish_seconds", "outcome"): PUBLISH_OUTCOMES,
+    ("aimesh_worker_results_total", "status"): TERMINAL_STATUS_LABELS,
+    ("aimesh_worker_undecodable_records_total", "reason"): UndecodableRecord.REASONS,
+    ("aimesh_notifier_end_to_end_seconds", "status"): TERMINAL_STATUS_LABELS,
+    ("aimesh_notifier_updates_delivered_total", "status"): UPDATE_STATUS_LABELS,
+    ("aimesh_notifier_cancel_requests_total", "outcome"): CANCEL_OUTCOMES,
+    ("aimesh_gateway_open_streams", "kind"): STREAM_KINDS,
+}
+
+
+def registered() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every metric the containers register: name (as exposed) -> (type, label names)."""
+    found = {}
+    for metrics in (IngestMetrics(), WorkerMetrics(), NotifierMetrics(), GatewayMetrics()):
+        for metric in vars(metrics).values():
+            if isinstance(metric, MetricWrapperBase):
+                # prometheus_client keeps a metric's type and label names only on these attributes.
+                kind, labels = metric._type, tuple(metric._labelnames)
+                found[metric._name + ("_total" if kind == "counter" else "")] = (kind, labels)
+    return found
+
+
+def documented() -> dict[str, tuple[str, tuple[str, ...], str]]:
+    """The rows of docs/operations.md's metrics table: name -> (type, label names, meaning)."""
+    rows = METRIC_ROW.findall((DOCS / "operations.md").read_text())
+    assert len(rows) == len({name for name, *_ in rows}), "a metric is listed twice"
+    return {
+        name: (kind, tuple(re.findall(r"`([a-z_]+)`", labels)), meaning.strip()) for name, kind, labels, meaning in rows
+    }
+
+
+def test_the_operations_table_lists_every_metric_with_its_type_and_labels() -> None:
+    table = documented()
+    assert {name: row[:2] for name, row in table.items()} == registered()
+
+
+def test_the_operations_table_lists_the_fixed_values_of_each_label() -> None:
+    table = documented()
+    for (name, label), values in FIXED_LABEL_VALUES.items():
+        kind, labels, meaning = table[name]
+        assert label in labels
+        quoted = set(re.findall(r"`([a-z][a-z_]*)`", meaning)) - set(labels)
+        assert quoted == set(values), name
+
+
+def test_the_metrics_table_is_the_only_one() -> None:
+    for path in [README, *DOCS.glob("*.md")]:
+        if path.name != "operations.md":
+            assert not METRIC_ROW.search(path.read_text()), path
+
+
+def test_fixed_label_values_are_exposed_before_their_first_event() -> None:
+    registries = {"ingest": IngestMetrics().registry, "notifier": NotifierMetrics().registry}
+    registries["gateway"] = GatewayMetrics().registry
+    for name, label in (
+        ("aimesh_ingest_tasks_rejected_total", "reason"),
+        ("aimesh_ingest_publish_seconds", "outcome"),
+        ("aimesh_notifier_updates_delivered_total", "status"),
+        ("aimesh_notifier_cancel_requests_total", "outcome"),
+        ("aimesh_gateway_open_streams", "kind"),
+    ):
+        found = exposed(registries[name.split("_")[1]])
+        values = {dict(labels)[label] for sample, labels in found if sample.startswith(name)}
+        assert values == set(FIXED_LABEL_VALUES[name, label]), name
+
+
+def test_every_terminal_status_has_its_label_value() -> None:
+    terminal = {status_label(s) for s in result_pb2.TaskStatus.values() if events.is_terminal(s)}
+    assert terminal == {"succeeded", "failed", "expired", "cancelled"}
+    assert set(TERMINAL_STATUS_LABELS) == terminal
 
 
 async def test_publish_timer_tells_ok_from_error_and_ignores_cancellation() -> None:
