@@ -17,10 +17,11 @@ from tritonclient.grpc import InferInput
 
 from aimesh import events
 from aimesh.v1 import result_pb2
+from benchmarks import sections
 from benchmarks.common import Section, Workers, log, median, median_ratio, spread, tasks_for
 from benchmarks.throughput import measure_backlog, mesh_at_top, top
 
-TITLE = "The blog design as a baseline"
+TITLE = sections.BLOG
 METHOD = (
     "The consumer of the blog design (`../shared/background/`): Spring Kafka's listener tuned as the blog "
     "advises, `max.poll.records=1`, so it takes one record, calls the model synchronously (tritonclient gRPC, "

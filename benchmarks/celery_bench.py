@@ -23,6 +23,7 @@ from celery import Celery
 
 from aimesh.devstack.ports import free_ports
 from aimesh.devstack.process import ManagedProcess
+from benchmarks import sections
 from benchmarks.common import (
     ROOT,
     SLEEP_MODEL,
@@ -43,7 +44,7 @@ from benchmarks.common import (
 )
 from benchmarks.throughput import mesh_at_top, timeout_for, top
 
-TITLE = "Celery with Redis as a baseline"
+TITLE = sections.CELERY
 METHOD = (
     "Celery 5 with a Redis broker and result backend (Debian's `redis-server` on a free port, no persistence), "
     "a worker process with the thread pool (`--pool threads --concurrency` = the mesh's top concurrency) and "

@@ -8,10 +8,10 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks import latency, throughput
+from benchmarks import latency, sections, throughput
 from benchmarks.common import Section, Workers, bench_stack, log, median, quantile, tasks_for
 
-TITLE = "Three brokers against one"
+TITLE = sections.CLUSTER
 METHOD = (
     "Each round starts a fresh mesh on the one-broker stack and one on the three-broker cluster "
     "(`AIMESH_STACK_BROKERS=3`: combined broker and controller nodes, every topic and the internal ones at "

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aimesh import events
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2
+from benchmarks import sections
 from benchmarks.common import (
     API_KEY,
     AUTH,
@@ -49,7 +50,7 @@ from benchmarks.common import (
     submit_request,
 )
 
-TITLE = "HTTP gateway: Server-Sent Events against WatchTask"
+TITLE = sections.GATEWAY
 TARGET_EXTRA_P50_MS = 2.0
 OPENING_AT_ONCE = 50  # streams being opened at a time: all N handshakes at once would queue behind each other
 OPEN_TIMEOUT_S = 120.0

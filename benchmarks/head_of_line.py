@@ -19,9 +19,10 @@ from confluent_kafka import Producer
 
 from aimesh import events
 from aimesh.v1 import task_pb2
+from benchmarks import sections
 from benchmarks.common import MeshClient, Section, bench_stack, log, median, quantile, spread
 
-TITLE = "Fast tasks behind slow ones"
+TITLE = sections.HEAD_OF_LINE
 SLOW_MS = 8000
 TARGET_RATIO = 2.0
 METHOD = (

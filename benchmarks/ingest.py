@@ -20,6 +20,7 @@ from aimesh import events
 from aimesh.devstack.ports import free_ports
 from aimesh.kafka import producer_config
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
+from benchmarks import sections
 from benchmarks.common import (
     AUTH,
     SLEEP_MODEL,
@@ -38,7 +39,7 @@ from benchmarks.common import (
 CLIENTS = 64
 CHANNELS = 4
 RAW_RECORDS_PER_REQUEST = 5  # librdkafka is that much faster: more records, so its run lasts long enough to time
-TITLE = "Ingest: SubmitTask rate"
+TITLE = sections.INGEST
 METHOD = (
     f"{CLIENTS} closed-loop clients in one asyncio process call `SubmitTask` over {CHANNELS} gRPC channels "
     "(one `sleep` task each, no idempotency key) and the steady rate of answers is taken (10th to 90th "

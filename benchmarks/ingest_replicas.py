@@ -16,6 +16,7 @@ import psutil
 from aimesh.client.targets import ROUND_ROBIN
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2_grpc
+from benchmarks import sections
 from benchmarks.common import (
     AUTH,
     SLEEP_MODEL,
@@ -30,7 +31,7 @@ from benchmarks.common import (
     submit_request,
 )
 
-TITLE = "Ingest replicas: SubmitTask rate of one and of two"
+TITLE = sections.INGEST_REPLICAS
 CLIENTS = 16
 CHANNELS = 2
 # Each channel its own connections: by default gRPC shares one connection per address among a process's channels.

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from aimesh.devstack.otlp import receiver_process
+from benchmarks import sections
 from benchmarks.common import (
     DirectTriton,
     MeshClient,
@@ -37,9 +38,7 @@ from benchmarks.common import (
 )
 from benchmarks.kafka_floor import GUARANTEES, Guarantee, floor_chains, sample_records
 
-TITLE = "End-to-end latency, Kafka's floor and the cost of tracing"
-# Written by hand from a measurement script (the stage breakdown with tracing, every setting tried): kept beside it.
-SETTINGS_TITLE = "Latency: where the mesh's own time goes, and what was tried"
+TITLE = sections.LATENCY
 METHOD = (
     "For each configuration (the workers' processing guarantee `exactly_once` with tracing off, and with tracing "
     "on, exported over OTLP/gRPC to a receiver in a process of its own, as a collector would be; `at_least_once` "

@@ -49,6 +49,7 @@ from aimesh.devstack.process import ManagedProcess
 from aimesh.notifier.ownership import partition_of
 from aimesh.settings import KafkaSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc
+from benchmarks import sections
 from benchmarks.common import AUTH, Section, log, median, quantile
 from benchmarks.notifier_state import (
     QUICK_RECONNECT,
@@ -62,7 +63,7 @@ from benchmarks.notifier_state import (
     task_id,
 )
 
-TITLE = "Notifier replicas: the rate of results taken in, one notifier against three"
+TITLE = sections.NOTIFIER_REPLICAS
 METHOD = (__doc__ or "").split("\n\n", 2)[2].strip()
 PARTITIONS = 6
 REPLICAS = 3

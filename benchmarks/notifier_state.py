@@ -50,10 +50,10 @@ from aimesh.devstack.process import ManagedProcess
 from aimesh.devstack.stack import StackSettings
 from aimesh.settings import KafkaSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
+from benchmarks import sections
 from benchmarks.common import AUTH, AUTH_ENV, ROOT, Section, log, median, quantile
 
-TITLE = "Notifier state: memory, GetTask and restart with many retained tasks"
-BEFORE_TITLE = "Notifier state before the on-disk store"
+TITLE = sections.NOTIFIER_STATE
 METHOD = (__doc__ or "").split("\n\n", 2)[2].strip()
 TENANT = "bench"  # the tenant of AUTH's API key
 PROBE_TASKS = 100  # the last tasks written, which the notifier must answer for before it is measured

@@ -43,6 +43,7 @@ from benchmarks import (  # noqa: E402
     latency,
     notifier_replicas,
     notifier_state,
+    sections,
     state_store_choice,
     throughput,
     ttft,
@@ -57,27 +58,7 @@ ALL = [
     *("latency", "ttft", "hol", "cluster", "gateway", "store_choice", "notifier_state", "notifier_replicas"),
     "ingest_replicas",
 ]
-# Written by hand: the measurements behind the design's choices (docs/design.md), kept as the history of the figures.
-HISTORY_TITLE = "History: the measurements behind the design's choices"
-ORDER = [
-    throughput.TITLE,
-    blog.TITLE,
-    celery_bench.TITLE,
-    ingest.TITLE,
-    ingest_replicas.TITLE,
-    latency.TITLE,
-    latency.SETTINGS_TITLE,
-    ttft.TITLE,
-    head_of_line.TITLE,
-    cluster.TITLE,
-    "Rolling restart of the three-broker cluster",  # written by hand from a fault test: kept beside the cluster
-    gateway.TITLE,
-    state_store_choice.TITLE,
-    notifier_state.TITLE,
-    notifier_state.BEFORE_TITLE,  # the same benchmark run on the notifier before its on-disk store: kept by hand
-    notifier_replicas.TITLE,
-    HISTORY_TITLE,
-]
+ORDER = sections.ORDER
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

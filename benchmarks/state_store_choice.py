@@ -39,10 +39,11 @@ import numpy as np  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
 from aimesh.v1 import notifier_pb2, result_pb2  # noqa: E402
+from benchmarks import sections
 from benchmarks.common import Section, log, median  # noqa: E402
 from benchmarks.notifier_state import result_event, task_id  # noqa: E402
 
-TITLE = "Notifier state store: RocksDB against LMDB"
+TITLE = sections.STATE_STORE_CHOICE
 ENGINES = ("rocksdb", "lmdb")
 BATCH_RECORDS = 501  # ~500 records per feed batch, a third of each kind of update
 GROUP = BATCH_RECORDS // 3  # tasks per kind of update in a batch

@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from benchmarks import sections
 from benchmarks.common import (
     SLEEP_MODEL,
     SLEEP_PARALLELISM,
@@ -33,7 +34,7 @@ from benchmarks.common import (
 )
 from benchmarks.kafka_floor import Guarantee
 
-TITLE = "Batched throughput: mesh against direct Triton"
+TITLE = sections.THROUGHPUT
 METHOD = (
     "The `sleep` model costs `delay_ms` per batch execution whatever the batch size (Triton's dynamic "
     "batcher, `max_batch_size` 64, two instances), so throughput shows how well batches are filled. "

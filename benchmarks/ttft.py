@@ -27,6 +27,7 @@ from aimesh import events
 from aimesh.devstack.stack import Stack
 from aimesh.kafka import fetch
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, result_pb2
+from benchmarks import sections
 from benchmarks.common import (
     AUTH,
     MeshClient,
@@ -50,7 +51,7 @@ from benchmarks.latency import (
     targets,
 )
 
-TITLE = "Time to first token"
+TITLE = sections.TTFT
 METHOD = (
     "For each round a fresh mesh is started; one client submits a `generate` task (`SubmitTask`, "
     "`max_tokens` 16, a fixed seed, no token delay) and times the arrival of its first partial update on the "
