@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from aimesh import runtime
+from aimesh.lifecycle import OnDeath, run_until
 from aimesh.metrics import GatewayMetrics, MetricsServer, new_registry
 from aimesh.settings import GatewaySettings
 
@@ -28,13 +29,43 @@ HEAD_LIMIT_BYTES = 16 * 1024  # h11's default bound on a request line and header
 class GatewayServer(uvicorn.Server):
     """uvicorn without signal handlers of its own: the service's (``runtime.stop_event_on_signals``) are the only
     ones, so one SIGTERM is one graceful stop (with both, uvicorn raised the signal again once it had stopped,
-    and the service took it for a second one)."""
+    and the service took it for a second one).
+
+    A ``lifecycle.Part`` serving on ``listener``: ``start`` serves in a task, ``stop`` ends it gracefully; a serve
+    that ends before it was told to is reported to ``on_death``."""
+
+    name = "http-server"
+
+    def __init__(self, config: uvicorn.Config, listener: socket.socket | None = None) -> None:
+        super().__init__(config)
+        self._listener = listener
+        self._serving: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.on_death: OnDeath | None = None
+
+    async def start(self) -> None:
+        assert self._listener is not None, "a GatewayServer started as a part needs its listener"
+        self._serving = asyncio.create_task(self.serve(sockets=[self._listener]), name=self.name)
+        self._serving.add_done_callback(self._ended)
+
+    async def stop(self) -> None:
+        if self._serving is None or self._stopping:
+            return
+        self._stopping = True
+        self.stop_serving()
+        await self._serving
+
+    def _ended(self, serving: asyncio.Task[None]) -> None:
+        if self._stopping or self.on_death is None:
+            return
+        error = None if serving.cancelled() else serving.exception()
+        self.on_death(self.name, error or RuntimeError("uvicorn stopped serving"))
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
-    def stop(self) -> None:
+    def stop_serving(self) -> None:
         """Stop as uvicorn's own SIGTERM handler would: sse-starlette hooks that handler to end open event
         streams, which uvicorn would otherwise wait out for the whole grace period."""
         self.handle_exit(signal.SIGTERM, None)
@@ -75,22 +106,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set: then open event streams end, WebSockets close (1012) and requests in flight
-    get ``AIMESH_SHUTDOWN_GRACE_S``. Raises RuntimeError if the address cannot be bound."""
+    get ``AIMESH_SHUTDOWN_GRACE_S``. Raises RuntimeError if the address cannot be bound, and
+    ``runtime.ComponentDied`` (having stopped) if uvicorn stops serving on its own."""
     metrics = GatewayMetrics(new_registry())
     listener = listen(settings.gateway_address)  # bound first: a port in use stops the gateway before it starts
-    server = GatewayServer(uvicorn_config(create_app(settings, metrics=metrics), settings))
+    server = GatewayServer(uvicorn_config(create_app(settings, metrics=metrics), settings), listener)
     for logger in ("uvicorn.access", "uvicorn.error"):  # the access log, and the WebSocket handshakes
         logging.getLogger(logger).addFilter(RedactAccessToken())
-    async with MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry):
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-        scheme = "https" if settings.gateway_tls_cert_file else "http"
-        log.info("gateway listening on %s://%s", scheme, settings.gateway_address)
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if stopping.done():
-            server.stop()
-        stopping.cancel()
-        await serving
+    scheme = "https" if settings.gateway_tls_cert_file else "http"
+    log.info("gateway listening on %s://%s", scheme, settings.gateway_address)
+    await run_until(stop, MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry), server)
 
 
 def listen(address: str) -> socket.socket:

@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +22,15 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, TracerProvider
+from sse_starlette.sse import AppStatus
 
+from aimesh import runtime
 from aimesh.auth import Authenticator, hash_key
 from aimesh.gateway.__main__ import GatewayServer, listen, uvicorn_config
 from aimesh.gateway.app import create_app
 from aimesh.gateway.openapi import CHECKED_IN, render
 from aimesh.gateway.telemetry import RedactAccessToken
+from aimesh.lifecycle import Parts
 from aimesh.metrics import GatewayMetrics
 from aimesh.settings import GatewaySettings
 from aimesh.v1 import ingest_pb2
@@ -384,3 +387,33 @@ def test_connections_to_the_gateway_send_small_answers_at_once() -> None:
         accepted, _ = listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest.fixture
+def sse_app_status() -> Iterator[None]:
+    """Stopping uvicorn as its SIGTERM handler would sets sse-starlette's process-wide exit flag: later tests'
+    streams must not end."""
+    yield
+    AppStatus.should_exit = False
+
+
+async def test_the_http_server_is_a_part_whose_end_unasked_is_reported_as_a_death(sse_app_status: None) -> None:
+    config = GatewaySettings()
+    server = GatewayServer(uvicorn_config(create_app(config, metrics=GatewayMetrics()), config), listen("127.0.0.1:0"))
+    lifeline = runtime.Lifeline()
+    async with Parts(lifeline) as parts:
+        await parts.start(server)
+        server.should_exit = True  # uvicorn ends its serve loop without stop() having asked
+        with pytest.raises(runtime.ComponentDied) as died:
+            await asyncio.wait_for(lifeline.wait_for(asyncio.Event()), 10)
+    assert died.value.component == "http-server"
+    await server.stop()  # stopping a part twice is safe
+
+
+async def test_the_http_server_stopped_as_a_part_is_no_death(sse_app_status: None) -> None:
+    config = GatewaySettings()
+    server = GatewayServer(uvicorn_config(create_app(config, metrics=GatewayMetrics()), config), listen("127.0.0.1:0"))
+    lifeline = runtime.Lifeline()
+    async with Parts(lifeline) as parts:
+        await parts.start(server)
+    assert lifeline.death is None
