@@ -203,7 +203,7 @@ class WorkerMetrics(_Metrics):
         )
         self.results = self._counter(
             "aimesh_worker_results_total",
-            "Terminal results published and acknowledged by Kafka, by status: succeeded, failed, expired.",
+            "Terminal results published and acknowledged by Kafka, by status: succeeded, failed, expired, cancelled.",
             ["model", "status"],
         )
         self.retries = self._counter(
