@@ -20,8 +20,8 @@ The parts, and where they run:
 - ``lag.LagReporter`` (a thread started by the consumer thread) sets the consumer lag gauges;
 - ``cancellation.CancellationReader`` (a thread) reads the cancellations topic; ``health.TritonHealth`` (a task)
   checks Triton.
-Five threads and a task: any that dies stops fetching and is reported to ``on_death`` (the service's ``Lifeline``,
-see ``aimesh.lifecycle``), and the service stops the worker.
+Four threads beside the event loop's, and a task: any that dies stops fetching and is reported to ``on_death``
+(the service's ``Lifeline``, see ``aimesh.lifecycle``), and the service stops the worker.
 """
 
 from __future__ import annotations
