@@ -11,7 +11,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from aimesh.devstack.kafka import KafkaCluster, coordinator_partition, create_topics, ensure_kafka_jars
+from aimesh.devstack.kafka import (
+    KafkaBrokerError,
+    KafkaCluster,
+    coordinator_partition,
+    create_topics,
+    ensure_kafka_jars,
+)
 from aimesh.devstack.ports import free_port_block
 from aimesh.devstack.stack import StackSettings
 
@@ -23,16 +29,36 @@ TRANSACTIONAL_ID = "cluster-probe"
 GROUP = "cluster-probe-group"
 
 
+# A port found free can be taken before the node binds it (by an outgoing connection's ephemeral port: the ranges
+# overlap). A CI run lost the cluster that way once; a start that fails so is tried again on other ports.
+PORT_TRIES = 3
+
+
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
     """One cluster for the module: the first test reads it, the second kills nodes and restarts them."""
-    lib_dir = ensure_kafka_jars(StackSettings().cache_dir / "kafka")
-    first = free_port_block(6)
-    ports = [(first + 2 * i, first + 2 * i + 1) for i in range(3)]
-    folder = tmp_path_factory.mktemp("cluster")
-    with KafkaCluster(data_dir=folder / "data", ports=ports, lib_dir=lib_dir, log_dir=folder / "logs") as cluster:
+    cluster = started_cluster(tmp_path_factory)
+    try:
         create_topics(cluster.bootstrap, {TOPIC: PARTITIONS}, replication_factor=3, min_insync_replicas=2)
         yield cluster
+    finally:
+        cluster.stop()
+
+
+def started_cluster(tmp_path_factory: pytest.TempPathFactory) -> KafkaCluster:
+    lib_dir = ensure_kafka_jars(StackSettings().cache_dir / "kafka")
+    for attempt in range(1, PORT_TRIES + 1):
+        first = free_port_block(6)
+        ports = [(first + 2 * i, first + 2 * i + 1) for i in range(3)]
+        folder = tmp_path_factory.mktemp("cluster")
+        cluster = KafkaCluster(data_dir=folder / "data", ports=ports, lib_dir=lib_dir, log_dir=folder / "logs")
+        try:
+            return cluster.__enter__()  # stops what it started if the start fails
+        except KafkaBrokerError:
+            logs = (log.read_text(errors="replace") for log in (folder / "logs").glob("node-*/server.log"))
+            if attempt == PORT_TRIES or not any("Address already in use" in text for text in logs):
+                raise
+    raise AssertionError("unreachable")
 
 
 def produce(bootstrap: str, count: int, **config: object) -> tuple[list[bytes], list[KafkaError]]:
