@@ -36,6 +36,7 @@ from .options import WorkerOptions
 from .outcomes import Outcomes
 from .record_limits import RecordLimits
 from .results import ResultBuilder, text_output
+from .scheduler import class_of
 from .streaming import STOPPED, Run, Streams
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class TaskRunner:
         except UndecodableRecord as e:
             return self._undecodable(record, e)
         runtime.task_id_var.set(task.task_id)
-        batch = bool(self._batch_tasks_topic) and record.topic == self._batch_tasks_topic
+        batch = class_of(record.topic, self._batch_tasks_topic) == "batch"
         run = Run(batch=batch or task.priority == task_pb2.PRIORITY_BATCH)
         with self._process_span(record, task.task_id):
             try:
