@@ -390,30 +390,27 @@ def test_connections_to_the_gateway_send_small_answers_at_once() -> None:
 
 
 @pytest.fixture
-def sse_app_status() -> Iterator[None]:
-    """Stopping uvicorn as its SIGTERM handler would sets sse-starlette's process-wide exit flag: later tests'
-    streams must not end."""
-    yield
+def http_server() -> Iterator[GatewayServer]:
+    """The gateway's HTTP server as its main builds it, on a free port. Stopping uvicorn as its SIGTERM handler
+    would sets sse-starlette's process-wide exit flag: it is reset after, or later tests' streams would end."""
+    config = GatewaySettings()
+    yield GatewayServer(uvicorn_config(create_app(config, metrics=GatewayMetrics()), config), listen("127.0.0.1:0"))
     AppStatus.should_exit = False
 
 
-async def test_the_http_server_is_a_part_whose_end_unasked_is_reported_as_a_death(sse_app_status: None) -> None:
-    config = GatewaySettings()
-    server = GatewayServer(uvicorn_config(create_app(config, metrics=GatewayMetrics()), config), listen("127.0.0.1:0"))
+async def test_the_http_server_is_a_part_whose_end_unasked_is_reported_as_a_death(http_server: GatewayServer) -> None:
     lifeline = runtime.Lifeline()
     async with Parts(lifeline) as parts:
-        await parts.start(server)
-        server.should_exit = True  # uvicorn ends its serve loop without stop() having asked
+        await parts.start(http_server)
+        http_server.should_exit = True  # uvicorn ends its serve loop without stop() having asked
         with pytest.raises(runtime.ComponentDied) as died:
             await asyncio.wait_for(lifeline.wait_for(asyncio.Event()), 10)
     assert died.value.component == "http-server"
-    await server.stop()  # stopping a part twice is safe
+    await http_server.stop()  # stopping a part twice is safe
 
 
-async def test_the_http_server_stopped_as_a_part_is_no_death(sse_app_status: None) -> None:
-    config = GatewaySettings()
-    server = GatewayServer(uvicorn_config(create_app(config, metrics=GatewayMetrics()), config), listen("127.0.0.1:0"))
+async def test_the_http_server_stopped_as_a_part_is_no_death(http_server: GatewayServer) -> None:
     lifeline = runtime.Lifeline()
     async with Parts(lifeline) as parts:
-        await parts.start(server)
+        await parts.start(http_server)
     assert lifeline.death is None
