@@ -140,9 +140,11 @@ async def test_each_service_counts_exactly_what_was_done(mesh: Stack, client: Me
             - before.workers("aimesh_worker_retries_total", model=model, code=code)
             for code in ("unavailable", "deadline_exceeded")
         )
-        # One Triton request of one item per attempt.
-        assert workers_delta("aimesh_worker_inference_batch_items_count", model=model) == inferred + retried
-        assert workers_delta("aimesh_worker_inference_batch_items_sum", model=model) == inferred + retried
+        # One item per attempt. Attempts that overlap may share a Triton request (the batcher joins tasks
+        # that wait while a request is in flight), so the request count is at most the item count.
+        attempts = inferred + retried
+        assert workers_delta("aimesh_worker_inference_batch_items_sum", model=model) == attempts
+        assert 1 <= workers_delta("aimesh_worker_inference_batch_items_count", model=model) <= attempts
     assert delta("notifier", "aimesh_notifier_tasks_known") == 7
 
     # notifier: one terminal update per stream, each observed once end to end
