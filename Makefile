@@ -36,8 +36,9 @@ openapi: setup
 
 # Third-party clients the end-to-end tests drive the mesh with: grpcurl (Go module proxy), kcat (Debian); helm
 # (Go module proxy) and the chart's offline validator (deploy/helm/validate), which tests/integration/test_helm.py run;
-# Debian's chromium, the browser tests/integration/test_gateway_browser.py drives with Playwright.
-tools: $(BIN)/grpcurl $(BIN)/helm $(BIN)/helm-validate malloc
+# Debian's chromium, the browser tests/integration/test_gateway_browser.py drives with Playwright; SeaweedFS's weed
+# (Go module proxy, through deploy/seaweedfs), the local stack's S3-compatible object store.
+tools: $(BIN)/grpcurl $(BIN)/helm $(BIN)/helm-validate $(BIN)/weed malloc
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; }
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
@@ -53,6 +54,12 @@ $(BIN)/helm:
 	mkdir -p $(BIN)
 	GOBIN=$(CURDIR)/$(BIN) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
 
+# A plain `go install` of weed is refused (a replace directive in its go.mod): the wrapper module in deploy/seaweedfs
+# requires it and repeats the replace. About 9 minutes on two cores, once; the binary is cached like the others.
+$(BIN)/weed: deploy/seaweedfs/go.mod deploy/seaweedfs/go.sum deploy/seaweedfs/tools.go
+	mkdir -p $(BIN)
+	cd deploy/seaweedfs && GOFLAGS=-mod=mod go mod tidy && go build -trimpath -o $(CURDIR)/$(BIN)/weed github.com/seaweedfs/seaweedfs/weed
+
 $(BIN)/helm-validate: deploy/helm/validate/main.go deploy/helm/validate/go.mod deploy/helm/validate/go.sum
 	mkdir -p $(BIN)
 	cd deploy/helm/validate && go build -trimpath -o $(CURDIR)/$(BIN)/helm-validate .
@@ -62,10 +69,10 @@ helm: $(BIN)/helm $(BIN)/helm-validate
 	helm lint --strict deploy/helm/aimesh
 	set -o pipefail; helm template aimesh deploy/helm/aimesh | helm-validate
 
-demo: setup malloc
+demo: setup malloc $(BIN)/weed
 	$(PY) -m aimesh.devstack demo
 
-up: setup malloc
+up: setup malloc $(BIN)/weed
 	$(PY) -m aimesh.devstack up
 
 down:
@@ -94,14 +101,14 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 bench-tools:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
-bench: setup bench-tools $(VENV)/.bench-installed
+bench: setup bench-tools $(BIN)/weed $(VENV)/.bench-installed
 	$(PY) benchmarks/run.py --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 # Soak: SOAK_MINUTES (default 30) of mixed load against a fresh stack, then the verdict (exit status) in docs/soak.md
 # with docs/soak_memory.png. `make soak SOAK_MINUTES=3` is a short run; SOAK_ARGS passes more options (--rate, ...).
 SOAK_MINUTES ?= 30
 SOAK_ARGS ?=
-soak: setup malloc $(VENV)/.bench-installed
+soak: setup malloc $(BIN)/weed $(VENV)/.bench-installed
 	@mkdir -p .cache
 	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES) --markdown docs/soak.md --plot docs/soak_memory.png \
 		--samples .cache/soak_samples.csv $(SOAK_ARGS)

@@ -14,7 +14,7 @@ if importlib.util.find_spec("aimesh.v1.task_pb2") is None:  # pragma: no cover -
 
 # Models ingest accepts in the test stack: the repository's five, plus one Triton does not serve, so the
 # worker's handling of a model that vanished from the repository is testable.
-TEST_MODELS = "summarize,sentiment,embed,sleep,generate,ghost"
+TEST_MODELS = "summarize,sentiment,embed,sleep,generate,digits,resize,identity,ghost"
 
 
 @pytest.fixture(scope="session")

@@ -13,15 +13,18 @@ from aimesh.grpc_edge import GrpcServer
 from aimesh.kafka import AsyncProducer, producer_config
 from aimesh.lifecycle import Parts
 from aimesh.metrics import IngestMetrics, MetricsServer, new_registry
+from aimesh.objects import ObjectStore
 from aimesh.settings import IngestSettings
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc
 
 from .admission import Admission, AdmissionMonitor, KafkaLagSource
+from .claim_check import ClaimCheck
 from .idempotency import IdempotencyKeys
 from .parameters import ParameterCatalog
 from .quotas import InFlightTasks, RateLimit, RateQuotas, ResultsReader
 from .record_finder import KafkaRecordFinder
 from .service import IngestServicer
+from .signatures import SignatureReader, Signatures, fetch_from_triton
 from .validation import Limits
 
 log = logging.getLogger("aimesh.ingest")
@@ -61,11 +64,17 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         await parts.start(MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry))
         admission = await _admission(settings, metrics, parts, f"{config['client.id']}-admission")
         in_flight = await _in_flight(settings, parts, f"{config['client.id']}-results")
+        signatures = Signatures()
+        if settings.model_metadata_url:
+            fetch = fetch_from_triton(settings.model_metadata_url)
+            await parts.start(
+                SignatureReader(signatures, settings.model_names, fetch, interval_s=settings.model_metadata_interval_s)
+            )
         servicer = IngestServicer(
             producer,
             tasks_topic=settings.tasks_topic,
             batch_tasks_topic=settings.batch_tasks_topic,
-            limits=_limits(settings),
+            limits=_limits(settings, signatures),
             max_record_bytes=settings.max_record_bytes,
             record_finder=finder,
             max_batch_tasks=settings.max_batch_tasks,
@@ -78,6 +87,11 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
                 {tenant: RateLimit.of(rate, burst) for tenant, (rate, burst) in settings.rate_overrides.items()},
             ),
             in_flight=in_flight,
+            claim_check=ClaimCheck(
+                ObjectStore.of(settings),
+                inline_limit_bytes=settings.inline_limit_bytes,
+                max_object_bytes=settings.max_object_bytes,
+            ),
         )
         server = await parts.start(_grpc_server(settings, authenticator, servicer))
         try:
@@ -92,7 +106,7 @@ def _client_config(settings: IngestSettings, client_id: str) -> dict[str, object
     return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_client_config(), "client.id": client_id}
 
 
-def _limits(settings: IngestSettings) -> Limits:
+def _limits(settings: IngestSettings, signatures: Signatures) -> Limits:
     catalog = (
         ParameterCatalog.from_file(settings.model_parameters_file)
         if settings.model_parameters_file
@@ -103,6 +117,7 @@ def _limits(settings: IngestSettings) -> Limits:
         max_text_bytes=settings.max_text_bytes,
         max_deadline_s=settings.max_deadline_s,
         parameters=catalog,
+        signatures=signatures,
     )
 
 

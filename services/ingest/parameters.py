@@ -104,6 +104,9 @@ BUILT_IN: dict[str, dict[str, Parameter]] = {
     },
     "sentiment": {},
     "embed": {},
+    "digits": {},
+    "resize": {"scale": IntegerParameter(minimum=1, maximum=8)},
+    "identity": {},
 }
 
 _FILE = TypeAdapter(dict[str, dict[str, Parameter]])

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,14 @@ from aimesh.metrics import (
     REJECT_DEADLINE_PASSED,
     REJECT_INVALID_ARGUMENT,
     REJECT_MODEL_NOT_FOUND,
+    REJECT_OBJECT_STORE_UNAVAILABLE,
     IngestMetrics,
 )
+from aimesh.objects import ObjectStoreUnavailable
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
 
 from .admission import Admission
+from .claim_check import ClaimCheck
 from .idempotency import Accepted, IdempotencyKeys, SentRecord, derived_task_id
 from .load_checks import LoadChecks
 from .quotas import InFlightTasks, RateQuotas, Reservation
@@ -88,6 +91,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         in_flight: InFlightTasks | None = None,
         max_record_bytes: int = 1_000_000,
         record_finder: RecordFinder | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self._producer = producer
         self._topic = tasks_topic
@@ -107,6 +111,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         )
         self._max_record_bytes = max_record_bytes
         self._record_finder = record_finder
+        self._claim_check = claim_check or ClaimCheck(None, inline_limit_bytes=0, max_object_bytes=0)
 
     def topic_of(self, request: ingest_pb2.SubmitTaskRequest) -> str:
         return self._batch_topic if request.priority == task_pb2.PRIORITY_BATCH else self._topic
@@ -115,6 +120,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ingest_pb2.SubmitTaskResponse:
         await self._validate_or_abort(context, [request], lambda _: "")
+        await self._place_or_abort(context, [request], lambda _: "")
         records = await self._build_or_abort(context, [request], lambda _: "")
         reservation = await self._load_checks.admit_or_abort(context, [request])
         try:
@@ -133,6 +139,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 context, InvalidTask([("tasks", f"must hold 1 to {self._max_batch_tasks} tasks, not {count}")])
             )
         await self._validate_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
+        await self._place_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
         records = await self._build_or_abort(context, request.tasks, lambda i: f"tasks[{i}].")
         reservation = await self._load_checks.admit_or_abort(context, request.tasks)
         try:
@@ -170,6 +177,35 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
             await abort_invalid(context, InvalidTask(violations))
 
+    async def UploadInput(
+        self,
+        request_iterator: AsyncIterator[ingest_pb2.UploadInputRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_pb2.UploadInputResponse:
+        return await self._claim_check.upload(request_iterator, context, auth.current_tenant())
+
+    async def _place_or_abort(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        requests: Sequence[ingest_pb2.SubmitTaskRequest],
+        prefix: Callable[[int], str],
+    ) -> None:
+        """Large tensor contents to the object store, references checked (``claim_check.ClaimCheck.place``)."""
+        tenant, violations = auth.current_tenant(), []
+        try:
+            for i, request in enumerate(requests):
+                if request.input.WhichOneof("kind") == "tensors":
+                    field = f"{prefix(i)}input.tensors.tensors"
+                    violations.extend(await self._claim_check.place(request.input.tensors.tensors, tenant, field))
+        except ObjectStoreUnavailable as e:
+            self._metrics.tasks_rejected.labels(REJECT_OBJECT_STORE_UNAVAILABLE).inc(len(requests))
+            await abort_with(
+                context, code_pb2.UNAVAILABLE, f"object store: {e}", [error_info("OBJECT_STORE_UNAVAILABLE")]
+            )
+        if violations:
+            self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
+            await abort_invalid(context, InvalidTask(violations))
+
     async def _build_or_abort(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -185,15 +221,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         for i, record in enumerate(records):
             size = record_bytes(record.task_id.encode(), record.value, headers)
             if size > self._max_record_bytes:
-                text_bytes = len(requests[i].input.text.encode())
-                violations.append(
-                    (
-                        f"{prefix(i)}input.text",
-                        f"the task's Kafka record would be {size} bytes (its text {text_bytes}, the rest parameters, "
-                        f"ids and headers); the limit is {self._max_record_bytes} bytes (AIMESH_MAX_RECORD_BYTES): "
-                        f"shorten it by at least {size - self._max_record_bytes} bytes",
-                    )
-                )
+                violations.append(_too_large_record(requests[i], prefix(i), size, self._max_record_bytes))
         if violations:
             self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
             await abort_invalid(context, InvalidTask(violations))
@@ -324,6 +352,22 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             log.info("task %s: its record landed although its delivery was not acknowledged", sent.accepted.task_id)
         self._metrics.tasks_accepted.labels(sent.model_name).inc()
         return sent.accepted
+
+
+def _too_large_record(request: ingest_pb2.SubmitTaskRequest, prefix: str, size: int, limit: int) -> tuple[str, str]:
+    over = f"the limit is {limit} bytes (AIMESH_MAX_RECORD_BYTES)"
+    if request.input.WhichOneof("kind") == "tensors":
+        return (
+            f"{prefix}input.tensors",
+            f"the task's Kafka record would be {size} bytes; {over}: send large contents with UploadInput "
+            "and set the tensor's object instead",
+        )
+    text_bytes = len(request.input.text.encode())
+    return (
+        f"{prefix}input.text",
+        f"the task's Kafka record would be {size} bytes (its text {text_bytes}, the rest parameters, ids and "
+        f"headers); {over}: shorten it by at least {size - limit} bytes",
+    )
 
 
 def _trace_headers() -> list[tuple[str, str | bytes | None]]:

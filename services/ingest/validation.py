@@ -14,6 +14,8 @@ from aimesh.events import timestamp_s
 from aimesh.v1 import ingest_pb2, task_pb2
 
 from .parameters import ParameterCatalog
+from .signatures import Signatures
+from .tensor_checks import check_tensors, check_text
 
 PARAMETER_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_PARAMETERS = 32
@@ -40,6 +42,7 @@ class Limits:
     max_text_bytes: int
     max_deadline_s: float = 86_400.0
     parameters: ParameterCatalog = field(default_factory=lambda: ParameterCatalog({}))
+    signatures: Signatures = field(default_factory=Signatures)
 
 
 def validate(request: ingest_pb2.SubmitTaskRequest, limits: Limits, *, prefix: str = "") -> None:
@@ -59,15 +62,7 @@ def validate(request: ingest_pb2.SubmitTaskRequest, limits: Limits, *, prefix: s
     if request.model_version and not _is_model_version(request.model_version):
         bad("model_version", f"must be empty or an integer from 1 to {MAX_MODEL_VERSION} in ASCII digits")
 
-    kind = request.input.WhichOneof("kind") if request.HasField("input") else None
-    if kind is None:
-        bad("input", "required: set input.text")
-    elif kind == "text":
-        size = len(request.input.text.encode("utf-8"))
-        if not request.input.text.strip():
-            bad("input.text", "must not be empty or blank")
-        elif size > limits.max_text_bytes:
-            bad("input.text", f"is {size} bytes; the limit is {limits.max_text_bytes}")
+    violations.extend(_input_violations(request, limits, prefix))
 
     if len(request.parameters) > MAX_PARAMETERS:
         bad("parameters", f"has {len(request.parameters)} entries; the limit is {MAX_PARAMETERS}")
@@ -100,6 +95,21 @@ def validate(request: ingest_pb2.SubmitTaskRequest, limits: Limits, *, prefix: s
         raise UnknownModel(request.model_name, limits.models)
     if request.HasField("deadline") and timestamp_s(request.deadline) <= now:
         raise DeadlinePassed(f"{prefix}deadline is already in the past")
+
+
+def _input_violations(request: ingest_pb2.SubmitTaskRequest, limits: Limits, prefix: str) -> list[tuple[str, str]]:
+    signature = limits.signatures.get(request.model_name)
+    kind = request.input.WhichOneof("kind") if request.HasField("input") else None
+    if kind is None:
+        return [(prefix + "input", "required: set input.text or input.tensors")]
+    if kind == "tensors":
+        return check_tensors(request.input.tensors, signature, prefix + "input.tensors")
+    size = len(request.input.text.encode("utf-8"))
+    if not request.input.text.strip():
+        return [(prefix + "input.text", "must not be empty or blank")]
+    if size > limits.max_text_bytes:
+        return [(prefix + "input.text", f"is {size} bytes; the limit is {limits.max_text_bytes}")]
+    return check_text(signature, prefix + "input.text")
 
 
 def _is_model_version(version: str) -> bool:

@@ -15,10 +15,12 @@ from aimesh.grpc_edge import GrpcServer
 from aimesh.kafka import AsyncProducer, consumer_config, producer_config
 from aimesh.lifecycle import Parts
 from aimesh.metrics import MetricsServer, NotifierMetrics, new_registry
+from aimesh.objects import ObjectStore, ObjectSweeper
 from aimesh.settings import NotifierSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
 from .directory import DirectoryRefresher, PartitionDirectory
+from .downloads import Downloads
 from .feed import Decoded, Feed, Offsets
 from .forwarding import Forwarder
 from .service import Cancellations, NotifierServicer, StreamLimits
@@ -69,6 +71,7 @@ async def _serve(
         name="kafka-cancel-producer",
     )
     forwarder = Forwarder.from_settings(settings)
+    object_store = ObjectStore.of(settings)
     servicer = NotifierServicer(
         store,
         ready=feed.caught_up,
@@ -77,6 +80,7 @@ async def _serve(
         cancels=Cancellations(producer, settings.cancel_topic, settings.publish_timeout_s),
         ownership=directory,
         forwarder=forwarder,
+        downloads=Downloads(object_store),
     )
     server = _grpc_server(settings, authenticator, servicer)
     async with Parts(lifeline) as parts:
@@ -91,6 +95,8 @@ async def _serve(
             await parts.start(_refresher(settings, group, directory))
         sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
         parts.close_on_stop("retention-sweeper", sweeper.cancel)
+        if object_store is not None:  # objects expire with their tasks: every replica sweeps, deletes are idempotent
+            await parts.start(ObjectSweeper.of(object_store, settings))
         # Once all is up, open streams are closed first (stop is idempotent), while the feed still feeds them.
         parts.close_on_stop("streams", server.stop)
         await _serve_until_stopped(server, lifeline, feed, stop, store)

@@ -20,6 +20,7 @@ from aimesh.v1 import notifier_pb2, notifier_pb2_grpc, result_pb2
 
 from .buffers import StreamBuffer, SubscriptionMemory
 from .cancel_requests import CANCEL_WAIT_S, Cancellations, CancelRequests, Publisher
+from .downloads import Downloads
 from .forwarding import Forwarder, Metadata, Relays, forwarded_metadata, is_forwarded, rebalancing
 from .ownership import Everything, Ownership
 from .refusals import (
@@ -79,8 +80,10 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         cancel_wait_s: float = CANCEL_WAIT_S,
         ownership: Ownership | None = None,
         forwarder: Forwarder | None = None,
+        downloads: Downloads | None = None,
     ) -> None:
         self._store = store
+        self._downloads = downloads if downloads is not None else Downloads(None)
         self._ownership: Ownership = ownership if ownership is not None else Everything()
         # With every task local (the default) it never opens a channel.
         self._forwarder = forwarder if forwarder is not None else Forwarder()
@@ -318,6 +321,11 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
             )
         await self._check_serving(context, request.task_id)
         return await self._cancel_requests.cancel(context, request.task_id, auth.current_tenant())
+
+    def DownloadOutput(
+        self, request: notifier_pb2.DownloadOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[notifier_pb2.DownloadOutputResponse]:
+        return self._downloads.download(request, context)
 
     async def _admit(
         self, context: grpc.aio.ServicerContext[Any, Any], connection: Hashable | None, count: int

@@ -5,10 +5,13 @@ There is no timer. A task joins its key's queue, and the queue is sent once the 
 the event loop have run (``loop.call_soon``), so tasks that start together (a fetch of many records, or the
 slots a finished request frees) share a request, while a lone task waits for nothing. While ``max_concurrent``
 requests for the key are outstanding, tasks wait in the queue, which the next free request takes whole, up to
-``max_batch_size`` rows and ``max_request_bytes`` of text (a larger text goes alone), which bounds what one request
+``max_batch_size`` rows and ``max_request_bytes`` of input (a larger row goes alone), which bounds what one request
 holds in the worker, in Triton and in the model's shared memory. The worker keeps many requests outstanding rather
 than holding rows back: Triton's dynamic batcher merges the requests it has queued into full batches, and rows still
 waiting in a worker cannot join them.
+
+Tensor tasks share a request only with tasks whose tensors have the same names, datatypes and shapes (rows are
+stacked along the batch dimension), and a task for a model that does not batch always goes alone.
 
 Tasks of different priority classes never share a request (the priority is part of the key, and Triton's
 request priority is per request), and a task cancelled by its client while it waits is dropped when the next
@@ -38,6 +41,7 @@ from aimesh.errors import AimeshError
 from aimesh.v1 import result_pb2
 
 from .inference import Inference, InferenceFailed, Triton
+from .tensor_io import Row, row_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,13 @@ class BatchKey:
     version: str = ""
     parameters: tuple[tuple[str, str], ...] = ()
     priority: int = 0
+    inputs: tuple[object, ...] = ()  # a tensor row's signature (TensorRow.key): text and tensors never mix
 
     @classmethod
-    def of(cls, model: str, version: str, parameters: dict[str, str], priority: int = 0) -> BatchKey:
-        return cls(model, version, tuple(sorted(parameters.items())), priority)
+    def of(
+        cls, model: str, version: str, parameters: dict[str, str], priority: int = 0, inputs: tuple[object, ...] = ()
+    ) -> BatchKey:
+        return cls(model, version, tuple(sorted(parameters.items())), priority, inputs)
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,8 @@ class Batched:
 
 @dataclass
 class _Item:
-    text: str
-    size_bytes: int  # of the text in UTF-8, as it goes to Triton
+    row: Row
+    size_bytes: int  # of the text in UTF-8 or the tensors' contents, as they go to Triton
     deadline: float | None  # epoch seconds
     metadata: dict[str, str]
     cancelled: Callable[[], bool]
@@ -114,18 +121,16 @@ class Batcher:
     async def infer(
         self,
         key: BatchKey,
-        text: str,
+        row: Row,
         *,
         deadline: float | None,
         metadata: dict[str, str],
         cancelled: Callable[[], bool] = lambda: False,
     ) -> Batched:
-        """This text's inference, run in whichever request it joins. Raises InferenceFailed (DEADLINE_EXCEEDED,
-        retryable, once ``deadline`` passes), or CancelledByClient when ``cancelled()`` is true as the task is about
-        to join a request."""
-        # An ASCII text's length is its UTF-8 size (str.isascii is a flag check): only others are encoded to measure.
-        size_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
-        item = _Item(text, size_bytes, deadline, metadata, cancelled)
+        """This row's inference (a text, or a task's tensors), run in whichever request it joins. Raises
+        InferenceFailed (DEADLINE_EXCEEDED, retryable, once ``deadline`` passes), or CancelledByClient when
+        ``cancelled()`` is true as the task is about to join a request."""
+        item = _Item(row, row_bytes(row), deadline, metadata, cancelled)
         self._queues.setdefault(key, deque()).append(item)
         if key not in self._scheduled:
             self._scheduled.add(key)
@@ -218,7 +223,7 @@ class Batcher:
         try:
             inferences = await self._triton.infer_batch(
                 key.model,
-                [i.text for i in items],
+                [i.row for i in items],
                 model_version=key.version,
                 parameters=dict(key.parameters),
                 timeout_s=self._timeout_s,

@@ -1,5 +1,6 @@
-"""The worker's one adapter over Triton: every model takes a TEXT input and returns named tensors, and
-every transport error becomes an InferenceFailed that says whether a retry could help."""
+"""The worker's one adapter over Triton: a task's input is a text (the model's TEXT input) or named tensors in raw
+form, outputs come back as named tensors (typed for a text, raw for tensors), and every transport error becomes an
+InferenceFailed that says whether a retry could help."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
-import numpy.typing as npt
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
@@ -20,9 +20,12 @@ from aimesh import tracing
 from aimesh.errors import AimeshError
 from aimesh.v1 import result_pb2
 
+from .tensor_io import INPUT_NAME, Row, RowsMismatch, TensorRow, inputs_of, outputs_of, row_bytes, to_output_tensor
+
+__all__ = ["Row", "TensorRow", "row_bytes", "to_output_tensor"]  # what other modules import from here
+
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "TEXT"
 # What a streaming (decoupled) model's responses carry: one TEXT tensor of the new text, and on the last one the
 # response parameter Triton names its final-response flag with.
 STREAM_OUTPUT_NAME = "TEXT"
@@ -71,6 +74,7 @@ class ModelInfo:
 
     decoupled: bool  # model_transaction_policy { decoupled: true }: served over the streaming API, one task a request
     priority_levels: int  # dynamic_batching priority_levels (0: none): request priorities are only sent when >= 2
+    max_batch_size: int = 1  # 0: the model does not batch, a request's tensors are one task's whole tensors
 
 
 @dataclass(frozen=True)
@@ -139,21 +143,6 @@ def _classify_stream_error(message: str, *, tokens: int) -> InferenceFailed:
     return InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, message, retryable=False)
 
 
-def to_output_tensor(name: str, datatype: str, array: npt.NDArray[Any]) -> result_pb2.OutputTensor:
-    """One task's slice of a Triton output (batch dimension already removed) as an OutputTensor."""
-    tensor = result_pb2.OutputTensor(name=name, datatype=datatype, shape=list(array.shape))
-    flat = array.reshape(-1)
-    if datatype == "BYTES":
-        tensor.string_data.extend(
-            v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat.tolist()
-        )
-    elif datatype.startswith("FP") or datatype == "BF16":
-        tensor.float_data.extend(flat.astype(np.float32).tolist())
-    else:
-        tensor.int_data.extend(flat.astype(np.int64).tolist())
-    return tensor
-
-
 class Triton(Protocol):
     """What the worker asks of Triton: one server (TritonInference) or several (``triton_pool.TritonPool``)."""
 
@@ -165,7 +154,7 @@ class Triton(Protocol):
     async def infer_batch(
         self,
         model_name: str,
-        texts: list[str],
+        rows: Sequence[Row],
         *,
         model_version: str = "",
         parameters: dict[str, str] | None = None,
@@ -227,7 +216,7 @@ class TritonInference:
     async def infer_batch(
         self,
         model_name: str,
-        texts: list[str],
+        rows: Sequence[Row],
         *,
         model_version: str = "",
         parameters: dict[str, str] | None = None,
@@ -240,9 +229,7 @@ class TritonInference:
         error. ``queue_timeout_s`` asks Triton to drop the request if it waits that long in the model's queue
         (models that allow the override), which is how a near deadline reaches the server. ``priority`` is Triton's
         request priority (1 is the highest; 0: the model's default level), for models with priority levels."""
-        data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
-        tensor = InferInput(INPUT_NAME, list(data.shape), "BYTES")
-        tensor.set_data_from_numpy(data)
+        inputs = inputs_of(rows)
         # Never longer than the call may last, nor a day: Triton's int64 microseconds stay in range whatever is passed.
         queue_timeout_us = (
             None
@@ -252,7 +239,7 @@ class TritonInference:
         try:
             result = await self._require().infer(
                 model_name,
-                [tensor],
+                inputs,
                 model_version=model_version,
                 parameters=dict(parameters or {}),
                 timeout=queue_timeout_us,
@@ -263,17 +250,10 @@ class TritonInference:
         except InferenceServerException as e:
             raise _classify(e) from e
         response = result.get_response()
-        outputs: list[result_pb2.TaskOutput] = [result_pb2.TaskOutput() for _ in texts]
-        for meta in response.outputs:
-            array = result.as_numpy(meta.name)
-            if array is None or len(array) != len(texts):
-                raise InferenceFailed(
-                    result_pb2.ERROR_CODE_MODEL_ERROR,
-                    f"output {meta.name} has {0 if array is None else len(array)} rows for {len(texts)} inputs",
-                    retryable=False,
-                )
-            for row, output in zip(array, outputs, strict=True):
-                output.tensors.append(to_output_tensor(meta.name, meta.datatype, row))
+        try:
+            outputs = outputs_of(result, rows)
+        except RowsMismatch as e:
+            raise InferenceFailed(result_pb2.ERROR_CODE_MODEL_ERROR, str(e), retryable=False) from e
         return [Inference(output=output, model_version=response.model_version) for output in outputs]
 
     async def model_info(self, model_name: str, model_version: str = "", *, timeout_s: float = 10.0) -> ModelInfo:
@@ -293,6 +273,7 @@ class TritonInference:
             info = ModelInfo(
                 decoupled=bool((config.get("model_transaction_policy") or {}).get("decoupled", False)),
                 priority_levels=int(batching.get("priority_levels", 0) or 0),
+                max_batch_size=int(config.get("max_batch_size", 0) or 0),
             )
             self._models[key] = info
         return info

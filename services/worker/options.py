@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aimesh.objects import ObjectStore
 from aimesh.settings import WorkerSettings
 
 
@@ -26,6 +27,8 @@ class WorkerOptions:
     cancel_window_s: float
     batch_tasks_topic: str = ""  # none: no batch priority class
     cancel_topic: str = ""  # none: no cancellations read
+    object_store: ObjectStore | None = None  # none: tensors held by reference fail, large outputs stay inline
+    inline_limit_bytes: int = 262_144  # raw outputs larger than this go to the object store
 
     @classmethod
     def of(cls, settings: WorkerSettings, worker_id: str) -> WorkerOptions:
@@ -45,4 +48,6 @@ class WorkerOptions:
             cancel_window_s=settings.cancel_window_s,
             batch_tasks_topic=settings.batch_tasks_topic,
             cancel_topic=settings.cancel_topic,
+            object_store=ObjectStore.of(settings),
+            inline_limit_bytes=settings.inline_limit_bytes,
         )

@@ -29,8 +29,9 @@ from aimesh.v1 import result_pb2, task_pb2
 
 from .batching import Batcher, BatchKey, CancelledByClient
 from .cancellation import Cancellations
+from .claim_check import ClaimCheck
 from .health import TritonHealth
-from .inference import Inference, InferenceFailed, ModelInfo, Triton
+from .inference import Inference, InferenceFailed, ModelInfo, Row, Triton
 from .ledger import Outcome
 from .options import WorkerOptions
 from .outcomes import Outcomes
@@ -84,8 +85,10 @@ class TaskRunner:
         max_batch_size: int,
         max_request_bytes: int,
         inference_timeout_s: float,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self._triton, self._progress, self._health = triton, progress, health
+        self._claim_check = claim_check if claim_check is not None else ClaimCheck(None, inline_limit_bytes=0)
         self.cancellations, self._outcomes, self._results = cancellations, outcomes, results
         self._metrics, self._retry = metrics, retry
         self._results_topic, self._batch_tasks_topic, self._group = results_topic, batch_tasks_topic, group
@@ -136,6 +139,7 @@ class TaskRunner:
             max_batch_size=options.max_batch_size,
             max_request_bytes=options.max_request_bytes,
             inference_timeout_s=options.inference_timeout_s,
+            claim_check=ClaimCheck(options.object_store, inline_limit_bytes=options.inline_limit_bytes),
         )
 
     async def close(self) -> None:
@@ -201,7 +205,7 @@ class TaskRunner:
             return self._results.expired(task, started, "the task's deadline passed before a worker reached it"), 0
         if self._is_cancelled(task):
             return self._results.cancelled(task, started, NOT_RUN), 0
-        if task.input.WhichOneof("kind") != "text":
+        if task.input.WhichOneof("kind") not in ("text", "tensors"):
             message = "the task has no input this worker can serve"
             result = self._results.failed(task, result_pb2.ERROR_CODE_BAD_TASK, message)
             tracing.fail(message)
@@ -221,8 +225,14 @@ class TaskRunner:
                 raise CancelledByClient("cancelled before it was sent to Triton")
             info = await self._model_info(task)
             if info.decoupled:
+                if task.input.WhichOneof("kind") != "text":
+                    raise InferenceFailed(
+                        result_pb2.ERROR_CODE_INVALID_INPUT, "a streaming model takes a text input", retryable=False
+                    )
                 return await self._streams.attempt(task, deadline, run, lambda: self._is_cancelled(task))
-            return await self._infer(task, deadline, info, run)
+            inference = await self._infer(task, deadline, info, run)
+            await self._claim_check.offload(task, inference.output)
+            return inference
 
         try:
             inference = await self._retry.call(
@@ -292,12 +302,17 @@ class TaskRunner:
         priority = 0
         if info.priority_levels >= 2:
             priority = BATCH_TRITON_PRIORITY if run.batch else INTERACTIVE_TRITON_PRIORITY
+        row: Row = task.input.text
+        inputs: tuple[object, ...] = ()
+        if task.input.WhichOneof("kind") == "tensors":
+            row = await self._claim_check.row_of(task, info)
+            inputs = row.key() if row.batched else (task.task_id,)  # a model that does not batch: alone
         with tracing.infer_span(
             task.model_name, server_address=self._triton.url, batch_items=1, task_id=task.task_id
         ) as span:
             batched = await self._batcher.infer(
-                BatchKey.of(task.model_name, task.model_version, dict(task.parameters), priority),
-                task.input.text,
+                BatchKey.of(task.model_name, task.model_version, dict(task.parameters), priority, inputs),
+                row,
                 deadline=deadline,
                 metadata=tracing.grpc_metadata(),
                 cancelled=lambda: self._is_cancelled(task),

@@ -43,7 +43,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from aimesh import tracing
 from aimesh.metrics import WorkerMetrics
 
-from .inference import Inference, InferenceFailed, ModelInfo, Token, Triton, TritonInference
+from .inference import Inference, InferenceFailed, ModelInfo, Row, Token, Triton, TritonInference
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class TritonPool:
     async def infer_batch(
         self,
         model_name: str,
-        texts: list[str],
+        rows: Sequence[Row],
         *,
         model_version: str = "",
         parameters: dict[str, str] | None = None,
@@ -292,7 +292,7 @@ class TritonPool:
         return await self._call(
             lambda triton: triton.infer_batch(
                 model_name,
-                texts,
+                rows,
                 model_version=model_version,
                 parameters=parameters,
                 timeout_s=max(0.001, deadline - time.monotonic()),

@@ -11,7 +11,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .shared_settings import RESERVED_KAFKA_PROPERTIES, TENANT_PATTERN, KafkaSettings, ServerSettings
+from .shared_settings import (
+    RESERVED_KAFKA_PROPERTIES,
+    TENANT_PATTERN,
+    KafkaSettings,
+    ObjectStoreSettings,
+    ServerSettings,
+)
 
 __all__ = [
     "RESERVED_KAFKA_PROPERTIES",
@@ -20,17 +26,18 @@ __all__ = [
     "IngestSettings",
     "KafkaSettings",
     "NotifierSettings",
+    "ObjectStoreSettings",
     "ServerSettings",
     "WorkerSettings",
 ]
 
 
-class IngestSettings(ServerSettings):
+class IngestSettings(ServerSettings, ObjectStoreSettings):
     """Settings of the ingest gRPC service."""
 
     ingest_address: str = Field("127.0.0.1:50051", description="host:port the ingest gRPC server binds.")
     models: str = Field(
-        "summarize,sentiment,embed,sleep,generate",
+        "summarize,sentiment,embed,sleep,generate,digits,resize,identity",
         description="Comma-separated model names that ingest accepts; others get NOT_FOUND.",
     )
     max_text_bytes: int = Field(
@@ -46,6 +53,15 @@ class IngestSettings(ServerSettings):
         "",
         description="JSON file declaring each model's request parameters and their limits, replacing the built-in "
         "declarations of the models it names; empty: the built-in declarations of the repository's models.",
+    )
+    model_metadata_url: str = Field(
+        "",
+        description="Triton gRPC address (host:port) ingest reads each accepted model's declared inputs from, at "
+        "start and then every AIMESH_MODEL_METADATA_INTERVAL_S, to refuse tensors the model does not take; empty: "
+        "tensor inputs are only checked against their own datatype and shape.",
+    )
+    model_metadata_interval_s: float = Field(
+        60.0, gt=0, description="How often ingest reads the models' declared inputs again from Triton."
     )
     max_batch_tasks: int = Field(1000, gt=0, description="Most tasks in one SubmitTasks call.")
     publish_timeout_s: float = Field(
@@ -150,7 +166,7 @@ def _tenant_entries(text: str, variable: str) -> dict[str, str]:
     return entries
 
 
-class WorkerSettings(KafkaSettings):
+class WorkerSettings(KafkaSettings, ObjectStoreSettings):
     """Settings of the inference worker."""
 
     triton_url: str = Field(
@@ -221,7 +237,7 @@ class WorkerSettings(KafkaSettings):
     metrics_port: int = Field(9102, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
 
 
-class NotifierSettings(ServerSettings):
+class NotifierSettings(ServerSettings, ObjectStoreSettings):
     """Settings of the notifier gRPC service."""
 
     notifier_address: str = Field("127.0.0.1:50052", description="host:port the notifier gRPC server binds.")

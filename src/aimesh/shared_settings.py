@@ -154,3 +154,53 @@ class ServerSettings(KafkaSettings):
     @property
     def auth_enabled(self) -> bool:
         return self.auth == "on"
+
+
+class ObjectStoreSettings(BaseSettings):
+    """The S3-compatible object store that holds tensor contents too large to travel inside a Kafka record (the claim
+    check, ``aimesh.objects``). Its credentials come from boto3's default chain (``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY``, a profile, an instance role), never from these settings."""
+
+    model_config = _CONFIG
+
+    object_store_url: str = Field(
+        "",
+        description="Endpoint URL of the S3-compatible object store (e.g. http://127.0.0.1:8333); empty: no store, "
+        "and tensor contents over AIMESH_INLINE_LIMIT_BYTES are refused.",
+    )
+    object_store_bucket: str = Field("aimesh", min_length=3, description="Bucket of the tensor contents.")
+    object_store_region: str = Field("us-east-1", description="Region the object store client signs requests for.")
+    inline_limit_bytes: int = Field(
+        262_144,
+        ge=0,
+        description="Tensor contents up to this size travel inside the Kafka record; larger ones go to the object "
+        "store and the record carries a reference (bucket, key, size, SHA-256).",
+    )
+    max_object_bytes: int = Field(
+        268_435_456, gt=0, description="Largest object (one tensor's contents) written to or read from the store."
+    )
+    object_retention_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Objects last written longer ago than this are deleted by the sweeper (the notifier's default "
+        "AIMESH_RETENTION_S: a result's outputs stay as long as the result).",
+    )
+    object_sweep_interval_s: float = Field(
+        300.0, gt=0, description="How often the sweeper deletes the objects past AIMESH_OBJECT_RETENTION_S."
+    )
+    object_store_connect_timeout_s: float = Field(
+        2.0, gt=0, description="Connect timeout of each object store request (botocore retries it, standard mode)."
+    )
+    object_store_read_timeout_s: float = Field(
+        30.0, gt=0, description="Read timeout of each object store request."
+    )
+
+    @model_validator(mode="after")
+    def _inline_contents_fit_a_record(self) -> ObjectStoreSettings:
+        record_bytes = getattr(self, "max_record_bytes", None)
+        if record_bytes is not None and self.inline_limit_bytes >= record_bytes:
+            raise ValueError(
+                "AIMESH_INLINE_LIMIT_BYTES must be under AIMESH_MAX_RECORD_BYTES: inline contents travel in a "
+                "Kafka record"
+            )
+        return self

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("embed", "sentiment", "sleep", "summarize")  # the batched TEXT-in, tensors-out models
+TENSOR_MODELS = ("digits", "identity", "resize")  # tensors in and out (tests/integration/test_tensor_models.py)
 STREAMING_MODELS = ("generate",)  # decoupled: one response per token, served over ModelStreamInfer only
 REFERENCE = json.loads((REPO_ROOT / "tests" / "data" / "minilm_reference.json").read_text())
 
@@ -337,7 +338,7 @@ async def test_generate_follows_the_streaming_contract(triton: TritonServer) -> 
         index = await client.get_model_repository_index(as_json=True)
     finally:
         await client.close()
-    assert sorted(m["name"] for m in index["models"]) == sorted(MODELS + STREAMING_MODELS)
+    assert sorted(m["name"] for m in index["models"]) == sorted(MODELS + STREAMING_MODELS + TENSOR_MODELS)
     assert config["model_transaction_policy"] == {"decoupled": True}
     assert int(config["max_batch_size"]) == 1  # one prompt per request, shaped [1, 1] as the worker sends it
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("TEXT", "TYPE_STRING", ["1"])]

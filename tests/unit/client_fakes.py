@@ -5,6 +5,7 @@ updates. ``ThreadedFakes`` runs them on a loop of their own, for the blocking cl
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -20,7 +21,7 @@ from google.rpc import code_pb2, error_details_pb2
 from aimesh import events
 from aimesh.auth import Authenticator
 from aimesh.grpc_edge import GrpcServer, ServerTls, abort_with, error_info
-from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, tensor_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -85,6 +86,9 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
         self.metadata: list[dict[str, str | bytes]] = []
         self.task_ids: list[str] = []  # the ids to give new tasks, in turn (then random ones)
         self._ids: dict[str, str] = {}
+        self.uploads: list[list[ingest_pb2.UploadInputRequest]] = []  # each upload's messages, as received
+        self.objects: dict[str, bytes] = {}  # what the uploads stored, by key
+        self.upload_failures: list[Failure] = []  # answered in turn, after the upload's messages were read
 
     async def _fail_if_scripted(self, context: Context) -> None:
         self.metadata.append(dict(context.invocation_metadata() or ()))
@@ -113,6 +117,25 @@ class FakeIngest(ingest_pb2_grpc.IngestServiceServicer):
         await self._fail_if_scripted(context)
         return ingest_pb2.SubmitTasksResponse(tasks=[self._accept(t) for t in request.tasks])
 
+    async def UploadInput(
+        self, request_iterator: AsyncIterator[ingest_pb2.UploadInputRequest], context: Context
+    ) -> ingest_pb2.UploadInputResponse:
+        messages = [message async for message in request_iterator]
+        self.uploads.append(messages)
+        if self.upload_failures:
+            failure = self.upload_failures.pop(0)
+            await abort_with(context, failure.code, failure.message, failure.details)
+        if not messages or messages[0].WhichOneof("part") != "header":
+            await abort_with(context, code_pb2.INVALID_ARGUMENT, "the first message must be the header")
+        data = b"".join(m.chunk for m in messages[1:])
+        key = f"uploads/{uuid.uuid4()}"
+        self.objects[key] = data
+        ref = tensor_pb2.ObjectRef(
+            bucket="aimesh", key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            content_type=messages[0].header.content_type or "application/octet-stream",
+        )  # fmt: skip
+        return ingest_pb2.UploadInputResponse(object=ref)
+
 
 class FakeNotifier(notifier_pb2_grpc.NotifierServiceServicer):
     def __init__(self) -> None:
@@ -124,6 +147,12 @@ class FakeNotifier(notifier_pb2_grpc.NotifierServiceServicer):
         self.failures: list[Failure] = []  # for the unary calls
         self.watch_requests: list[notifier_pb2.WatchTaskRequest] = []
         self.cancelled: list[str] = []
+        # DownloadOutput: the contents of each (task id, output name), and the reference its first message sends
+        # (by default the contents' true size and digest: a test sets another to fake a damaged object).
+        self.downloads: dict[tuple[str, str], bytes] = {}
+        self.download_refs: dict[tuple[str, str], tensor_pb2.ObjectRef] = {}
+        self.download_requests: list[notifier_pb2.DownloadOutputRequest] = []
+        self.download_failures: list[Failure] = []
 
     def _pending(self, task_id: str, after: int) -> list[notifier_pb2.TaskState]:
         updates = self.updates.get(task_id, [])
@@ -177,6 +206,30 @@ class FakeNotifier(notifier_pb2_grpc.NotifierServiceServicer):
             return notifier_pb2.CancelTaskResponse(outcome=notifier_pb2.CANCEL_OUTCOME_ALREADY_ENDED, state=current)
         self.cancelled.append(request.task_id)
         return notifier_pb2.CancelTaskResponse(outcome=notifier_pb2.CANCEL_OUTCOME_REQUESTED, state=current)
+
+    async def DownloadOutput(
+        self, request: notifier_pb2.DownloadOutputRequest, context: Context
+    ) -> AsyncIterator[notifier_pb2.DownloadOutputResponse]:
+        self.download_requests.append(request)
+        if self.download_failures:
+            failure = self.download_failures.pop(0)
+            await abort_with(context, failure.code, failure.message, failure.details)
+        key = (request.task_id, request.output_name)
+        if key not in self.downloads:
+            await abort_with(context, code_pb2.NOT_FOUND, f"no output {request.output_name} held by reference")
+        data = self.downloads[key]
+        ref = self.download_refs.get(key) or object_ref(data)
+        yield notifier_pb2.DownloadOutputResponse(object=ref, chunk=data[: 1 << 20])
+        for offset in range(1 << 20, len(data), 1 << 20):
+            yield notifier_pb2.DownloadOutputResponse(chunk=data[offset : offset + (1 << 20)])
+
+
+def object_ref(data: bytes, key: str = "results/output") -> tensor_pb2.ObjectRef:
+    """The reference of an object holding ``data``."""
+    return tensor_pb2.ObjectRef(
+        bucket="aimesh", key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        content_type="application/octet-stream",
+    )  # fmt: skip
 
 
 class Fakes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import sys
 import time
@@ -12,6 +13,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from aimesh.ingest.parameters import IntegerParameter, ParameterCatalog
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = REPO_ROOT / "models"
@@ -34,6 +38,8 @@ textrank = _load("summarize", "textrank")
 polarity = _load("sentiment", "polarity")
 minilm = _load("embed", "minilm")
 ngram = _load("generate", "ngram")
+digits_classifier = _load("digits", "classifier")
+resize = _load("resize", "resize")
 
 DOCUMENT = (
     "The solar system has eight planets that orbit the sun. "
@@ -255,3 +261,76 @@ class TestEmbedBoundedMemory:
         one_by_one = np.concatenate([encoder.encode([t]) for t in texts])
         assert whole.shape == (len(texts), minilm.EMBEDDING_DIM)
         np.testing.assert_allclose(whole, one_by_one, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digit_classifier() -> Any:
+    return digits_classifier.DigitClassifier()
+
+
+class TestDigits:
+    def test_trains_quickly_and_classifies_held_out_images(self) -> None:
+        # Trained at model load: Triton's start-up waits for it.
+        started = time.monotonic()
+        classifier = digits_classifier.DigitClassifier()
+        assert time.monotonic() - started < 3.0
+        pixels, labels = digits_classifier.held_out()
+        assert pixels.shape == (297, 8, 8) and pixels.dtype == np.uint8 and pixels.max() == 255
+        predicted, probabilities = classifier.classify(pixels)
+        assert predicted.dtype == np.int64 and probabilities.dtype == np.float32
+        assert probabilities.shape == (297, 10)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        assert (predicted == probabilities.argmax(axis=1)).all()
+        assert (predicted == labels).mean() >= 0.9
+
+    def test_the_test_pngs_are_held_out_images_classified_right(self, digit_classifier: Any) -> None:
+        pixels, labels = digits_classifier.held_out()
+        for digit in range(10):
+            image = np.asarray(Image.open(REPO_ROOT / "tests" / "data" / "digits" / f"digit_{digit}.png"))
+            assert image.shape == (8, 8) and image.dtype == np.uint8
+            assert any((image == held).all() and label == digit for held, label in zip(pixels, labels, strict=True))
+            assert digit_classifier.classify(image[np.newaxis])[0].tolist() == [digit]
+
+    def test_pixels_scale_sklearn_values(self) -> None:
+        assert digits_classifier.to_pixels(np.array([0, 1, 8, 15, 16])).tolist() == [0, 16, 128, 239, 255]
+
+    def test_empty_batch_and_wrong_shape(self, digit_classifier: Any) -> None:
+        labels, probabilities = digit_classifier.classify(np.zeros((0, 8, 8), dtype=np.uint8))
+        assert labels.shape == (0,) and probabilities.shape == (0, 10)
+        with pytest.raises(ValueError, match="8x8"):
+            digit_classifier.classify(np.zeros((1, 8, 7), dtype=np.uint8))
+
+
+class TestResize:
+    def test_each_pixel_becomes_a_block(self) -> None:
+        image = np.array([[0, 255], [7, 9], [1, 2]], dtype=np.uint8)
+        assert resize.resize(image, 2).tolist() == np.repeat(np.repeat(image, 2, axis=0), 2, axis=1).tolist()
+        assert resize.resize(image, 1).tolist() == image.tolist()
+
+    def test_png_decodes_to_the_image_and_is_deterministic(self) -> None:
+        image = np.random.default_rng(3).integers(0, 256, size=(9, 13), dtype=np.uint8)
+        png = resize.encode_png(image)
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and png == resize.encode_png(image.copy())
+        decoded = Image.open(io.BytesIO(png))
+        assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), image)
+
+    @pytest.mark.parametrize(("raw", "scale"), [("1", 1), ("8", 8), (3, 3), ("02", 2)])
+    def test_scale_parameter(self, raw: object, scale: int) -> None:
+        assert resize.scale_parameter(raw) == scale
+
+    @pytest.mark.parametrize("raw", ["0", "9", "two", "", "2.5", True, 2.0, None])
+    def test_bad_scale_parameter(self, raw: object) -> None:
+        with pytest.raises(ValueError, match="parameter 'scale' must be"):
+            resize.scale_parameter(raw)
+
+    def test_ingest_declares_the_same_bounds(self) -> None:
+        declared = ParameterCatalog.built_in().declared("resize")
+        assert declared == {"scale": IntegerParameter(minimum=resize.MIN_SCALE, maximum=resize.MAX_SCALE)}
+
+    def test_refuses_empty_and_oversized_images(self) -> None:
+        with pytest.raises(ValueError, match="empty"):
+            resize.resize(np.zeros((0, 3), dtype=np.uint8), 2)
+        with pytest.raises(ValueError, match="exceeds"):
+            resize.resize(np.zeros((1025, 1025), dtype=np.uint8), 8)
+        with pytest.raises(ValueError, match="grey UINT8"):
+            resize.resize(np.zeros((2, 2), dtype=np.uint16), 2)

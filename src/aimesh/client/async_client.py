@@ -1,4 +1,5 @@
-"""The asyncio client of the mesh: submit tasks to ingest, watch, get and cancel them at the notifier."""
+"""The asyncio client of the mesh: submit tasks (text or tensors) to ingest, watch, get and cancel them at the
+notifier; large tensor contents go by reference (UploadInput, DownloadOutput)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import grpc
+import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from aimesh.client.errors import ClientError, deadline_exceeded
+from aimesh.client import payloads
+from aimesh.client.errors import ClientError, DigestMismatch, deadline_exceeded
+from aimesh.client.payloads import DEFAULT_UPLOAD_THRESHOLD_BYTES, OCTET_STREAM, Tensors
 from aimesh.client.retry import RetryPolicy
 from aimesh.client.targets import ROUND_ROBIN, grpc_target
 from aimesh.client.tls import ClientTls
 from aimesh.client.watch import WatchCursor
-from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, task_pb2
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2, tensor_pb2
 
 DEFAULT_INGEST_ADDRESS = "127.0.0.1:50051"
 DEFAULT_NOTIFIER_ADDRESS = "127.0.0.1:50052"
@@ -33,22 +37,26 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task to submit. ``deadline``: a moment, or a time from now (fixed when the request is built, so a
-    retry carries the same deadline). ``idempotency_key``: None makes one, so retries never submit twice."""
+    """One task to submit: ``text``, or ``tensors`` (arrays by input name, or InputTensor messages; their
+    outputs come back raw, see ``AsyncClient.outputs``). ``deadline``: a moment, or a time from now (fixed when
+    the request is built, so a retry carries the same deadline). ``idempotency_key``: None makes one, so retries
+    never submit twice."""
 
     model: str
-    text: str
+    text: str = ""
     parameters: Mapping[str, str] = field(default_factory=dict)
     deadline: datetime | timedelta | None = None
     priority: PriorityName | task_pb2.Priority.ValueType | None = None
     idempotency_key: str | None = None
     model_version: str = ""
+    tensors: Tensors | None = None
 
     def request(self) -> ingest_pb2.SubmitTaskRequest:
+        """The request, every tensor's contents inline (the client moves large ones to the object store)."""
         request = ingest_pb2.SubmitTaskRequest(
             model_name=self.model,
             model_version=self.model_version,
-            input=task_pb2.TaskInput(text=self.text),
+            input=self.task_input(),
             parameters=dict(self.parameters),
             idempotency_key=self.idempotency_key or str(uuid.uuid4()),
             priority=_priority(self.priority),
@@ -60,6 +68,13 @@ class TaskSpec:
             request.deadline.CopyFrom(deadline)
         return request
 
+    def task_input(self) -> task_pb2.TaskInput:
+        if self.tensors is None:
+            return task_pb2.TaskInput(text=self.text)
+        if self.text:
+            raise ValueError("a task carries text or tensors, not both")
+        return task_pb2.TaskInput(tensors=task_pb2.Tensors(tensors=payloads.input_tensors(self.tensors)))
+
 
 class AsyncClient:
     """An asyncio client of ingest (``ingest_address``) and the notifier (``notifier_address``); either may name
@@ -70,6 +85,9 @@ class AsyncClient:
     method takes its own ``timeout_s`` too); ``retry`` says how UNAVAILABLE and RESOURCE_EXHAUSTED with
     RetryInfo are retried. Channels open on first use, in the running event loop; ``close`` (or ``async
     with``) closes them and is safe to call twice. Every failed call raises ``ClientError``.
+
+    A task's input tensor whose raw contents are over ``upload_threshold_bytes`` is uploaded first (UploadInput,
+    in chunks, its SHA-256 in the header) and the task carries the object's reference instead.
     """
 
     def __init__(
@@ -81,6 +99,7 @@ class AsyncClient:
         tls: ClientTls | None = None,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
+        upload_threshold_bytes: int = DEFAULT_UPLOAD_THRESHOLD_BYTES,
     ) -> None:
         # The gRPC targets, built now so that a malformed list fails here rather than at the first call.
         self.ingest_address = grpc_target(ingest_address)
@@ -88,6 +107,7 @@ class AsyncClient:
         self._tls = tls
         self._timeout_s = timeout_s
         self._retry = retry if retry is not None else RetryPolicy()
+        self._upload_threshold_bytes = upload_threshold_bytes
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._channels: list[grpc.aio.Channel] = []
         self._ingest: ingest_pb2_grpc.IngestServiceAsyncStub | None = None
@@ -109,8 +129,9 @@ class AsyncClient:
     async def submit(
         self,
         model: str,
-        text: str,
+        text: str = "",
         *,
+        tensors: Tensors | None = None,
         parameters: Mapping[str, str] | None = None,
         deadline: datetime | timedelta | None = None,
         priority: PriorityName | task_pb2.Priority.ValueType | None = None,
@@ -118,22 +139,58 @@ class AsyncClient:
         model_version: str = "",
         timeout_s: float | None = None,
     ) -> str:
-        """Submit one task; return its id once it is durable. Retried with one idempotency key (the caller's,
-        or one made here), so a retry never submits twice."""
-        spec = TaskSpec(model, text, parameters or {}, deadline, priority, idempotency_key, model_version)
+        """Submit one task (``text``, or ``tensors``: arrays by input name); return its id once it is durable.
+        Retried with one idempotency key (the caller's, or one made here), so a retry never submits twice."""
+        spec = TaskSpec(model, text, parameters or {}, deadline, priority, idempotency_key, model_version, tensors)
         return (await self.submit_task(spec, timeout_s=timeout_s)).task_id
 
     async def submit_task(self, spec: TaskSpec, *, timeout_s: float | None = None) -> ingest_pb2.SubmitTaskResponse:
-        """Submit one task; the full answer (id, acceptance time, whether the key was a duplicate)."""
-        return await self._unary(self._ingest_stub().SubmitTask, spec.request(), timeout_s)
+        """Submit one task; the full answer (id, acceptance time, whether the key was a duplicate). Large tensor
+        contents are uploaded first, each upload within ``timeout_s`` of its own."""
+        request = await self._claim_check(spec.request(), timeout_s)
+        return await self._unary(self._ingest_stub().SubmitTask, request, timeout_s)
 
     async def submit_many(
         self, specs: Sequence[TaskSpec], *, timeout_s: float | None = None
     ) -> list[ingest_pb2.SubmitTaskResponse]:
         """Submit a batch in one call, all or nothing; the answers in order. Every task carries an idempotency
         key, so a retry after UNAVAILABLE (when some may have been accepted) publishes none twice."""
-        request = ingest_pb2.SubmitTasksRequest(tasks=[spec.request() for spec in specs])
+        request = ingest_pb2.SubmitTasksRequest(tasks=[await self._claim_check(s.request(), timeout_s) for s in specs])
         return list((await self._unary(self._ingest_stub().SubmitTasks, request, timeout_s)).tasks)
+
+    async def upload(
+        self, data: bytes, *, content_type: str = OCTET_STREAM, timeout_s: float | None = None
+    ) -> tensor_pb2.ObjectRef:
+        """Store ``data`` in the mesh's object store (UploadInput: a header with its size and SHA-256, then
+        chunks of 1 MiB); the reference to set as an InputTensor's ``object``. A reference whose digest or size
+        is not that of ``data`` raises DigestMismatch."""
+        digest = payloads.sha256_hex(data)
+
+        def call(remaining: float) -> Awaitable[ingest_pb2.UploadInputResponse]:
+            messages = payloads.upload_messages(data, content_type, digest)  # afresh for each attempt
+            return self._ingest_stub().UploadInput(messages, timeout=remaining, metadata=self._metadata)
+
+        stored = (await self._retried(call, timeout_s)).object
+        if stored.sha256 != digest or stored.size != len(data):
+            raise DigestMismatch(
+                f"ingest stored {stored.size} bytes with SHA-256 {stored.sha256 or '(none)'}; "
+                f"{len(data)} bytes with SHA-256 {digest} were sent"
+            )
+        return stored
+
+    async def _claim_check(
+        self, request: ingest_pb2.SubmitTaskRequest, timeout_s: float | None
+    ) -> ingest_pb2.SubmitTaskRequest:
+        """``request`` with each tensor's contents over the threshold uploaded and replaced by their reference."""
+        if request.input.WhichOneof("kind") != "tensors":
+            return request
+        for tensor in request.input.tensors.tensors:
+            if (
+                tensor.WhichOneof("contents") == "raw_contents"
+                and len(tensor.raw_contents) > self._upload_threshold_bytes
+            ):
+                tensor.object.CopyFrom(await self.upload(tensor.raw_contents, timeout_s=timeout_s))
+        return request
 
     # --- notifier ---------------------------------------------------------------------------------------
     async def get(self, task_id: str, *, timeout_s: float | None = None) -> notifier_pb2.TaskState:
@@ -186,6 +243,49 @@ class AsyncClient:
             raise ClientError(grpc.StatusCode.INTERNAL, f"the watch of {task_id} ended without an update")
         return last
 
+    async def download(self, task_id: str, output_name: str, *, timeout_s: float | None = None) -> bytes:
+        """The contents of a task's output held by reference (DownloadOutput), checked against the size and
+        SHA-256 its first message names: DigestMismatch (DATA_LOSS) if they differ, or if the notifier found
+        the stored object damaged. A dropped stream is downloaded again from the start."""
+        request = notifier_pb2.DownloadOutputRequest(task_id=task_id, output_name=output_name)
+
+        async def call(remaining: float) -> tuple[tensor_pb2.ObjectRef | None, bytes]:
+            stream = self._notifier_stub().DownloadOutput(request, timeout=remaining, metadata=self._metadata)
+            named: tensor_pb2.ObjectRef | None = None
+            chunks: list[bytes] = []
+            async for message in stream:
+                if named is None and message.HasField("object"):
+                    named = message.object
+                chunks.append(message.chunk)
+            return named, b"".join(chunks)
+
+        try:
+            named, data = await self._retried(call, timeout_s)
+        except ClientError as e:
+            if e.code == grpc.StatusCode.DATA_LOSS:
+                raise DigestMismatch(e.message, e.details) from e
+            raise
+        if named is None:
+            raise ClientError(grpc.StatusCode.INTERNAL, f"the download of {output_name} did not name its object")
+        _check_contents(named, data, f"output {output_name} of task {task_id}")
+        return data
+
+    async def outputs(
+        self, result: notifier_pb2.TaskState | result_pb2.AIResultEvent, *, timeout_s: float | None = None
+    ) -> dict[str, npt.NDArray[Any]]:
+        """A result's outputs as numpy arrays by name, of their datatype and shape: raw ones decoded, ones held
+        by reference downloaded (and checked against the result's reference), typed ones (a text task's)
+        converted, BYTES as str."""
+        event = result.result if isinstance(result, notifier_pb2.TaskState) else result
+        arrays: dict[str, npt.NDArray[Any]] = {}
+        for tensor in event.output.tensors:
+            contents = None
+            if payloads.is_by_reference(tensor):
+                contents = await self.download(event.task_id, tensor.name, timeout_s=timeout_s)
+                _check_contents(tensor.object, contents, f"output {tensor.name} of task {event.task_id}")
+            arrays[tensor.name] = payloads.output_array(tensor, contents)
+        return arrays
+
     # --- plumbing ---------------------------------------------------------------------------------------
     async def _follow(self, cursor: WatchCursor) -> AsyncIterator[notifier_pb2.TaskState]:
         try:
@@ -205,6 +305,12 @@ class AsyncClient:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _unary(self, method: Callable[..., Awaitable[R]], request: Any, timeout_s: float | None) -> R:
+        return await self._retried(
+            lambda remaining: method(request, timeout=remaining, metadata=self._metadata), timeout_s
+        )
+
+    async def _retried(self, call: Callable[[float], Awaitable[R]], timeout_s: float | None) -> R:
+        """``call(remaining seconds)`` retried by the policy, all attempts within ``timeout_s``."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self._timeout_s)
         async for attempt in self._retry.retrying(deadline=deadline):
             with attempt:
@@ -212,7 +318,7 @@ class AsyncClient:
                 if remaining <= 0:
                     raise deadline_exceeded("the call's timeout passed before it could be answered")
                 try:
-                    return await method(request, timeout=remaining, metadata=self._metadata)
+                    return await call(remaining)
                 except grpc.aio.AioRpcError as e:
                     raise ClientError.from_rpc_error(e) from e
         raise AssertionError("unreachable: tenacity reraises the last error")
@@ -246,6 +352,15 @@ def _priority(priority: PriorityName | task_pb2.Priority.ValueType | None) -> ta
         except KeyError:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}") from None
     return priority
+
+
+def _check_contents(named: tensor_pb2.ObjectRef, data: bytes, what: str) -> None:
+    digest = payloads.sha256_hex(data)
+    if len(data) != named.size or (named.sha256 and digest != named.sha256.lower()):
+        raise DigestMismatch(
+            f"{what}: got {len(data)} bytes with SHA-256 {digest}; "
+            f"its object {named.key or '?'} names {named.size} bytes with SHA-256 {named.sha256 or '(none)'}"
+        )
 
 
 def _deadline(timeout_s: float | None) -> float | None:

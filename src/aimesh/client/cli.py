@@ -3,6 +3,9 @@
 Exit codes: 0 success (for a command that waits: the task SUCCEEDED); 1 a call failed (one line on stderr
 with the gRPC code, the message and the error's reason); 2 a usage error; 3 the task ended FAILED, EXPIRED
 or CANCELLED; 130 interrupted. ``--json`` prints one JSON object per line on stdout (protobuf JSON).
+
+A task carries text, or tensors: an image (``--image``, decoded with Pillow) or numpy arrays (``--tensor``);
+``--output-dir`` writes its raw outputs (an image a model returns, arrays) to files.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import numpy.typing as npt
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from aimesh import events
+from aimesh.client import files, payloads
 from aimesh.client.async_client import (
     DEFAULT_INGEST_ADDRESS,
     DEFAULT_NOTIFIER_ADDRESS,
@@ -99,6 +104,11 @@ class Options:
 
 
 _file = click.Path(exists=True, dir_okay=False, path_type=Path)
+_output_dir = click.option(
+    "--output-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="Write the task's raw outputs to files here (submit: with --wait): a BYTES output of one element as "
+    "NAME (NAME.png for a PNG), any other as NAME.npy; outputs held by reference are downloaded.",
+)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -151,28 +161,41 @@ def main(
 
 @main.command()
 @click.argument("model")
-@click.argument("text")
+@click.argument("text", required=False)
+@click.option("--image", type=_file, help="Send this image (PNG, decoded with Pillow) as a UINT8 tensor, grey HxW.")
+@click.option("--keep-color", is_flag=True, help="Send --image as RGB, HxWx3.")
+@click.option("--input-name", default="IMAGE", show_default=True, help="The model input --image is sent as.")
+@click.option("--tensor", "arrays", multiple=True, callback=files.tensor_files, metavar="NAME=FILE.npy",
+              help="Send a numpy array (.npy) as input NAME, its datatype from its dtype; repeatable.")  # fmt: skip
 @click.option("--param", "-p", "parameters", multiple=True, callback=_parameters, metavar="KEY=VALUE",
               help="A model parameter; repeatable.")  # fmt: skip
 @click.option("--deadline", type=Duration(), help="Expire the task if it has not started within this time.")
 @click.option("--priority", type=click.Choice(sorted(PRIORITIES)), help="Priority class [default: interactive].")
 @click.option("--idempotency-key", help="Resubmitting with the same key returns the first task's id.")
 @click.option("--wait", "-w", is_flag=True, help="Follow the task to its end and print its output.")
+@_output_dir
 @click.pass_obj
 def submit(
     options: Options,
     model: str,
-    text: str,
+    text: str | None,
+    image: Path | None,
+    keep_color: bool,
+    input_name: str,
+    arrays: dict[str, npt.NDArray[Any]],
     parameters: dict[str, str],
     deadline: timedelta | None,
     priority: str | None,
     idempotency_key: str | None,
     wait: bool,
+    output_dir: Path | None,
 ) -> None:
-    """Submit TEXT (`-`: standard input) to MODEL; print the task id (with --wait: follow it to its end)."""
-    if text == "-":
-        text = sys.stdin.read()
-    spec = TaskSpec(model, text, parameters, deadline, priority, idempotency_key)  # type: ignore[arg-type]
+    """Submit TEXT (`-`: standard input), or tensors (--image, --tensor), to MODEL; print the task id (with
+    --wait: follow it to its end and print its outputs, or write them with --output-dir)."""
+    if output_dir is not None and not wait:
+        raise click.UsageError("--output-dir goes with --wait")
+    text, tensors = files.task_input(text, image, keep_color, input_name, arrays)
+    spec = TaskSpec(model, text, parameters, deadline, priority, idempotency_key, tensors=tensors)  # type: ignore[arg-type]
 
     async def run(client: AsyncClient) -> int:
         response = await client.submit_task(spec)
@@ -182,7 +205,7 @@ def submit(
             click.echo(f"submitted {response.task_id}" + (" (duplicate key)" if response.duplicate else ""), err=True)
         else:
             click.echo(response.task_id)
-        return await _follow(client, options, response.task_id) if wait else EXIT_OK
+        return await _follow(client, options, response.task_id, output_dir=output_dir) if wait else EXIT_OK
 
     _run(options, run)
 
@@ -190,16 +213,18 @@ def submit(
 @main.command()
 @click.argument("task_id")
 @click.option("--after-sequence", type=click.IntRange(min=0), default=0, help="Resume after this update.")
+@_output_dir
 @click.pass_obj
-def watch(options: Options, task_id: str, after_sequence: int) -> None:
+def watch(options: Options, task_id: str, after_sequence: int, output_dir: Path | None) -> None:
     """Follow TASK_ID to its end: its status as it changes, streamed tokens, then its output."""
-    _run(options, lambda client: _follow(client, options, task_id, after_sequence))
+    _run(options, lambda client: _follow(client, options, task_id, after_sequence, output_dir))
 
 
 @main.command()
 @click.argument("task_id")
+@_output_dir
 @click.pass_obj
-def get(options: Options, task_id: str) -> None:
+def get(options: Options, task_id: str, output_dir: Path | None) -> None:
     """Print TASK_ID's current state (exit 3 if it ended without success)."""
 
     async def run(client: AsyncClient) -> int:
@@ -208,9 +233,8 @@ def get(options: Options, task_id: str) -> None:
             _print_json(state)
         else:
             click.echo(f"{status_name(state.status)} {state.task_id} model={state.model_name} seq={state.sequence}")
-            if state.status == result_pb2.TASK_STATUS_SUCCEEDED:
-                for line in output_lines(state.result):
-                    click.echo(line)
+        if state.status == result_pb2.TASK_STATUS_SUCCEEDED:
+            await _show_outputs(client, options, state, output_dir)
         return _exit_code(state)
 
     _run(options, run)
@@ -235,7 +259,9 @@ def cancel(options: Options, task_id: str) -> None:
     _run(options, run)
 
 
-async def _follow(client: AsyncClient, options: Options, task_id: str, after_sequence: int = 0) -> int:
+async def _follow(
+    client: AsyncClient, options: Options, task_id: str, after_sequence: int = 0, output_dir: Path | None = None
+) -> int:
     """Watch the task to its end, printing as it goes; the exit code its end calls for."""
     status = StatusLine(sys.stderr, task_id)
     streamed: list[str] = []
@@ -256,24 +282,52 @@ async def _follow(client: AsyncClient, options: Options, task_id: str, after_seq
         status.clear()
     if final is None or not events.is_terminal(final.status):
         return EXIT_OK  # resumed after the terminal update: nothing more to say
-    if not options.as_json:
-        _print_final(final, "".join(streamed))
+    if options.as_json:
+        if final.status == result_pb2.TASK_STATUS_SUCCEEDED:
+            await _show_outputs(client, options, final, output_dir)
+    else:
+        await _print_final(client, options, final, "".join(streamed), output_dir)
     return _exit_code(final)
 
 
-def _print_final(state: notifier_pb2.TaskState, streamed: str) -> None:
+async def _print_final(
+    client: AsyncClient, options: Options, state: notifier_pb2.TaskState, streamed: str, output_dir: Path | None
+) -> None:
     if streamed:
         click.echo()  # end the line of streamed tokens
     if state.status != result_pb2.TASK_STATUS_SUCCEEDED:
         click.echo(failure_line(state), err=True)
         return
     text = text_output(state.result)
-    for line in output_lines(state.result):
-        if not (streamed and text == streamed and line.startswith("TEXT: ")):  # shown already, token by token
-            click.echo(line)
+    await _show_outputs(client, options, state, output_dir, shown=streamed if streamed == text else None)
     total = state.result.timings.total
     took = f" in {total.ToTimedelta().total_seconds():.2f} s" if total.ByteSize() else ""
     click.echo(f"SUCCEEDED {state.task_id}{took}", err=True)
+
+
+async def _show_outputs(
+    client: AsyncClient,
+    options: Options,
+    state: notifier_pb2.TaskState,
+    output_dir: Path | None,
+    shown: str | None = None,
+) -> None:
+    """Print the outputs as lines, the raw ones written to ``output_dir`` if given (then only where they went).
+    ``shown``: the TEXT streamed already, token by token, not printed again. With --json, only the files."""
+    written: dict[str, tuple[Path, int]] = {}
+    if output_dir is not None:
+        written = files.write_outputs(output_dir, state.result, await client.outputs(state))
+    tensors = state.result.output.tensors
+    for tensor, line in zip(tensors, output_lines(state.result), strict=True):
+        if tensor.name in written:
+            path, size = written[tensor.name]
+            click.echo(f"{tensor.name}: wrote {path} ({size} bytes)", err=options.as_json)
+        elif options.as_json or (shown and line.startswith("TEXT: ")):
+            continue
+        elif payloads.is_by_reference(tensor):
+            click.echo(f"{line}; --output-dir DIR writes it to DIR/{files.planned_file(tensor)}")
+        else:
+            click.echo(line)
 
 
 def _exit_code(state: notifier_pb2.TaskState) -> int:

@@ -97,6 +97,15 @@ class ClientError(AimeshError):
         return cls(code, message, details)
 
 
+class DigestMismatch(ClientError):
+    """Contents that are not what their object reference names (size or SHA-256): found by the client after a
+    download or an upload, or by the notifier while it read them (its DATA_LOSS). Code DATA_LOSS, not retried:
+    the stored object is damaged."""
+
+    def __init__(self, message: str, details: Sequence[Message] = ()) -> None:
+        super().__init__(grpc.StatusCode.DATA_LOSS, message, details)
+
+
 def _unpack(packed: any_pb2.Any) -> Message | None:
     for kind in _DETAIL_TYPES:
         if packed.Is(kind.DESCRIPTOR):

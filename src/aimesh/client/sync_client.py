@@ -10,6 +10,8 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import numpy.typing as npt
+
 from aimesh.client.async_client import (
     DEFAULT_INGEST_ADDRESS,
     DEFAULT_NOTIFIER_ADDRESS,
@@ -17,9 +19,10 @@ from aimesh.client.async_client import (
     PriorityName,
     TaskSpec,
 )
+from aimesh.client.payloads import DEFAULT_UPLOAD_THRESHOLD_BYTES, OCTET_STREAM, Tensors
 from aimesh.client.retry import RetryPolicy
 from aimesh.client.tls import ClientTls
-from aimesh.v1 import ingest_pb2, notifier_pb2, task_pb2
+from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2, tensor_pb2
 
 T = TypeVar("T")
 
@@ -82,9 +85,16 @@ class Client:
         tls: ClientTls | None = None,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
+        upload_threshold_bytes: int = DEFAULT_UPLOAD_THRESHOLD_BYTES,
     ) -> None:
         self._async = AsyncClient(
-            ingest_address, notifier_address, api_key=api_key, tls=tls, timeout_s=timeout_s, retry=retry
+            ingest_address,
+            notifier_address,
+            api_key=api_key,
+            tls=tls,
+            timeout_s=timeout_s,
+            retry=retry,
+            upload_threshold_bytes=upload_threshold_bytes,
         )
         self._loop = _LoopThread()
         self._closed = False
@@ -107,8 +117,9 @@ class Client:
     def submit(
         self,
         model: str,
-        text: str,
+        text: str = "",
         *,
+        tensors: Tensors | None = None,
         parameters: Mapping[str, str] | None = None,
         deadline: datetime | timedelta | None = None,
         priority: PriorityName | task_pb2.Priority.ValueType | None = None,
@@ -117,7 +128,7 @@ class Client:
         timeout_s: float | None = None,
     ) -> str:
         """See ``AsyncClient.submit``."""
-        spec = TaskSpec(model, text, parameters or {}, deadline, priority, idempotency_key, model_version)
+        spec = TaskSpec(model, text, parameters or {}, deadline, priority, idempotency_key, model_version, tensors)
         return self.submit_task(spec, timeout_s=timeout_s).task_id
 
     def submit_task(self, spec: TaskSpec, *, timeout_s: float | None = None) -> ingest_pb2.SubmitTaskResponse:
@@ -153,3 +164,19 @@ class Client:
     def result(self, task_id: str, *, timeout_s: float | None = None) -> notifier_pb2.TaskState:
         """See ``AsyncClient.result``."""
         return self._loop.run(self._async.result(task_id, timeout_s=timeout_s))
+
+    def upload(
+        self, data: bytes, *, content_type: str = OCTET_STREAM, timeout_s: float | None = None
+    ) -> tensor_pb2.ObjectRef:
+        """See ``AsyncClient.upload``."""
+        return self._loop.run(self._async.upload(data, content_type=content_type, timeout_s=timeout_s))
+
+    def download(self, task_id: str, output_name: str, *, timeout_s: float | None = None) -> bytes:
+        """See ``AsyncClient.download``."""
+        return self._loop.run(self._async.download(task_id, output_name, timeout_s=timeout_s))
+
+    def outputs(
+        self, result: notifier_pb2.TaskState | result_pb2.AIResultEvent, *, timeout_s: float | None = None
+    ) -> dict[str, npt.NDArray[Any]]:
+        """See ``AsyncClient.outputs``."""
+        return self._loop.run(self._async.outputs(result, timeout_s=timeout_s))

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .kafka import KafkaCluster, create_topics, ensure_kafka_jars, replication_for
 from .process import ManagedProcess, stop_pid
+from .seaweedfs import ObjectStoreParts, WeedServer
 from .stack_layout import StackLayout, replica_name
 from .stack_settings import ROOT, StackSettings
 from .stack_state import STATE_FILE, StackState, read_state, write_state
@@ -55,7 +56,7 @@ REPLICATED = {
 NOTIFIER_GROUP = "aimesh-notifiers"
 
 
-class Stack(StackLayout):
+class Stack(ObjectStoreParts, StackLayout):
     """Starts the parts in dependency order and waits for each to be healthy; ``stop`` reverses it."""
 
     def __init__(self, settings: StackSettings, *, extra_env: dict[str, str] | None = None) -> None:
@@ -65,6 +66,7 @@ class Stack(StackLayout):
         self.triton: TritonServer | None = None  # the first of ``tritons``
         self.tritons: list[TritonServer] = []
         self.services: dict[str, ManagedProcess] = {}
+        self.object_store: WeedServer | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self, *, say: Callable[[str], None] = lambda _: None) -> None:
@@ -81,6 +83,7 @@ class Stack(StackLayout):
             log_dir=self.log_dir / "kafka",
         )
         self.kafka.start()
+        self._launch_object_store(say)
         say(f"starting Triton on {','.join(self.triton_urls)} with {s.model_repository}")
         self.tritons = [self._triton_server(i) for i in range(s.triton_servers)]
         self.triton = self.tritons[0]
@@ -101,6 +104,7 @@ class Stack(StackLayout):
             replication_factor=replicas,
             min_insync_replicas=min_in_sync if s.brokers > 1 else None,
         )
+        self._object_store_ready()
         for index in range(s.notifier_replicas):
             self.start_replica("notifier", index)
         for index in range(s.ingest_replicas):
@@ -321,6 +325,8 @@ class Stack(StackLayout):
                 pids[f"triton-{index}" if index else "triton"] = triton.pid
         if self.kafka:
             pids.update(self.kafka.pids())
+        if self.object_store is not None and self.object_store.pid:
+            pids["objectstore"] = self.object_store.pid
         return StackState(
             pids=pids,
             kafka_bootstrap=self.kafka_bootstrap,
@@ -330,11 +336,13 @@ class Stack(StackLayout):
             ingest_addresses=self.ingest_addresses,
             notifier_addresses=self.notifier_addresses,
             gateway_url=self.gateway_url if self.settings.gateway_port else "",
+            object_store_url=self.object_store_url,
             metrics_urls={name: self.metrics_url(name) for name in self.services if self.metrics_port(name)},
         )
 
     def stop(self) -> None:
-        """The gateway, ingest, workers, notifier (each drains into Kafka), then Triton, then Kafka. Idempotent."""
+        """The gateway, ingest, workers, notifier (each drains into Kafka), then Triton, Kafka, the object store.
+        Idempotent."""
         for name in sorted(self.services, key=_stop_rank):
             process = self.services[name]
             if process.alive():
@@ -343,6 +351,7 @@ class Stack(StackLayout):
             triton.stop()
         if self.kafka is not None:
             self.kafka.stop()
+        self.stop_object_store()
 
     def __enter__(self) -> Stack:
         try:
@@ -358,7 +367,7 @@ class Stack(StackLayout):
 
 def _stop_rank(name: str) -> int:
     """Stop order: what produces work first, what serves everyone last."""
-    for rank, prefix in enumerate(("gateway", "ingest", "worker", "notifier", "triton", "kafka")):
+    for rank, prefix in enumerate(("gateway", "ingest", "worker", "notifier", "triton", "kafka", "objectstore")):
         if name.startswith(prefix):
             return rank
     return 0

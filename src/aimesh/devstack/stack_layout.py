@@ -10,6 +10,7 @@ from aimesh.client.targets import grpc_target
 from aimesh.settings import KafkaSettings
 
 from .ports import free_ports
+from .seaweedfs import INTERNAL_PORTS, object_store_env
 from .stack_settings import StackSettings
 
 
@@ -29,7 +30,11 @@ class StackLayout:
         self._extra_env = extra_env or {}
         # One pick for every port beyond the settings', so no two parts get the same one.
         extra_replicas = settings.ingest_replicas + settings.notifier_replicas - 2
-        free = iter(self._free_ports_beside_settings(3 * (settings.triton_servers - 1) + 2 * extra_replicas))
+        store_ports = INTERNAL_PORTS if settings.object_store_port else 0
+        free = iter(
+            self._free_ports_beside_settings(3 * (settings.triton_servers - 1) + 2 * extra_replicas + store_ports)
+        )
+        self._object_store_ports = [next(free) for _ in range(store_ports)]
         self._extra_triton_ports = [(next(free), next(free), next(free)) for _ in range(settings.triton_servers - 1)]
         self._replica_ports = {
             "ingest": _replica_ports(
@@ -138,12 +143,16 @@ class StackLayout:
                 "AIMESH_RESULTS_TOPIC": self.topics.results_topic,
                 "AIMESH_DEAD_LETTER_TOPIC": self.topics.dead_letter_topic,
                 "AIMESH_TRITON_URL": ",".join(self.triton_urls),
+                # Ingest reads the models' declared inputs from the first server (they all serve one repository).
+                "AIMESH_MODEL_METADATA_URL": self.triton_urls[0],
                 "AIMESH_INGEST_ADDRESS": self.ingest_address,
                 "AIMESH_NOTIFIER_ADDRESS": self.notifier_address,
                 "AIMESH_METRICS_HOST": "127.0.0.1",
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.settings.object_store_port:
+            env.update(object_store_env(self.settings.object_store_port))
         env.update(self._extra_env)
         return env
 

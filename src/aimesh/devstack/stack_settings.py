@@ -19,7 +19,7 @@ class StackSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMESH_STACK_", frozen=True, extra="ignore")
 
     run_dir: Path = Field(ROOT / ".run", description="Logs, Kafka data and the state file.")
-    cache_dir: Path = Field(ROOT / ".cache", description="Kafka jars.")
+    cache_dir: Path = Field(ROOT / ".cache", description="Kafka jars, and the weed binary in bin/ (`make tools`).")
     model_repository: Path = Field(ROOT / "models", description="Triton model repository.")
     kafka_port: int = Field(9092, description="Kafka client listener (of node 0; node i uses this port + 2i).")
     kafka_controller_port: int = Field(
@@ -58,6 +58,12 @@ class StackSettings(BaseSettings):
     notifier_metrics_port: int = Field(
         9103, ge=0, le=65535, description="Notifier Prometheus metrics (of the first replica); 0: none, of any."
     )
+    object_store_port: int = Field(
+        8333,
+        ge=0,
+        le=65535,
+        description="S3 API of the object store (SeaweedFS; its other servers on free ports); 0: none.",
+    )
     gateway_metrics_port: int = Field(9104, ge=0, le=65535, description="Gateway Prometheus metrics; 0: none.")
     worker_metrics_port: int = Field(
         9110, ge=0, le=65535, description="Prometheus metrics of worker 0; worker i uses this port + i; 0: none."
@@ -90,6 +96,7 @@ class StackSettings(BaseSettings):
             self.ingest_metrics_port,
             self.notifier_metrics_port,
             self.gateway_metrics_port,
+            self.object_store_port,
             *worker_metrics,
         ]
         clashes = sorted({p for p in ports if p and ports.count(p) > 1})
@@ -105,7 +112,7 @@ class StackSettings(BaseSettings):
         brokers = overrides.get("brokers", cls.model_fields["brokers"].default)
         if not isinstance(workers, int) or not isinstance(brokers, int):
             raise TypeError(f"workers and brokers must be ints, not {workers!r} and {brokers!r}")
-        ports = free_ports(11)
+        ports = free_ports(12)
         names = (
             "kafka_port",
             "kafka_controller_port",
@@ -118,6 +125,7 @@ class StackSettings(BaseSettings):
             "ingest_metrics_port",
             "notifier_metrics_port",
             "gateway_metrics_port",
+            "object_store_port",
         )
         fields: dict[str, object] = dict(zip(names, ports, strict=True))
         first_worker = free_port_block(workers, avoid=ports)

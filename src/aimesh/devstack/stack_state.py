@@ -20,6 +20,7 @@ class StackState:
     ingest_addresses: list[str] = field(default_factory=list)  # every replica's, the first one's first
     notifier_addresses: list[str] = field(default_factory=list)
     gateway_url: str = ""  # empty: the stack runs no gateway
+    object_store_url: str = ""  # empty: the stack runs no object store
     metrics_urls: dict[str, str] = field(default_factory=dict)
 
 

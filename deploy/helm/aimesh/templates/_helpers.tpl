@@ -134,6 +134,41 @@ KAFKA_SASL_PASSWORD first; the JSON names them as $(VAR), which the kubelet expa
 {{- end }}
 {{- end -}}
 
+{{/*
+The object store of large tensor contents (the claim check), as env entries; none while objectStore.endpoint is empty.
+Its credentials reach the pods as the standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from a Secret; without one,
+boto3's default chain applies (an IRSA or workload-identity role of the service account, say).
+*/}}
+{{- define "aimesh.objectStoreEnv" -}}
+{{- $o := .Values.objectStore -}}
+{{- if $o.endpoint }}
+- name: AIMESH_OBJECT_STORE_URL
+  value: {{ $o.endpoint | quote }}
+- name: AIMESH_OBJECT_STORE_BUCKET
+  value: {{ $o.bucket | quote }}
+- name: AIMESH_OBJECT_STORE_REGION
+  value: {{ $o.region | quote }}
+- name: AIMESH_INLINE_LIMIT_BYTES
+  value: {{ int64 $o.inlineLimitBytes | quote }}
+- name: AIMESH_MAX_OBJECT_BYTES
+  value: {{ int64 $o.maxObjectBytes | quote }}
+- name: AIMESH_OBJECT_RETENTION_S
+  value: {{ $o.retentionSeconds | quote }}
+{{- with $o.credentials.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $o.credentials.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $o.credentials.secretAccessKeyKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* The volumes and mounts of the Kafka CA and client certificate, for the services and the topics job. */}}
 {{- define "aimesh.kafkaVolumes" -}}
 {{- if .Values.kafka.tls.caSecret }}
@@ -187,6 +222,7 @@ KAFKA_SASL_PASSWORD first; the JSON names them as $(VAR), which the kubelet expa
 - name: AIMESH_METRICS_PORT
   value: {{ index $root.Values.metrics.ports .component | quote }}
 {{- include "aimesh.kafkaEnv" $root }}
+{{- include "aimesh.objectStoreEnv" $root }}
 - name: OTEL_SERVICE_NAME
   value: aimesh-{{ .component }}
 {{- if $root.Values.otel.enabled }}

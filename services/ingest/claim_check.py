@@ -1,0 +1,177 @@
+"""Large tensor contents by reference (claim check) on ingest's side.
+
+- ``UploadInput``: a client streams a large input's contents; they go to the object store as they arrive (a
+  multipart upload, at most a few chunks held here at a time) and the answer is the object's reference.
+- ``place``: before a task is published, a tensor's inline contents over the inline limit are moved to the store
+  (so a record never carries them), and a reference the client gave is checked: the store configured, the object
+  the caller's tenant's and present with the size it names. The worker verifies the digest when it fetches it.
+
+A store that cannot be reached makes both answer UNAVAILABLE; a task whose tensors are all small never touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+from google.rpc import code_pb2
+
+from aimesh.errors import AimeshError, InvalidTask
+from aimesh.grpc_edge import abort_invalid, abort_with, error_info
+from aimesh.objects import (
+    ObjectNotFound,
+    ObjectStore,
+    ObjectStoreUnavailable,
+    ObjectTooLarge,
+    tenant_of_key,
+    upload_key,
+)
+from aimesh.v1 import ingest_pb2, tensor_pb2
+
+MAX_CHUNK_BYTES = 1 << 20
+OCTET_STREAM = "application/octet-stream"
+# Chunks of an upload between the gRPC stream and the thread writing them to the store.
+_PIPE_CHUNKS = 4
+_END = object()
+
+
+class UploadRefused(AimeshError):
+    """An upload whose messages break the UploadInput contract."""
+
+
+class ClaimCheck:
+    """``store``: None when the mesh runs without one. ``inline_limit_bytes``: larger inline contents go to the
+    store. ``max_object_bytes``: the largest upload."""
+
+    def __init__(self, store: ObjectStore | None, *, inline_limit_bytes: int, max_object_bytes: int) -> None:
+        self._store = store
+        self._inline_limit_bytes = inline_limit_bytes
+        self._max_object_bytes = max_object_bytes
+
+    async def upload(
+        self,
+        requests: AsyncIterator[ingest_pb2.UploadInputRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+        tenant: str,
+    ) -> ingest_pb2.UploadInputResponse:
+        if self._store is None:
+            await abort_with(
+                context, code_pb2.FAILED_PRECONDITION, "this mesh runs without an object store: send tensors inline"
+            )
+        store = self._store
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("part") != "header":
+            await abort_invalid(context, InvalidTask([("header", "the first message must be the header")]))
+        header = first.header
+        violations = self._header_violations(header)
+        if violations:
+            await abort_invalid(context, InvalidTask(violations))
+        pipe: queue.Queue[object] = queue.Queue(maxsize=_PIPE_CHUNKS)
+        key = upload_key(tenant, str(uuid.uuid4()))
+        writing = asyncio.ensure_future(
+            asyncio.to_thread(
+                store.put_stream,
+                key,
+                _drained(pipe),
+                size=header.size,
+                content_type=header.content_type or OCTET_STREAM,
+            )
+        )
+        try:
+            await _feed(requests, pipe, writing)
+            stored = await writing
+        except UploadRefused as e:
+            await abort_invalid(context, InvalidTask([("chunk", str(e))]))
+        except ObjectTooLarge as e:
+            await abort_invalid(context, InvalidTask([("header.size", str(e))]))
+        except ObjectStoreUnavailable as e:
+            await abort_with(
+                context, code_pb2.UNAVAILABLE, f"object store: {e}", [error_info("OBJECT_STORE_UNAVAILABLE")]
+            )
+        finally:
+            if not writing.done():
+                await _put(pipe, UploadRefused("the upload was abandoned"), writing)
+                await asyncio.wait({writing})
+        if header.sha256 and header.sha256 != stored.sha256:
+            await asyncio.to_thread(store.delete, key)
+            await abort_invalid(
+                context, InvalidTask([("header.sha256", f"the contents received have SHA-256 {stored.sha256}")])
+            )
+        return ingest_pb2.UploadInputResponse(object=stored.to_proto())
+
+    def _header_violations(self, header: ingest_pb2.UploadHeader) -> list[tuple[str, str]]:
+        violations = []
+        if header.size > self._max_object_bytes:
+            violations.append(("header.size", f"is {header.size} bytes; the limit is {self._max_object_bytes}"))
+        if header.sha256 and (len(header.sha256) != 64 or header.sha256.strip("0123456789abcdef")):
+            violations.append(("header.sha256", "must be empty or 64 lowercase hex digits"))
+        if len(header.content_type) > 255:
+            violations.append(("header.content_type", "longer than 255 characters"))
+        return violations
+
+    async def place(self, tensors: Sequence[tensor_pb2.InputTensor], tenant: str, field: str) -> list[tuple[str, str]]:
+        """Move large inline contents to the store and check references, in place; the violations found.
+        Raises ObjectStoreUnavailable."""
+        violations: list[tuple[str, str]] = []
+        for i, tensor in enumerate(tensors):
+            path = f"{field}[{i}]"
+            if tensor.WhichOneof("contents") == "object":
+                violations.extend(await self._checked_reference(tensor.object, tenant, f"{path}.object"))
+            elif self._store is not None and len(tensor.raw_contents) > self._inline_limit_bytes:
+                key = upload_key(tenant, str(uuid.uuid4()))
+                stored = await asyncio.to_thread(self._store.put, key, tensor.raw_contents)
+                tensor.object.CopyFrom(stored.to_proto())  # clears raw_contents (one of contents)
+        return violations
+
+    async def _checked_reference(self, ref: tensor_pb2.ObjectRef, tenant: str, path: str) -> list[tuple[str, str]]:
+        if self._store is None:
+            return [(path, "this mesh runs without an object store: send the contents inline")]
+        if ref.bucket != self._store.bucket or tenant_of_key(ref.key) != tenant:
+            return [(path, "names no object of this tenant: upload it with UploadInput")]
+        try:
+            found = await asyncio.to_thread(self._store.head, ref.key)
+        except ObjectNotFound:
+            return [(f"{path}.key", "no such object (never uploaded, or expired)")]
+        if found.size != ref.size:
+            return [(f"{path}.size", f"the object is {found.size} bytes, not {ref.size}")]
+        return []
+
+
+async def _feed(
+    requests: AsyncIterator[ingest_pb2.UploadInputRequest], pipe: queue.Queue[object], writing: asyncio.Future[Any]
+) -> None:
+    """Pass each chunk of the stream to the writing thread, then the end; an error ends the writer too."""
+    async for message in requests:
+        if writing.done():
+            return  # the writer failed: its error is the answer
+        if message.WhichOneof("part") != "chunk":
+            raise UploadRefused("only the first message may be the header")
+        if len(message.chunk) > MAX_CHUNK_BYTES:
+            raise UploadRefused(f"a chunk is {len(message.chunk)} bytes; the limit is {MAX_CHUNK_BYTES}")
+        await _put(pipe, message.chunk, writing)
+    await _put(pipe, _END, writing)
+
+
+async def _put(pipe: queue.Queue[object], item: object, writing: asyncio.Future[Any]) -> None:
+    """Hand ``item`` to the writer, unless it has ended (then nobody would take it)."""
+    while not writing.done():
+        try:
+            await asyncio.to_thread(pipe.put, item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+
+
+def _drained(pipe: queue.Queue[object]) -> Iterator[bytes]:
+    while True:
+        item = pipe.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, bytes)
+        yield item
