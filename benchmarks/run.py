@@ -2,7 +2,7 @@
 same machine, each round repeated ``--rounds`` times and the median quoted.
 
     python benchmarks/run.py [--only throughput blog celery ingest latency ttft hol cluster gateway store_choice
-                             notifier_state notifier_replicas ingest_replicas] [--rounds 3] [--quick]
+                             notifier_state notifier_replicas ingest_replicas payloads] [--rounds 3] [--quick]
                              [--guarantees exactly_once at_least_once] [--markdown docs/benchmarks.md] [--plots docs]
 
 Throughput, blog, Celery and ingest share one fresh mesh per round (the throughput sweep runs its workers under
@@ -13,7 +13,7 @@ three-broker cluster against one broker), and so does gateway (Server-Sent Event
 WatchTask, and idle event streams on one gateway process). store_choice compares the two embedded stores for the
 notifier's state without any mesh; notifier_state starts only a Kafka broker and the notifier, notifier_replicas a
 broker with one notifier and then three partitioned replicas; ingest_replicas starts a mesh with two ingest
-replicas.
+replicas; payloads starts a mesh and sends 1 MiB tensors by reference through it and straight to its Triton.
 The blog and Celery baselines are compared with the mesh's throughput in the same round, so they bring the
 throughput sweep along.
 """
@@ -43,6 +43,7 @@ from benchmarks import (  # noqa: E402
     latency,
     notifier_replicas,
     notifier_state,
+    payloads,
     sections,
     state_store_choice,
     throughput,
@@ -57,6 +58,7 @@ ALL = [
     *MESH_BENCHMARKS,
     *("latency", "ttft", "hol", "cluster", "gateway", "store_choice", "notifier_state", "notifier_replicas"),
     "ingest_replicas",
+    "payloads",
 ]
 ORDER = sections.ORDER
 
@@ -92,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intake-tasks", type=int, default=200_000, help="retained tasks in notifier_replicas")
     parser.add_argument("--live-watchers", type=int, default=300, help="live WatchTask streams in notifier_replicas")
     parser.add_argument("--replicas-seconds", type=float, default=5.0, help="each ingest_replicas measurement")
+    parser.add_argument("--payload-tasks", type=int, default=200, help="1 MiB tasks per point in payloads")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, small counts")
     parser.add_argument("--markdown", type=Path, help="write the sections measured into this file")
@@ -101,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.seconds, args.ingest_requests = 1, 1.0, 1000
         args.latency_tasks, args.ttft_tasks, args.warmup = 30, 30, 5
         args.gateway_tasks, args.gateway_streams = 30, 100
-        args.replicas_seconds = 2.0
+        args.replicas_seconds, args.payload_tasks = 2.0, 40
         args.intake_tasks, args.live_watchers = 20_000, 60
         args.store_tasks, args.store_gets, args.notifier_tasks, args.notifier_gets = 50_000, 10_000, 20_000, 1000
     args.concurrency = sorted(args.concurrency or ([1, 8, 64] if args.quick else [1, 8, 32, 64, 128]))
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(notifier_replicas.report(notifier_replicas.run_rounds(args), args))
     if "ingest_replicas" in args.only:
         sections.append(ingest_replicas.report(ingest_replicas.run_rounds(args), args))
+    if "payloads" in args.only:
+        sections.append(payloads.report(payloads.run_rounds(args), args))
     for section in sections:
         print(f"\n## {section.title}\n\n{section.results}")
     command = shlex.join(["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])

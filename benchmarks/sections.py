@@ -19,6 +19,7 @@ STATE_STORE_CHOICE = "Notifier state store: RocksDB against LMDB"
 NOTIFIER_STATE = "Notifier state: memory, GetTask and restart with many retained tasks"
 NOTIFIER_STATE_BEFORE = "Notifier state before the on-disk store"
 NOTIFIER_REPLICAS = "Notifier replicas: the rate of results taken in, one notifier against three"
+PAYLOADS = "Large payloads by reference: 1 MiB tasks against direct Triton"
 HISTORY = "History: the measurements behind the design's choices"
 
 ORDER = [
@@ -38,5 +39,6 @@ ORDER = [
     NOTIFIER_STATE,
     NOTIFIER_STATE_BEFORE,  # the same benchmark run on the notifier before its on-disk store: kept by hand
     NOTIFIER_REPLICAS,
+    PAYLOADS,
     HISTORY,  # written by hand: the measurements behind the design's choices (docs/design.md)
 ]

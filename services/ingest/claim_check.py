@@ -24,7 +24,9 @@ from aimesh.errors import AimeshError, InvalidTask
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.objects import (
     ObjectNotFound,
+    ObjectSizeMismatch,
     ObjectStore,
+    ObjectStoreError,
     ObjectStoreUnavailable,
     ObjectTooLarge,
     tenant_of_key,
@@ -86,12 +88,16 @@ class ClaimCheck:
             stored = await writing
         except UploadRefused as e:
             await abort_invalid(context, InvalidTask([("chunk", str(e))]))
+        except ObjectSizeMismatch as e:
+            await abort_invalid(context, InvalidTask([("chunk", f"the chunks do not add up to header.size: {e}")]))
         except ObjectTooLarge as e:
             await abort_invalid(context, InvalidTask([("header.size", str(e))]))
         except ObjectStoreUnavailable as e:
             await abort_with(
                 context, code_pb2.UNAVAILABLE, f"object store: {e}", [error_info("OBJECT_STORE_UNAVAILABLE")]
             )
+        except ObjectStoreError as e:  # the store refused a well-formed upload: the mesh's configuration, not the call
+            await abort_with(context, code_pb2.INTERNAL, f"object store refused the upload: {e}")
         finally:
             if not writing.done():
                 await _put(pipe, UploadRefused("the upload was abandoned"), writing)

@@ -35,7 +35,7 @@ from aimesh.metrics import (
     REJECT_OBJECT_STORE_UNAVAILABLE,
     IngestMetrics,
 )
-from aimesh.objects import ObjectStoreUnavailable
+from aimesh.objects import ObjectStoreError, ObjectStoreUnavailable
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, task_pb2
 
 from .admission import Admission
@@ -202,6 +202,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             await abort_with(
                 context, code_pb2.UNAVAILABLE, f"object store: {e}", [error_info("OBJECT_STORE_UNAVAILABLE")]
             )
+        except ObjectStoreError as e:  # refused, not unreachable: the mesh's configuration, not the call
+            await abort_with(context, code_pb2.INTERNAL, f"object store refused the request: {e}")
         if violations:
             self._metrics.tasks_rejected.labels(REJECT_INVALID_ARGUMENT).inc(len(requests))
             await abort_invalid(context, InvalidTask(violations))

@@ -322,10 +322,11 @@ class NotifierServicer(notifier_pb2_grpc.NotifierServiceServicer):
         await self._check_serving(context, request.task_id)
         return await self._cancel_requests.cancel(context, request.task_id, auth.current_tenant())
 
-    def DownloadOutput(
+    async def DownloadOutput(
         self, request: notifier_pb2.DownloadOutputRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[notifier_pb2.DownloadOutputResponse]:
-        return self._downloads.download(request, context)
+        async for response in self._downloads.download(request, context):
+            yield response
 
     async def _admit(
         self, context: grpc.aio.ServicerContext[Any, Any], connection: Hashable | None, count: int
