@@ -1,7 +1,7 @@
 """Large tensor contents by reference (claim check) on ingest's side.
 
 - ``UploadInput``: a client streams a large input's contents; they go to the object store as they arrive (a
-  multipart upload, at most a few chunks held here at a time) and the answer is the object's reference.
+  multipart upload, at most one part held here at a time) and the answer is the object's reference.
 - ``place``: before a task is published, a tensor's inline contents over the inline limit are moved to the store
   (so a record never carries them), and a reference the client gave is checked: the store configured, the object
   the caller's tenant's and present with the size it names. The worker verifies the digest when it fetches it.
@@ -12,9 +12,8 @@ A store that cannot be reached makes both answer UNAVAILABLE; a task whose tenso
 from __future__ import annotations
 
 import asyncio
-import queue
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -22,6 +21,7 @@ from google.rpc import code_pb2
 
 from aimesh.errors import AimeshError, InvalidTask
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
+from aimesh.object_upload import Upload
 from aimesh.objects import (
     ObjectNotFound,
     ObjectSizeMismatch,
@@ -29,6 +29,7 @@ from aimesh.objects import (
     ObjectStoreError,
     ObjectStoreUnavailable,
     ObjectTooLarge,
+    StoredObject,
     tenant_of_key,
     upload_key,
 )
@@ -36,9 +37,6 @@ from aimesh.v1 import ingest_pb2, tensor_pb2
 
 MAX_CHUNK_BYTES = 1 << 20
 OCTET_STREAM = "application/octet-stream"
-# Chunks of an upload between the gRPC stream and the thread writing them to the store.
-_PIPE_CHUNKS = 4
-_END = object()
 
 
 class UploadRefused(AimeshError):
@@ -72,20 +70,11 @@ class ClaimCheck:
         violations = self._header_violations(header)
         if violations:
             await abort_invalid(context, InvalidTask(violations))
-        pipe: queue.Queue[object] = queue.Queue(maxsize=_PIPE_CHUNKS)
         key = upload_key(tenant, str(uuid.uuid4()))
-        writing = asyncio.ensure_future(
-            asyncio.to_thread(
-                store.put_stream,
-                key,
-                _drained(pipe),
-                size=header.size,
-                content_type=header.content_type or OCTET_STREAM,
-            )
-        )
         try:
-            await _feed(requests, pipe, writing)
-            stored = await writing
+            stored = await _stored(
+                store.open_upload(key, size=header.size, content_type=header.content_type or OCTET_STREAM), requests
+            )
         except UploadRefused as e:
             await abort_invalid(context, InvalidTask([("chunk", str(e))]))
         except ObjectSizeMismatch as e:
@@ -98,10 +87,6 @@ class ClaimCheck:
             )
         except ObjectStoreError as e:  # the store refused a well-formed upload: the mesh's configuration, not the call
             await abort_with(context, code_pb2.INTERNAL, f"object store refused the upload: {e}")
-        finally:
-            if not writing.done():
-                await _put(pipe, UploadRefused("the upload was abandoned"), writing)
-                await asyncio.wait({writing})
         if header.sha256 and header.sha256 != stored.sha256:
             await asyncio.to_thread(store.delete, key)
             await abort_invalid(
@@ -147,37 +132,17 @@ class ClaimCheck:
         return []
 
 
-async def _feed(
-    requests: AsyncIterator[ingest_pb2.UploadInputRequest], pipe: queue.Queue[object], writing: asyncio.Future[Any]
-) -> None:
-    """Pass each chunk of the stream to the writing thread, then the end; an error ends the writer too."""
-    async for message in requests:
-        if writing.done():
-            return  # the writer failed: its error is the answer
-        if message.WhichOneof("part") != "chunk":
-            raise UploadRefused("only the first message may be the header")
-        if len(message.chunk) > MAX_CHUNK_BYTES:
-            raise UploadRefused(f"a chunk is {len(message.chunk)} bytes; the limit is {MAX_CHUNK_BYTES}")
-        await _put(pipe, message.chunk, writing)
-    await _put(pipe, _END, writing)
-
-
-async def _put(pipe: queue.Queue[object], item: object, writing: asyncio.Future[Any]) -> None:
-    """Hand ``item`` to the writer, unless it has ended (then nobody would take it)."""
-    while not writing.done():
-        try:
-            await asyncio.to_thread(pipe.put, item, timeout=0.2)
-            return
-        except queue.Full:
-            continue
-
-
-def _drained(pipe: queue.Queue[object]) -> Iterator[bytes]:
-    while True:
-        item = pipe.get()
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        assert isinstance(item, bytes)
-        yield item
+async def _stored(upload: Upload, requests: AsyncIterator[ingest_pb2.UploadInputRequest]) -> StoredObject:
+    """Write each chunk of the stream as it comes (each step on a thread of its own, none held between chunks),
+    then finish; on any failure, a client gone included, abort the upload so that no part stays in the store."""
+    try:
+        async for message in requests:
+            if message.WhichOneof("part") != "chunk":
+                raise UploadRefused("only the first message may be the header")
+            if len(message.chunk) > MAX_CHUNK_BYTES:
+                raise UploadRefused(f"a chunk is {len(message.chunk)} bytes; the limit is {MAX_CHUNK_BYTES}")
+            await asyncio.to_thread(upload.write, message.chunk)
+        return await asyncio.to_thread(upload.finish)
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(upload.abort))
+        raise

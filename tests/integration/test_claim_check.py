@@ -151,3 +151,27 @@ async def test_a_worker_retries_a_fetch_until_the_store_is_back(mesh: Stack, cli
     result = await client.result(task.task_id, timeout_s=120)
     assert result.status == result_pb2.TASK_STATUS_SUCCEEDED, result.error
     assert tensor(result, "OUT_UINT8_1").object.sha256 == ref.sha256  # 1 MiB: back by reference, the same bytes
+
+
+async def test_an_upload_cut_off_midway_leaves_no_object_and_no_pending_upload(mesh: Stack, client: MeshClient) -> None:
+    store = mesh.object_store_client()
+    before = set(store.pending_uploads())
+    sent = asyncio.Event()
+
+    async def cut_off():  # type: ignore[no-untyped-def]
+        yield ingest_pb2.UploadInputRequest(header=ingest_pb2.UploadHeader(size=20 * MB))
+        for _ in range(10):  # half of it: ingest has begun the multipart upload
+            yield ingest_pb2.UploadInputRequest(chunk=b"\1" * MB)
+        sent.set()
+        await asyncio.sleep(3600)  # the client goes silent, then its call is cancelled
+
+    call = client.ingest.UploadInput(cut_off(), timeout=120)
+    await asyncio.wait_for(sent.wait(), 60)
+    await asyncio.sleep(1)
+    call.cancel()
+    for _ in range(60):  # ingest aborts it as the call ends
+        if not set(store.pending_uploads()) - before:
+            break
+        await asyncio.sleep(0.5)
+    # A multipart upload that was never completed holds no object, and none is left pending.
+    assert not set(store.pending_uploads()) - before, "the cut-off upload was left pending in the store"

@@ -6,8 +6,11 @@ import asyncio
 import time
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
-from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
+from aimesh import tensors
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2, tensor_pb2
 
 ARTICLE = (
     "Kafka decouples the services that accept work from the services that do it. "
@@ -25,6 +28,52 @@ DEMO_TASKS: list[tuple[str, str, dict[str, str]]] = [
     ("embed", "Asynchronous inference keeps the GPUs busy.", {}),
     ("sleep", "a benchmark task", {}),
 ]
+# A handwritten 7 as the digits model reads it: 8x8 grey pixels, 255 the most ink.
+SEVEN = np.array(
+    [
+        [0, 0, 96, 240, 255, 255, 112, 0],
+        [0, 0, 16, 64, 80, 240, 96, 0],
+        [0, 0, 0, 0, 48, 240, 16, 0],
+        [0, 0, 16, 96, 208, 255, 144, 0],
+        [0, 0, 176, 255, 255, 176, 48, 0],
+        [0, 0, 0, 160, 176, 0, 0, 0],
+        [0, 0, 48, 240, 48, 0, 0, 0],
+        [0, 0, 128, 176, 0, 0, 0, 0],
+    ],
+    dtype=np.uint8,
+)
+# Tensor tasks: the model, its input tensors, its parameters.
+DEMO_TENSOR_TASKS: list[tuple[str, dict[str, npt.NDArray[np.uint8]], dict[str, str]]] = [
+    ("digits", {"IMAGE": SEVEN}, {}),
+    ("resize", {"IMAGE": SEVEN}, {"scale": "4"}),
+]
+
+
+def task_input(text: str | dict[str, npt.NDArray[np.uint8]]) -> task_pb2.TaskInput:
+    if isinstance(text, str):
+        return task_pb2.TaskInput(text=text)
+    inputs = [
+        tensor_pb2.InputTensor(
+            name=name,
+            datatype=tensors.datatype_of(a),
+            shape=list(a.shape),
+            raw_contents=tensors.to_raw(tensors.datatype_of(a), a),
+        )
+        for name, a in text.items()
+    ]
+    return task_pb2.TaskInput(tensors=task_pb2.Tensors(tensors=inputs))
+
+
+def describe_raw(tensor: result_pb2.OutputTensor) -> str:
+    """A raw output: its values when few, else its datatype, shape and size (a PNG named as one)."""
+    if tensor.HasField("object"):
+        return f"{tensor.name}={tensor.datatype} {list(tensor.shape)} ({tensor.object.size} bytes, by reference)"
+    array = tensors.to_numpy(tensor.datatype, tensor.shape, tensor.raw_contents)
+    if tensor.datatype == "BYTES" and array.size == 1 and bytes(array.reshape(-1)[0]).startswith(b"\x89PNG"):
+        return f"{tensor.name}=<PNG image, {len(array.reshape(-1)[0])} bytes>"
+    if array.size <= 4:
+        return f"{tensor.name}={array.reshape(-1).tolist()}"
+    return f"{tensor.name}={tensor.datatype} {list(tensor.shape)}"
 
 
 def describe(result: result_pb2.AIResultEvent) -> str:
@@ -33,7 +82,9 @@ def describe(result: result_pb2.AIResultEvent) -> str:
         return f"{result_pb2.ErrorCode.Name(result.error.code)}: {result.error.message}"
     parts = []
     for tensor in result.output.tensors:
-        if tensor.string_data:
+        if tensor.raw_contents or tensor.HasField("object"):
+            parts.append(describe_raw(tensor))
+        elif tensor.string_data:
             parts.append(f"{tensor.name}={' '.join(tensor.string_data)!r}")
         elif tensor.float_data:
             values = list(tensor.float_data)
@@ -57,11 +108,9 @@ async def run_demo(ingest_address: str, notifier_address: str, *, timeout_s: flo
         notifier = notifier_pb2_grpc.NotifierServiceStub(notifier_ch)
         started = time.monotonic()
 
-        async def one(model: str, text: str, parameters: dict[str, str]) -> bool:
+        async def one(model: str, text: str | dict[str, npt.NDArray[np.uint8]], parameters: dict[str, str]) -> bool:
             reply = await ingest.SubmitTask(
-                ingest_pb2.SubmitTaskRequest(
-                    model_name=model, input=task_pb2.TaskInput(text=text), parameters=parameters
-                ),
+                ingest_pb2.SubmitTaskRequest(model_name=model, input=task_input(text), parameters=parameters),
                 timeout=30,
             )
             tag = f"[{model:9} {reply.task_id[:8]}]"
@@ -79,7 +128,10 @@ async def run_demo(ingest_address: str, notifier_address: str, *, timeout_s: flo
                     return state.status == result_pb2.TASK_STATUS_SUCCEEDED
             return False
 
-        outcomes = await asyncio.gather(*(one(*task) for task in DEMO_TASKS))
+        outcomes = await asyncio.gather(
+            *(one(model, text, parameters) for model, text, parameters in DEMO_TASKS),
+            *(one(model, inputs, parameters) for model, inputs, parameters in DEMO_TENSOR_TASKS),
+        )
         failed = outcomes.count(False)
         print(f"{len(outcomes) - failed} of {len(outcomes)} tasks succeeded", flush=True)
         return failed
