@@ -9,6 +9,7 @@ mismatch ends the stream DATA_LOSS after the chunks already sent, which the clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NoReturn
 
@@ -43,23 +44,25 @@ class Downloads:
         store = self._store
         key = output_key(tenant, request.task_id, request.output_name)
         try:
-            found = await asyncio.to_thread(store.head, key)
+            found, chunks = await asyncio.to_thread(store.read, key, CHUNK_BYTES)
         except ObjectNotFound:
             await _not_found(context, request)
         except ObjectStoreUnavailable as e:
             await _unavailable(context, e)
         yield notifier_pb2.DownloadOutputResponse(object=found.to_proto())
-        chunks = store.iter_chunks(found, CHUNK_BYTES)
         try:
             while (chunk := await asyncio.to_thread(_next, chunks)) is not _DONE:
                 assert isinstance(chunk, bytes)
                 yield notifier_pb2.DownloadOutputResponse(chunk=chunk)
-        except ObjectNotFound:
-            await _not_found(context, request)
         except ObjectStoreUnavailable as e:
             await _unavailable(context, e)
         except DigestMismatch as e:
             await abort_with(context, code_pb2.DATA_LOSS, f"output {request.output_name}: {e}")
+        finally:
+            # A client gone mid-stream: release the store's connection now (unless a read is still running on
+            # its thread: it ends with the stream's next chunk).
+            with contextlib.suppress(ValueError):
+                chunks.close()
 
 
 def _next(chunks: Iterator[bytes]) -> object:

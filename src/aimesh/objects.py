@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import boto3
@@ -211,21 +211,23 @@ class ObjectStore:
         the end: DigestMismatch is raised after the last chunk, so a caller must not trust what it has taken until
         the iteration ends."""
         self._check_size(ref.size, ref.key)
-        body = self._get_object(ref)
-        digest, received = hashlib.sha256(), 0
+        return _verified(ref, self._get_object(ref), chunk_bytes)
+
+    def read(self, key: str, chunk_bytes: int = 1 << 20) -> tuple[StoredObject, Generator[bytes, None, None]]:
+        """The object at ``key`` as ``head`` describes it and its contents, streamed and checked against the
+        SHA-256 recorded with it as ``iter_chunks`` does, in one request (no HEAD first). Raises ObjectNotFound."""
         try:
-            for chunk in body.iter_chunks(chunk_bytes):
-                received += len(chunk)
-                if received > ref.size:
-                    raise DigestMismatch(f"{ref.key}: more than the {ref.size} bytes the reference says")
-                digest.update(chunk)
-                yield chunk
-        except BotoCoreError as e:
-            raise translate_error(e, f"read {ref.key}") from e
-        finally:
-            body.close()
-        if received != ref.size or digest.hexdigest() != ref.sha256:
-            raise DigestMismatch(f"{ref.key}: contents differ from the reference's size and SHA-256")
+            answer = self._client.get_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as e:
+            raise translate_error(e, f"get {key}") from e
+        ref = StoredObject(
+            self.bucket,
+            key,
+            answer["ContentLength"],
+            answer.get("Metadata", {}).get(DIGEST_METADATA, ""),
+            answer.get("ContentType") or DEFAULT_CONTENT_TYPE,
+        )
+        return ref, _verified(ref, answer["Body"], chunk_bytes)
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a key that does not exist is not an error."""
@@ -330,3 +332,21 @@ class ObjectSweeper(BackgroundThread):
                 log.warning("object sweep failed, next in %.0f s: %s", self._interval_s, e)
             if self.stopping.wait(self._interval_s):
                 return
+
+
+def _verified(ref: StoredObject, body: StreamingBody, chunk_bytes: int) -> Generator[bytes, None, None]:
+    """``body``'s chunks, checked against ``ref``'s size as they come and its SHA-256 after the last."""
+    digest, received = hashlib.sha256(), 0
+    try:
+        for chunk in body.iter_chunks(chunk_bytes):
+            received += len(chunk)
+            if received > ref.size:
+                raise DigestMismatch(f"{ref.key}: more than the {ref.size} bytes the reference says")
+            digest.update(chunk)
+            yield chunk
+    except BotoCoreError as e:
+        raise translate_error(e, f"read {ref.key}") from e
+    finally:
+        body.close()
+    if received != ref.size or digest.hexdigest() != ref.sha256:
+        raise DigestMismatch(f"{ref.key}: contents differ from the reference's size and SHA-256")
