@@ -82,13 +82,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     _in_head = True
     _heads = 0  # heads completed on this connection
+    _messages = 0  # requests completed on this connection, bodies included
     _head_bytes = 0
 
     def data_received(self, data: bytes) -> None:
-        heads = self._heads
+        heads, messages = self._heads, self._messages
         super().data_received(data)
         # A read that completed a head is not counted: the rest of it may be a body, or the start of a next head.
-        if self._heads != heads or not self._in_head or self.transport.is_closing():
+        # Nor is one that completed a body: most of it was body (a body's last read counted as head bytes once got
+        # the 400 sent after the request's own answer, where the client's next request on the connection read it).
+        if self._heads != heads or self._messages != messages or not self._in_head or self.transport.is_closing():
             return
         self._head_bytes += len(data)
         if self._head_bytes > HEAD_LIMIT_BYTES:
@@ -101,7 +104,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_head = True  # the next request on the connection starts its head
+        self._in_head, self._messages = True, self._messages + 1  # the next request on the connection starts its head
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:

@@ -4,8 +4,10 @@ carrying their reference instead of their contents.
 
 A fetch or store that fails because the store cannot be reached is a retryable UNAVAILABLE: the runner tries again
 within the task's deadline, as for a Triton outage. A missing object or one whose digest differs fails the task
-(INVALID_INPUT, DIGEST_MISMATCH). An output's key is derived from its task and name, so a task run again after a
-crash overwrites the object its aborted transaction left instead of orphaning it.
+(INVALID_INPUT, DIGEST_MISMATCH). An output's key is derived from its task and name, and the first output stored
+under it stays: a task run again after a crash takes the object its aborted attempt left instead of orphaning it,
+and a late attempt does not replace the object a committed result names (short of two attempts storing at the same
+moment).
 """
 
 from __future__ import annotations
@@ -81,10 +83,25 @@ class ClaimCheck:
                 continue
             key = output_key(task.tenant, task.task_id, tensor.name)
             try:
-                stored = await asyncio.to_thread(self._store.put, key, tensor.raw_contents)
+                stored = await asyncio.to_thread(self._stored_once, key, tensor.raw_contents)
             except ObjectStoreUnavailable as e:
                 raise InferenceFailed(
                     result_pb2.ERROR_CODE_UNAVAILABLE, f"output {tensor.name}: object store: {e}", retryable=True
                 ) from e
             tensor.ClearField("raw_contents")
             tensor.object.CopyFrom(stored.to_proto())
+
+    def _stored_once(self, key: str, data: bytes) -> StoredObject:
+        """The output at ``key``: the one an earlier attempt of the task stored, if any, else ``data`` stored now.
+        The first output stored is the task's for good: an attempt that crashed before its transaction committed
+        left a complete output of the same task, and a fenced worker finishing late must not replace the output a
+        committed result names (that result would then read DATA_LOSS). Two attempts storing at the same moment can
+        still both write; the digest check then turns a replaced output into DATA_LOSS, never into other bytes."""
+        assert self._store is not None
+        try:
+            found = self._store.head(key)
+        except ObjectNotFound:
+            return self._store.put(key, data)
+        if found.sha256:
+            return found
+        return self._store.put(key, data)  # written by something else, its digest unknown: ours replaces it

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
+import numpy as np
 import pytest
 from integration.mesh_client import (
     MeshClient,
@@ -15,7 +17,9 @@ from integration.mesh_client import (
     wait_for_results,
 )
 
+from aimesh.client import AsyncClient
 from aimesh.devstack.stack import Stack
+from aimesh.v1 import result_pb2
 
 from .conftest import WORKER_GROUP, assert_workers_rejoined
 from .dead_letters import dead_letters_of
@@ -54,4 +58,40 @@ async def test_a_killed_worker_loses_no_task_and_answers_none_twice(stack: Stack
     assert not problem, f"after worker-1 was killed with {done_at_kill} of {TASKS} done: {problem}"
     dead = dead_letters_of(read_topic(stack.kafka_bootstrap, stack.topics.dead_letter_topic), task_ids)
     assert not dead, f"{len(dead)} tasks went to the dead-letter topic: {dead[:5]}"
+    assert_workers_rejoined(stack)
+
+
+OUTPUT_TASKS = 240
+OUTPUT_BYTES = 512 * 1024  # over the inline limit: every output goes by reference
+
+
+async def test_a_killed_worker_leaves_every_output_by_reference_whole(stack: Stack, client: MeshClient) -> None:
+    """Outputs stored by reference while a worker is SIGKILLed: every task still gets one result, and the object
+    each result names holds exactly the bytes its SHA-256 says (downloaded through any notifier replica)."""
+    payloads = [np.frombuffer(np.random.default_rng(i).bytes(OUTPUT_BYTES), dtype=np.uint8) for i in range(8)]
+    async with AsyncClient(stack.ingest_address, stack.notifier_address, timeout_s=120) as library:
+        with TopicReader(stack.kafka_bootstrap, stack.topics.results_topic) as results:
+            task_ids = [
+                await library.submit("identity", tensors={"UINT8_1": payloads[i % len(payloads)]})
+                for i in range(OUTPUT_TASKS)
+            ]
+            done = wait_for_results(results, task_ids, at_least=OUTPUT_TASKS // 4, timeout_s=120)
+            stack.kill_worker(0)
+            done_at_kill = len(done)
+            stack.restart_worker(0)
+            wait_for_results(results, task_ids, timeout_s=180)
+        wait_caught_up(stack.kafka_bootstrap, WORKER_GROUP, stack.topics.tasks_topic)
+        assert done_at_kill < OUTPUT_TASKS, "the run ended before the kill: make it longer"
+
+        counts = terminal_results_by_task(stack.kafka_bootstrap, stack.topics.results_topic)
+        problem = not_exactly_once(task_ids, counts)
+        assert not problem, f"after worker-0 was killed with {done_at_kill} of {OUTPUT_TASKS} done: {problem}"
+        for i, task_id in enumerate(task_ids):
+            state = await library.result(task_id, timeout_s=60)
+            assert state.status == result_pb2.TASK_STATUS_SUCCEEDED, (task_id, state.result.error)
+            (output,) = state.result.output.tensors
+            expected = payloads[i % len(payloads)].tobytes()
+            assert output.object.sha256 == hashlib.sha256(expected).hexdigest(), task_id
+            assert await library.download(task_id, output.name) == expected, task_id
+    assert not stack.object_store_client().pending_uploads()
     assert_workers_rejoined(stack)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aimesh.devstack.stack import Stack
-from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, task_pb2
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, task_pb2, tensor_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -34,7 +34,7 @@ READ = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.UNAVAILABLE}
 # Watches are cut by the client's own short deadline: a watched task that never ends is no error.
 WATCH = READ | {Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED}
 
-MODELS = ["summarize", "sentiment", "embed", "sleep", "generate", "ghost"]
+MODELS = ["summarize", "sentiment", "embed", "sleep", "generate", "ghost", "digits", "resize", "identity"]
 
 texts = st.text(max_size=200) | st.sampled_from(["", " ", "\x00", "a" * 5000, "héllo wörld"])
 task_ids = st.uuids().map(str) | st.text(max_size=60) | st.sampled_from(["", "not-a-uuid", str(uuid.UUID(int=0))])
@@ -52,6 +52,25 @@ parameters = st.dictionaries(
 
 
 @st.composite
+def input_tensors(draw: st.DrawFn) -> tensor_pb2.InputTensor:
+    """Tensors right and wrong: known and unknown names and datatypes, shapes with negative or huge dimensions,
+    contents of any length, or references to objects that may not exist."""
+    tensor = tensor_pb2.InputTensor(
+        name=draw(st.sampled_from(["IMAGE", "UINT8_1", "FP32_2", "BYTES_1", ""]) | st.text(max_size=10)),
+        datatype=draw(st.sampled_from(["BOOL", "UINT8", "FP16", "FP32", "INT64", "BYTES"]) | st.text(max_size=8)),
+        shape=draw(st.lists(st.integers(-3, 10) | st.integers(-(2**63), 2**63 - 1), max_size=4)),
+    )
+    contents = draw(st.sampled_from(["raw", "object", "none"]))
+    if contents == "raw":
+        tensor.raw_contents = draw(st.binary(max_size=300))
+    elif contents == "object":
+        tensor.object.key = draw(st.sampled_from(["inputs/default/x", "outputs/a/b/c"]) | st.text(max_size=40))
+        tensor.object.size = draw(st.integers(0, 2**64 - 1))
+        tensor.object.sha256 = draw(st.sampled_from(["0" * 64]) | st.text(max_size=70))
+    return tensor
+
+
+@st.composite
 def submit_requests(draw: st.DrawFn) -> ingest_pb2.SubmitTaskRequest:
     request = ingest_pb2.SubmitTaskRequest(
         model_name=draw(st.sampled_from(MODELS) | st.text(max_size=30)),
@@ -60,8 +79,11 @@ def submit_requests(draw: st.DrawFn) -> ingest_pb2.SubmitTaskRequest:
         idempotency_key=draw(st.sampled_from([""]) | st.text(max_size=200)),
         priority=draw(st.integers(-5, 5) | st.integers(-(2**31), 2**31 - 1)),  # type: ignore[arg-type]
     )
-    if draw(st.booleans()):
+    kind = draw(st.sampled_from(["none", "text", "tensors"]))
+    if kind == "text":
         request.input.text = draw(texts)
+    elif kind == "tensors":
+        request.input.tensors.tensors.extend(draw(st.lists(input_tensors(), max_size=3)))
     if draw(st.booleans()):
         deadline = draw(timestamps)
         request.deadline.seconds, request.deadline.nanos = deadline["seconds"], deadline["nanos"]
@@ -108,6 +130,7 @@ METHODS = [
     ("/aimesh.v1.NotifierService/CancelTask", 1, False, READ),
     ("/aimesh.v1.NotifierService/WatchTask", 1, True, WATCH),
     ("/aimesh.v1.NotifierService/WatchTasks", 1, True, WATCH),
+    ("/aimesh.v1.NotifierService/DownloadOutput", 1, True, READ | {Code.DEADLINE_EXCEEDED}),
 ]
 
 

@@ -299,7 +299,10 @@ async def test_a_body_over_the_limit_is_413_and_the_gateway_stays_up(http: httpx
     huge = "x" * (5 << 20)  # the default limit is 4 MiB
 
     problem_of(await submit(http, "sentiment", huge), 413)
-    assert (await http.get("/healthz")).status_code == 200
+    # The client's next calls, on the same kept-alive connection once uvicorn has read the rest of the body: the
+    # body's last read once counted as head bytes and got a stray 400 sent, which the next call read as its answer.
+    for _ in range(3):
+        assert (await http.get("/healthz")).status_code == 200
 
 
 async def test_a_body_that_is_not_json_is_400_or_415(http: httpx.AsyncClient) -> None:

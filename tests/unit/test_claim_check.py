@@ -103,7 +103,7 @@ async def test_the_worker_refuses_what_it_cannot_serve() -> None:
     assert info.value.code == result_pb2.ERROR_CODE_INVALID_INPUT and "takes 8" in str(info.value)
 
 
-async def test_the_worker_stores_large_outputs_under_a_key_of_their_task() -> None:
+async def test_the_worker_stores_large_outputs_once_under_a_key_of_their_task() -> None:
     store = MemoryStore()
     claim = WorkerClaimCheck(store, inline_limit_bytes=4)  # type: ignore[arg-type]
     task = task_with()
@@ -119,8 +119,12 @@ async def test_the_worker_stores_large_outputs_under_a_key_of_their_task() -> No
     assert big.object.sha256 == hashlib.sha256(b"12345").hexdigest() and big.object.size == 5
     assert small.raw_contents == b"1234" and not small.HasField("object")
 
-    await claim.offload(task, result_pb2.TaskOutput(tensors=[big.__class__(name="BIG", raw_contents=b"54321")]))
-    assert list(store.objects) == [output_key("acme", task.task_id, "BIG")]  # run again: overwritten, not orphaned
+    again = result_pb2.TaskOutput(tensors=[result_pb2.OutputTensor(name="BIG", raw_contents=b"54321")])
+    await claim.offload(task, again)  # the task run again (a crash before its commit): the first output stays
+    assert (
+        list(store.objects) == [output_key("acme", task.task_id, "BIG")] and store.objects[big.object.key] == b"12345"
+    )
+    assert again.tensors[0].object == big.object and not again.tensors[0].raw_contents
 
 
 async def test_ingest_moves_large_inline_contents_to_the_store_and_checks_references() -> None:

@@ -324,6 +324,29 @@ async def test_a_body_in_one_byte_chunks_holds_up_neither_other_clients_nor_its_
     await assert_still_serving(hostile.gateway)
 
 
+async def test_the_rest_of_a_refused_body_does_not_count_as_the_next_requests_head(hostile: Hostile) -> None:
+    # The 413 comes on the declared length; the body follows in one read larger than a head may be, then the next
+    # request on the same kept-alive connection. That read once counted as head bytes: uvicorn's stray 400 was what
+    # the next request read as its answer (a CI run of tests/integration/test_gateway_http.py lost to it).
+    body = b" " * (5 * MAX_BODY_BYTES)
+    head = post_task(body).replace(b"Connection: close\r\n", b"").removesuffix(body)
+    port = int(hostile.gateway.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(WAIT_S):
+            writer.write(head)
+            refused = await read_answer(reader)
+            writer.write(body)
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the body read on its own, before the next request
+            writer.write(http("GET", "/healthz").replace(b"Connection: close\r\n", b""))
+            health = await read_answer(reader)
+    finally:
+        writer.close()
+    assert refused.status == 413, refused
+    assert health.status == 200, health
+
+
 def task_target(task_id: str, suffix: str = "") -> str:
     return f"/v1/tasks/{task_id}{suffix}"
 
