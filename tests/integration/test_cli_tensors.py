@@ -8,9 +8,6 @@ and the stack's object store (the lead runs it once they are in)."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +18,11 @@ from aimesh.client import AsyncClient
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import result_pb2
 
+from .test_cli import aimesh
+
 pytestmark = pytest.mark.integration
 
 DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits"
-
-
-def aimesh(mesh: Stack, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "AIMESH_INGEST_ADDRESS": mesh.ingest_address,
-        "AIMESH_NOTIFIER_ADDRESS": mesh.notifier_address,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "aimesh.client.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
 
 
 def test_a_digit_png_is_classified_from_the_cli(mesh: Stack) -> None:

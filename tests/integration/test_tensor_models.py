@@ -7,7 +7,6 @@ import importlib.util
 import io
 import re
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +24,6 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from aimesh.devstack.ports import free_ports
 from aimesh.devstack.triton import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -66,21 +64,10 @@ def _digits_classifier() -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    grpc_port, http_port, metrics_port = free_ports(3)
-    server = TritonServer(
-        model_repository=REPO_ROOT / "models",
-        grpc_port=grpc_port,
-        http_port=http_port,
-        metrics_port=metrics_port,
-        log_dir=tmp_path_factory.mktemp("triton-logs"),
-    )
-    started = time.monotonic()
-    with server:
-        print(f"tritonserver ready in {time.monotonic() - started:.1f} s")
-        yield server
-        _print_load_times(server.log_path)
+@pytest.fixture(scope="module", autouse=True)
+def load_times(triton: TritonServer) -> Iterator[None]:
+    yield
+    _print_load_times(triton.log_path)
 
 
 def _print_load_times(log_path: Path) -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from aimesh.devstack.ports import free_ports
 from aimesh.devstack.triton import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -41,22 +40,6 @@ DOCUMENT = (
 )
 
 
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    grpc_port, http_port, metrics_port = free_ports(3)
-    server = TritonServer(
-        model_repository=REPO_ROOT / "models",
-        grpc_port=grpc_port,
-        http_port=http_port,
-        metrics_port=metrics_port,
-        log_dir=tmp_path_factory.mktemp("triton-logs"),
-    )
-    started = time.monotonic()
-    with server:
-        print(f"tritonserver ready in {time.monotonic() - started:.1f} s")
-        yield server
-
-
 class _Caller:
     """Sends TEXT to a model and asks for every output its metadata declares, as the worker does."""
 
@@ -74,9 +57,7 @@ class _Caller:
         text = InferInput("TEXT", [len(items), 1], "BYTES")
         text.set_data_from_numpy(np.array(items, dtype=np.object_).reshape(-1, 1))
         outputs = [InferRequestedOutput(name) for name in self._outputs[model]]
-        return await self._client.infer(
-            model, [text], outputs=outputs, parameters=parameters, client_timeout=30.0
-        )
+        return await self._client.infer(model, [text], outputs=outputs, parameters=parameters, client_timeout=30.0)
 
 
 @asynccontextmanager
@@ -104,9 +85,7 @@ def _inference_counts(server: TritonServer, model: str, *, at_least: int = 0) ->
         with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
             text = response.read().decode()
         totals = {"nv_inference_count": 0, "nv_inference_exec_count": 0}
-        for name, labels, value in re.findall(
-            r"^(nv_inference_(?:exec_)?count)\{([^}]*)\} (\S+)$", text, re.M
-        ):
+        for name, labels, value in re.findall(r"^(nv_inference_(?:exec_)?count)\{([^}]*)\} (\S+)$", text, re.M):
             if f'model="{model}"' in labels:
                 totals[name] += int(float(value))
         if totals["nv_inference_count"] >= at_least or time.monotonic() > deadline:
@@ -123,9 +102,7 @@ async def test_every_model_follows_the_text_contract(triton: TritonServer) -> No
     for config in configs:
         assert int(config["max_batch_size"]) > 0
         assert "dynamic_batching" in config
-        assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
-            ("TEXT", "TYPE_STRING", ["1"])
-        ]
+        assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("TEXT", "TYPE_STRING", ["1"])]
         assert all(group["kind"] == "KIND_CPU" for group in config["instance_group"])
 
 
@@ -191,13 +168,9 @@ async def test_sleep_batches_concurrent_requests(triton: TritonServer) -> None:
 async def test_bad_parameter_fails_only_its_own_request(triton: TritonServer) -> None:
     async with _caller(triton) as caller:
         # Two slow executions occupy both sleep instances, so the burst behind them queues and is batched.
-        blockers = [
-            asyncio.create_task(caller.infer("sleep", ["blocker"], {"delay_ms": "300"})) for _ in range(2)
-        ]
+        blockers = [asyncio.create_task(caller.infer("sleep", ["blocker"], {"delay_ms": "300"})) for _ in range(2)]
         await asyncio.sleep(0.05)
-        burst = [
-            caller.infer("sleep", [f"ok-{i}"], {"delay_ms": "10", "unknown": "ignored"}) for i in range(6)
-        ]
+        burst = [caller.infer("sleep", [f"ok-{i}"], {"delay_ms": "10", "unknown": "ignored"}) for i in range(6)]
         bad = caller.infer("sleep", ["bad"], {"delay_ms": "soon"})
         *good_results, bad_result = await asyncio.gather(*burst, bad, return_exceptions=True)
         await asyncio.gather(*blockers)
@@ -372,14 +345,10 @@ async def test_generate_serves_concurrent_streams_and_ends_every_one(triton: Tri
     assert min(map(len, expected)) >= 4, "the corpus changed: pick a seed that does not end the text that soon"
     # A whole paragraph of the training text as prompt: greedy decoding may well end it right there.
     ending = next(
-        line
-        for line in generator_corpus_lines()
-        if not list(generator.generate(line, max_tokens=1, temperature=0.0))
+        line for line in generator_corpus_lines() if not list(generator.generate(line, max_tokens=1, temperature=0.0))
     )
     slow = {"max_tokens": "8", "seed": "3", "token_delay_ms": "50"}
-    tokens, errors = await _stream(
-        triton, [("Kafka", slow), ("The notifier", slow), (ending, {"temperature": "0"})]
-    )
+    tokens, errors = await _stream(triton, [("Kafka", slow), ("The notifier", slow), (ending, {"temperature": "0"})])
     assert not errors
     by_request = {rid: [t for t in tokens if t.request_id == rid] for rid in ("0", "1", "2")}
     for stream in by_request.values():
