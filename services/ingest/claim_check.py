@@ -23,6 +23,7 @@ from aimesh.errors import AimeshError, InvalidTask
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
 from aimesh.object_upload import Upload
 from aimesh.objects import (
+    DEFAULT_CONTENT_TYPE,
     ObjectNotFound,
     ObjectSizeMismatch,
     ObjectStore,
@@ -35,8 +36,9 @@ from aimesh.objects import (
 )
 from aimesh.v1 import ingest_pb2, tensor_pb2
 
+from .tensor_checks import SHA256_HEX
+
 MAX_CHUNK_BYTES = 1 << 20
-OCTET_STREAM = "application/octet-stream"
 
 
 class UploadRefused(AimeshError):
@@ -73,7 +75,8 @@ class ClaimCheck:
         key = upload_key(tenant, str(uuid.uuid4()))
         try:
             stored = await _stored(
-                store.open_upload(key, size=header.size, content_type=header.content_type or OCTET_STREAM), requests
+                store.open_upload(key, size=header.size, content_type=header.content_type or DEFAULT_CONTENT_TYPE),
+                requests,
             )
         except UploadRefused as e:
             await abort_invalid(context, InvalidTask([("chunk", str(e))]))
@@ -98,7 +101,7 @@ class ClaimCheck:
         violations = []
         if header.size > self._max_object_bytes:
             violations.append(("header.size", f"is {header.size} bytes; the limit is {self._max_object_bytes}"))
-        if header.sha256 and (len(header.sha256) != 64 or header.sha256.strip("0123456789abcdef")):
+        if header.sha256 and not SHA256_HEX.fullmatch(header.sha256):
             violations.append(("header.sha256", "must be empty or 64 lowercase hex digits"))
         if len(header.content_type) > 255:
             violations.append(("header.content_type", "longer than 255 characters"))

@@ -25,7 +25,8 @@ from aimesh.objects import (
 )
 from aimesh.v1 import result_pb2, task_pb2, tensor_pb2
 
-from .inference import InferenceFailed, ModelInfo, TensorRow
+from .inference import InferenceFailed, ModelInfo
+from .tensor_io import TensorRow
 
 
 class ClaimCheck:

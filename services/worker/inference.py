@@ -20,9 +20,7 @@ from aimesh import tracing
 from aimesh.errors import AimeshError
 from aimesh.v1 import result_pb2
 
-from .tensor_io import INPUT_NAME, Row, RowsMismatch, TensorRow, inputs_of, outputs_of, row_bytes, to_output_tensor
-
-__all__ = ["Row", "TensorRow", "row_bytes", "to_output_tensor"]  # what other modules import from here
+from .tensor_io import INPUT_NAME, Row, RowsMismatch, inputs_of, outputs_of
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from .batching import Batcher, BatchKey, CancelledByClient
 from .cancellation import Cancellations
 from .claim_check import ClaimCheck
 from .health import TritonHealth
-from .inference import Inference, InferenceFailed, ModelInfo, Row, Triton
+from .inference import Inference, InferenceFailed, ModelInfo, Triton
 from .ledger import Outcome
 from .options import WorkerOptions
 from .outcomes import Outcomes
@@ -39,6 +39,7 @@ from .record_limits import RecordLimits
 from .results import ResultBuilder, text_output
 from .scheduler import class_of
 from .streaming import STOPPED, Run, Streams
+from .tensor_io import Row
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,8 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from aimesh import tracing
 from aimesh.metrics import WorkerMetrics
 
-from .inference import Inference, InferenceFailed, ModelInfo, Row, Token, Triton, TritonInference
+from .inference import Inference, InferenceFailed, ModelInfo, Token, Triton, TritonInference
+from .tensor_io import Row
 
 log = logging.getLogger(__name__)
 
