@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from aimesh import events
-from aimesh.client import AsyncClient
+from aimesh.client import AsyncClient, input_tensor
 from aimesh.devstack.stack import Stack
 from aimesh.objects import upload_key
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2, tensor_pb2
 
 from .mesh_client import MeshClient, produce_raw, tensor
-from .test_tensors import submit_tensors, tensor_input, violations
+from .test_tensors import submit_tensors, violations
 
 MB = 1024 * 1024
 
@@ -55,7 +55,7 @@ async def test_a_50_mb_input_passes_by_reference_and_comes_back_bit_for_bit(mesh
 
 async def test_a_20_mb_output_image_is_stored_and_downloaded_byte_identical(mesh: Stack, client: MeshClient) -> None:
     image = np.random.default_rng(20).integers(0, 256, size=(1100, 1300), dtype=np.uint8)
-    task_id = await submit_tensors(client, "resize", tensor_input("IMAGE", image), parameters={"scale": "4"})
+    task_id = await submit_tensors(client, "resize", input_tensor("IMAGE", image), parameters={"scale": "4"})
     result = await client.result(task_id, timeout_s=300)
     assert result.status == result_pb2.TASK_STATUS_SUCCEEDED, result.error
     resized = tensor(result, "IMAGE")
@@ -112,8 +112,8 @@ async def test_an_upload_whose_chunks_do_not_add_up_is_refused(mesh: Stack, clie
 async def test_without_the_store_large_inputs_are_unavailable_and_small_ones_still_run(
     mesh: Stack, client: MeshClient
 ) -> None:
-    small = tensor_input("IMAGE", np.zeros((8, 8), np.uint8))
-    large = tensor_input("UINT8_1", np.ones(2 * MB, np.uint8))
+    small = input_tensor("IMAGE", np.zeros((8, 8), np.uint8))
+    large = input_tensor("UINT8_1", np.ones(2 * MB, np.uint8))
     mesh.stop_object_store()
     try:
         with pytest.raises(grpc.aio.AioRpcError) as info:

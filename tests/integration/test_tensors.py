@@ -18,19 +18,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from aimesh import tensors
+from aimesh.client import input_tensor
 from aimesh.devstack.stack import Stack
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2, tensor_pb2
 
 from .mesh_client import MeshClient, tensor
 
 DIGITS = Path(__file__).parent.parent / "data" / "digits"
-
-
-def tensor_input(name: str, array: np.ndarray, datatype: str | None = None) -> tensor_pb2.InputTensor:
-    datatype = datatype or tensors.datatype_of(array)
-    return tensor_pb2.InputTensor(
-        name=name, datatype=datatype, shape=list(array.shape), raw_contents=tensors.to_raw(datatype, array)
-    )
 
 
 async def submit_tensors(
@@ -69,7 +63,7 @@ def grey(path: Path) -> np.ndarray:
 async def test_the_digits_model_reads_each_png_of_the_test_data_right(mesh: Stack, client: MeshClient) -> None:
     pngs = sorted(DIGITS.glob("digit_*.png"))
     assert len(pngs) >= 5, "the test data is missing"
-    task_ids = [await submit_tensors(client, "digits", tensor_input("IMAGE", grey(p))) for p in pngs]
+    task_ids = [await submit_tensors(client, "digits", input_tensor("IMAGE", grey(p))) for p in pngs]
     for path, task_id in zip(pngs, task_ids, strict=True):
         result = await client.result(task_id)
         assert result.status == result_pb2.TASK_STATUS_SUCCEEDED, result.error
@@ -82,7 +76,7 @@ async def test_the_digits_model_reads_each_png_of_the_test_data_right(mesh: Stac
 async def test_an_image_returned_by_a_model_arrives_byte_identical(mesh: Stack, client: MeshClient) -> None:
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, size=(37, 53), dtype=np.uint8)
-    task_id = await submit_tensors(client, "resize", tensor_input("IMAGE", image), parameters={"scale": "3"})
+    task_id = await submit_tensors(client, "resize", input_tensor("IMAGE", image), parameters={"scale": "3"})
     result = await client.result(task_id)
     assert result.status == result_pb2.TASK_STATUS_SUCCEEDED, result.error
 
@@ -123,7 +117,7 @@ def test_random_tensors_of_every_datatype_and_shape_round_trip_bit_for_bit(mesh:
         )
         def round_trip(datatype: str, shape: tuple[int, ...], seed: int) -> None:
             name = f"{datatype}_{len(shape)}"
-            sent = tensor_input(name, random_tensor(datatype, shape, seed), datatype)
+            sent = input_tensor(name, random_tensor(datatype, shape, seed), datatype)
             request = ingest_pb2.SubmitTaskRequest(
                 model_name="identity", input=task_pb2.TaskInput(tensors=task_pb2.Tensors(tensors=[sent]))
             )
@@ -141,9 +135,9 @@ def test_random_tensors_of_every_datatype_and_shape_round_trip_bit_for_bit(mesh:
 @pytest.mark.parametrize(
     ("inputs", "field", "says"),
     [
-        ([tensor_input("IMAGE", np.zeros((8, 9), np.uint8))], "input.tensors.tensors[0].shape", "dimension 1 is 9"),
-        ([tensor_input("IMAGE", np.zeros((8, 8), np.float32))], "input.tensors.tensors[0].datatype", "is UINT8"),
-        ([tensor_input("PIXELS", np.zeros((8, 8), np.uint8))], "input.tensors.tensors[0].name", "takes IMAGE"),
+        ([input_tensor("IMAGE", np.zeros((8, 9), np.uint8))], "input.tensors.tensors[0].shape", "dimension 1 is 9"),
+        ([input_tensor("IMAGE", np.zeros((8, 8), np.float32))], "input.tensors.tensors[0].datatype", "is UINT8"),
+        ([input_tensor("PIXELS", np.zeros((8, 8), np.uint8))], "input.tensors.tensors[0].name", "takes IMAGE"),
         (
             [tensor_pb2.InputTensor(name="IMAGE", datatype="UINT8", shape=[8, 8], raw_contents=b"\0" * 63)],
             "input.tensors.tensors[0].raw_contents",

@@ -12,19 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aimesh import tensors
+from aimesh.client import input_tensor
 from aimesh.ingest.signatures import InputSpec, ModelSignature, SignatureReader, Signatures
 from aimesh.ingest.tensor_checks import check_tensors, check_text
 from aimesh.v1 import task_pb2, tensor_pb2
 from aimesh.worker.tensor_io import TensorRow, inputs_of, outputs_of, row_bytes
 
 DIGITS = ModelSignature({"IMAGE": InputSpec("IMAGE", "UINT8", (8, 8))}, max_batch_size=64)
-
-
-def raw_tensor(name: str, array: np.ndarray, datatype: str | None = None) -> tensor_pb2.InputTensor:
-    datatype = datatype or tensors.datatype_of(array)
-    return tensor_pb2.InputTensor(
-        name=name, datatype=datatype, shape=list(array.shape), raw_contents=tensors.to_raw(datatype, array)
-    )
 
 
 @given(
@@ -84,21 +78,20 @@ def test_a_signature_is_read_from_tritons_json_configuration() -> None:
 
 
 def test_tensors_are_checked_against_the_models_declared_inputs() -> None:
-    good = task_pb2.Tensors(tensors=[raw_tensor("IMAGE", np.zeros((8, 8), np.uint8))])
+    good = task_pb2.Tensors(tensors=[input_tensor("IMAGE", np.zeros((8, 8), np.uint8))])
     assert check_tensors(good, DIGITS, "input.tensors") == []
     variable = ModelSignature({"IMAGE": InputSpec("IMAGE", "UINT8", (-1, -1))})
-    assert (
-        check_tensors(task_pb2.Tensors(tensors=[raw_tensor("IMAGE", np.zeros((3, 0), np.uint8))]), variable, "t") == []
-    )
+    empty = task_pb2.Tensors(tensors=[input_tensor("IMAGE", np.zeros((3, 0), np.uint8))])
+    assert check_tensors(empty, variable, "t") == []
 
     wrong = task_pb2.Tensors(
-        tensors=[raw_tensor("IMAGE", np.zeros((8, 8, 1), np.uint8)), raw_tensor("EXTRA", np.zeros(1, np.uint8))]
+        tensors=[input_tensor("IMAGE", np.zeros((8, 8, 1), np.uint8)), input_tensor("EXTRA", np.zeros(1, np.uint8))]
     )
     found = dict(check_tensors(wrong, DIGITS, "input.tensors"))
     assert "has 3 dimensions, not 2" in found["input.tensors.tensors[0].shape"]
     assert "no input 'EXTRA'" in found["input.tensors.tensors[1].name"]
 
-    missing = task_pb2.Tensors(tensors=[raw_tensor("OTHER", np.zeros(1, np.uint8))])
+    missing = task_pb2.Tensors(tensors=[input_tensor("OTHER", np.zeros(1, np.uint8))])
     problems = check_tensors(
         missing, ModelSignature({"A": InputSpec("A", "FP32", (1,)), "OTHER": InputSpec("OTHER", "UINT8", (1,))}), "t"
     )
@@ -172,7 +165,7 @@ class FakeResult:
 
 
 def test_rows_of_a_batching_model_are_stacked_and_their_outputs_split() -> None:
-    rows = [TensorRow((raw_tensor("IMAGE", np.full((2, 2), i, np.uint8)),), batched=True) for i in range(3)]
+    rows = [TensorRow((input_tensor("IMAGE", np.full((2, 2), i, np.uint8)),), batched=True) for i in range(3)]
     (image,) = inputs_of(rows)
     assert (image.name(), image.shape(), image.datatype()) == ("IMAGE", [3, 2, 2], "UINT8")
     assert row_bytes(rows[0]) == 4
@@ -185,7 +178,7 @@ def test_rows_of_a_batching_model_are_stacked_and_their_outputs_split() -> None:
 
 def test_a_row_of_a_model_that_does_not_batch_is_the_whole_request() -> None:
     array = np.arange(6, dtype=np.float16).reshape(2, 3)
-    row = TensorRow((raw_tensor("X", array),), batched=False)
+    row = TensorRow((input_tensor("X", array),), batched=False)
     (x,) = inputs_of([row])
     assert x.shape() == [2, 3]
     png = np.array([b"\x89PNG\r\n\x1a\n\xff"], dtype=np.object_)

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from aimesh import tensors
-from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2, tensor_pb2
+from aimesh.client import payloads
+from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, task_pb2
 
 ARTICLE = (
     "Kafka decouples the services that accept work from the services that do it. "
@@ -52,25 +52,17 @@ DEMO_TENSOR_TASKS: list[tuple[str, dict[str, npt.NDArray[np.uint8]], dict[str, s
 def task_input(text: str | dict[str, npt.NDArray[np.uint8]]) -> task_pb2.TaskInput:
     if isinstance(text, str):
         return task_pb2.TaskInput(text=text)
-    inputs = [
-        tensor_pb2.InputTensor(
-            name=name,
-            datatype=tensors.datatype_of(a),
-            shape=list(a.shape),
-            raw_contents=tensors.to_raw(tensors.datatype_of(a), a),
-        )
-        for name, a in text.items()
-    ]
-    return task_pb2.TaskInput(tensors=task_pb2.Tensors(tensors=inputs))
+    return task_pb2.TaskInput(tensors=task_pb2.Tensors(tensors=payloads.input_tensors(text)))
 
 
 def describe_raw(tensor: result_pb2.OutputTensor) -> str:
     """A raw output: its values when few, else its datatype, shape and size (a PNG named as one)."""
-    if tensor.HasField("object"):
+    if payloads.is_by_reference(tensor):
         return f"{tensor.name}={tensor.datatype} {list(tensor.shape)} ({tensor.object.size} bytes, by reference)"
-    array = tensors.to_numpy(tensor.datatype, tensor.shape, tensor.raw_contents)
-    if tensor.datatype == "BYTES" and array.size == 1 and bytes(array.reshape(-1)[0]).startswith(b"\x89PNG"):
-        return f"{tensor.name}=<PNG image, {len(array.reshape(-1)[0])} bytes>"
+    array = payloads.output_array(tensor)
+    single = payloads.single_bytes(tensor, array)
+    if single is not None and single.startswith(payloads.PNG_MAGIC):
+        return f"{tensor.name}=<PNG image, {len(single)} bytes>"
     if array.size <= 4:
         return f"{tensor.name}={array.reshape(-1).tolist()}"
     return f"{tensor.name}={tensor.datatype} {list(tensor.shape)}"
