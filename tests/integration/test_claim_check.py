@@ -175,3 +175,11 @@ async def test_an_upload_cut_off_midway_leaves_no_object_and_no_pending_upload(m
         await asyncio.sleep(0.5)
     # A multipart upload that was never completed holds no object, and none is left pending.
     assert not set(store.pending_uploads()) - before, "the cut-off upload was left pending in the store"
+
+
+async def test_more_concurrent_uploads_than_threads_all_complete(mesh: Stack, client: MeshClient) -> None:
+    # Each upload once held a thread of ingest's default executor (at most 32) for its whole length, feeding the
+    # next chunk through another: 8 at once hung a 2-core ingest. 40 exceed the executor on any machine.
+    blobs = [np.random.default_rng(100 + i).bytes(MB + i) for i in range(40)]
+    refs = await asyncio.wait_for(asyncio.gather(*(upload(client, b) for b in blobs)), 120)
+    assert [r.sha256 for r in refs] == [hashlib.sha256(b).hexdigest() for b in blobs]
