@@ -14,16 +14,24 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+from click.testing import CliRunner, Result
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2
 
 from aimesh import events
 from aimesh.auth import Authenticator
+from aimesh.client import RetryPolicy
+from aimesh.client.cli import main as cli_main
 from aimesh.grpc_edge import GrpcServer, ServerTls, abort_with, error_info
 from aimesh.v1 import ingest_pb2, ingest_pb2_grpc, notifier_pb2, notifier_pb2_grpc, result_pb2, tensor_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+TASK = "5b0f7c1e-2f43-4a55-9d53-2c1f3f0d8a11"
+OTHER = "0d1e6a3c-8f5e-4b8e-b1a4-7a9f6e2c4d10"
+# Retries quick enough for a unit test.
+FAST = RetryPolicy(max_attempts=4, initial_s=0.01, max_s=0.05, jitter_s=0.01)
 
 
 @dataclass
@@ -283,3 +291,9 @@ class ThreadedFakes(Fakes):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+def aimesh(fakes: ThreadedFakes, *args: str) -> Result:
+    """The ``aimesh`` command run against ``fakes``."""
+    addresses = ["--ingest-address", fakes.ingest_address, "--notifier-address", fakes.notifier_address]
+    return CliRunner().invoke(cli_main, [*addresses, *args])

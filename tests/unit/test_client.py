@@ -4,14 +4,13 @@ retries, watches that resume after a dropped stream, error mapping, API keys and
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 from certificates import Authority
-from client_fakes import UNAVAILABLE, Failure, Fakes, backlog_too_long, state, story
+from client_fakes import FAST, OTHER, TASK, UNAVAILABLE, Failure, Fakes, backlog_too_long, state, story
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2
 
@@ -19,24 +18,6 @@ from aimesh.auth import Authenticator, hash_key
 from aimesh.client import AsyncClient, ClientError, ClientTls, RetryPolicy, TaskSpec
 from aimesh.grpc_edge import ServerTls
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2
-
-TASK = "5b0f7c1e-2f43-4a55-9d53-2c1f3f0d8a11"
-OTHER = "0d1e6a3c-8f5e-4b8e-b1a4-7a9f6e2c4d10"
-FAST = RetryPolicy(max_attempts=4, initial_s=0.01, max_s=0.05, jitter_s=0.01)
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[Fakes]:
-    f = Fakes()
-    await f.start()
-    yield f
-    await f.stop()
-
-
-@pytest.fixture
-async def client(fakes: Fakes) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(fakes.ingest_address, fakes.notifier_address, retry=FAST, timeout_s=10) as c:
-        yield c
 
 
 def submits(fakes: Fakes) -> list[ingest_pb2.SubmitTaskRequest]:

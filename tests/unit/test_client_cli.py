@@ -1,92 +1,85 @@
-"""The `aimesh` CLI on the client library, against the fakes: output, --json lines, exit codes."""
+"""The `aimesh` CLI on the client library, against the threaded_fakes: output, --json lines, exit codes."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 
 import click
 import pytest
-from click.testing import CliRunner, Result
-from client_fakes import Failure, ThreadedFakes, state, story
+from client_fakes import OTHER, TASK, Failure, ThreadedFakes, aimesh, state, story
 from google.rpc import code_pb2
 
-from aimesh.client.cli import EXIT_CALL_FAILED, EXIT_TASK_UNSUCCESSFUL, EXIT_USAGE, Duration, main
+from aimesh.client.cli import EXIT_CALL_FAILED, EXIT_TASK_UNSUCCESSFUL, EXIT_USAGE, Duration
 from aimesh.v1 import ingest_pb2, result_pb2, task_pb2
 
-TASK = "5b0f7c1e-2f43-4a55-9d53-2c1f3f0d8a11"
-OTHER = "0d1e6a3c-8f5e-4b8e-b1a4-7a9f6e2c4d10"
 
-
-@pytest.fixture
-def fakes() -> Iterator[ThreadedFakes]:
-    with ThreadedFakes() as f:
-        yield f
-
-
-def aimesh(fakes: ThreadedFakes, *args: str) -> Result:
-    addresses = ["--ingest-address", fakes.ingest_address, "--notifier-address", fakes.notifier_address]
-    return CliRunner().invoke(main, [*addresses, *args])
-
-
-def test_submit_prints_the_task_id_and_sends_the_options(fakes: ThreadedFakes) -> None:
+def test_submit_prints_the_task_id_and_sends_the_options(threaded_fakes: ThreadedFakes) -> None:
     result = aimesh(
-        fakes, "submit", "summarize", "Some text.", "-p", "sentences=2", "--priority", "batch", "--deadline", "2m"
+        threaded_fakes,
+        "submit",
+        "summarize",
+        "Some text.",
+        "-p",
+        "sentences=2",
+        "--priority",
+        "batch",
+        "--deadline",
+        "2m",
     )
     assert result.exit_code == 0, result.output
-    [request] = fakes.ingest.requests
+    [request] = threaded_fakes.ingest.requests
     assert isinstance(request, ingest_pb2.SubmitTaskRequest)
     assert result.stdout.strip() and len(result.stdout.split()) == 1
     assert dict(request.parameters) == {"sentences": "2"} and request.priority == task_pb2.PRIORITY_BATCH
     assert request.HasField("deadline") and request.idempotency_key
 
 
-def test_submit_wait_streams_tokens_then_the_final_output(fakes: ThreadedFakes) -> None:
-    fakes.ingest.task_ids = [TASK, OTHER]
-    fakes.notifier.updates = {t: story(t, ["Once", " upon", " a", " time"]) for t in (TASK, OTHER)}
-    result = aimesh(fakes, "submit", "generate", "Tell me", "--wait")
+def test_submit_wait_streams_tokens_then_the_final_output(threaded_fakes: ThreadedFakes) -> None:
+    threaded_fakes.ingest.task_ids = [TASK, OTHER]
+    threaded_fakes.notifier.updates = {t: story(t, ["Once", " upon", " a", " time"]) for t in (TASK, OTHER)}
+    result = aimesh(threaded_fakes, "submit", "generate", "Tell me", "--wait")
     assert result.exit_code == 0, result.output
     assert result.stdout == "Once upon a time\n"  # streamed; the whole text is not printed twice
     assert "QUEUED" in result.stderr and "SUCCEEDED" in result.stderr and TASK in result.stderr
 
-    result = aimesh(fakes, "--json", "submit", "generate", "Tell me", "--wait")
+    result = aimesh(threaded_fakes, "--json", "submit", "generate", "Tell me", "--wait")
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0]["taskId"] == OTHER and [line["sequence"] for line in lines[1:]] == [1, 2, 3, 4, 5, 6, 7]
     assert lines[-1]["status"] == "TASK_STATUS_SUCCEEDED"
 
 
-def test_watch_get_and_cancel(fakes: ThreadedFakes) -> None:
+def test_watch_get_and_cancel(threaded_fakes: ThreadedFakes) -> None:
     failed = state(TASK, 3, result_pb2.TASK_STATUS_FAILED)
     failed.result.error.code = result_pb2.ERROR_CODE_MODEL_ERROR
     failed.result.error.message = "the model raised"
-    fakes.notifier.updates[TASK] = [*story(TASK, [])[:2], failed]
-    result = aimesh(fakes, "watch", TASK)
+    threaded_fakes.notifier.updates[TASK] = [*story(TASK, [])[:2], failed]
+    result = aimesh(threaded_fakes, "watch", TASK)
     assert result.exit_code == EXIT_TASK_UNSUCCESSFUL
     assert f"task {TASK} FAILED: MODEL_ERROR: the model raised" in result.stderr
 
-    result = aimesh(fakes, "--json", "get", TASK)
+    result = aimesh(threaded_fakes, "--json", "get", TASK)
     assert result.exit_code == EXIT_TASK_UNSUCCESSFUL and json.loads(result.stdout)["sequence"] == 3
 
-    result = aimesh(fakes, "cancel", TASK)
+    result = aimesh(threaded_fakes, "cancel", TASK)
     assert result.exit_code == 0 and "had ended already: FAILED" in result.stdout
 
-    result = aimesh(fakes, "watch", TASK, "--after-sequence", "3")
+    result = aimesh(threaded_fakes, "watch", TASK, "--after-sequence", "3")
     assert result.exit_code == 0 and result.stdout == ""  # nothing after the terminal update
 
 
-def test_a_failed_call_is_one_line_with_the_grpc_code(fakes: ThreadedFakes) -> None:
-    result = aimesh(fakes, "get", TASK)
+def test_a_failed_call_is_one_line_with_the_grpc_code(threaded_fakes: ThreadedFakes) -> None:
+    result = aimesh(threaded_fakes, "get", TASK)
     assert result.exit_code == EXIT_CALL_FAILED
     assert result.stderr == f"aimesh: error: NOT_FOUND: task {TASK} not found [TASK_NOT_FOUND]\n"
 
 
-def test_usage_errors(fakes: ThreadedFakes) -> None:
-    assert aimesh(fakes, "submit", "m", "t", "-p", "novalue").exit_code == EXIT_USAGE
-    assert aimesh(fakes, "submit", "m", "t", "--deadline", "soon").exit_code == EXIT_USAGE
-    assert aimesh(fakes, "submit", "m", "t", "--priority", "urgent").exit_code == EXIT_USAGE
-    assert not fakes.ingest.requests
+def test_usage_errors(threaded_fakes: ThreadedFakes) -> None:
+    assert aimesh(threaded_fakes, "submit", "m", "t", "-p", "novalue").exit_code == EXIT_USAGE
+    assert aimesh(threaded_fakes, "submit", "m", "t", "--deadline", "soon").exit_code == EXIT_USAGE
+    assert aimesh(threaded_fakes, "submit", "m", "t", "--priority", "urgent").exit_code == EXIT_USAGE
+    assert not threaded_fakes.ingest.requests
 
 
 def test_durations() -> None:
@@ -99,8 +92,8 @@ def test_durations() -> None:
             parse(bad, None, None)
 
 
-def test_unimplemented_is_reported_as_such(fakes: ThreadedFakes) -> None:
-    fakes.notifier.updates[TASK] = story(TASK)
-    fakes.notifier.failures = [Failure(code_pb2.UNIMPLEMENTED, "Method not found!")]
-    result = aimesh(fakes, "cancel", TASK)
+def test_unimplemented_is_reported_as_such(threaded_fakes: ThreadedFakes) -> None:
+    threaded_fakes.notifier.updates[TASK] = story(TASK)
+    threaded_fakes.notifier.failures = [Failure(code_pb2.UNIMPLEMENTED, "Method not found!")]
+    result = aimesh(threaded_fakes, "cancel", TASK)
     assert result.exit_code == EXIT_CALL_FAILED and "UNIMPLEMENTED" in result.stderr

@@ -1,41 +1,26 @@
-"""The `aimesh` CLI with tensors, against the fakes: --image decoded with Pillow, --tensor from .npy files,
+"""The `aimesh` CLI with tensors, against the threaded_fakes: --image decoded with Pillow, --tensor from .npy files,
 --output-dir writing raw outputs (downloading the ones held by reference), raw outputs printed without it."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pytest
-from click.testing import CliRunner, Result
-from client_fakes import ThreadedFakes, object_ref, story
+from client_fakes import TASK, ThreadedFakes, aimesh, object_ref, story
 from PIL import Image
 
 from aimesh import tensors
-from aimesh.client.cli import EXIT_USAGE, main
+from aimesh.client.cli import EXIT_USAGE
 from aimesh.v1 import ingest_pb2, result_pb2, tensor_pb2
 
-TASK = "5b0f7c1e-2f43-4a55-9d53-2c1f3f0d8a11"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def fakes() -> Iterator[ThreadedFakes]:
-    with ThreadedFakes() as f:
-        yield f
-
-
-def aimesh(fakes: ThreadedFakes, *args: str) -> Result:
-    addresses = ["--ingest-address", fakes.ingest_address, "--notifier-address", fakes.notifier_address]
-    return CliRunner().invoke(main, [*addresses, *args])
-
-
-def sent_tensors(fakes: ThreadedFakes) -> dict[str, tensor_pb2.InputTensor]:
-    [request] = fakes.ingest.requests
+def sent_tensors(threaded_fakes: ThreadedFakes) -> dict[str, tensor_pb2.InputTensor]:
+    [request] = threaded_fakes.ingest.requests
     assert isinstance(request, ingest_pb2.SubmitTaskRequest)
     return {t.name: t for t in request.input.tensors.tensors}
 
@@ -47,47 +32,49 @@ def raw_output(name: str, array: npt.NDArray[Any]) -> result_pb2.OutputTensor:
     )
 
 
-def test_image_is_sent_as_a_grey_uint8_tensor_or_in_color(fakes: ThreadedFakes, tmp_path: Path) -> None:
+def test_image_is_sent_as_a_grey_uint8_tensor_or_in_color(threaded_fakes: ThreadedFakes, tmp_path: Path) -> None:
     pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     Image.fromarray(pixels, mode="L").save(tmp_path / "digit.png")
-    result = aimesh(fakes, "submit", "digits", "--image", str(tmp_path / "digit.png"))
+    result = aimesh(threaded_fakes, "submit", "digits", "--image", str(tmp_path / "digit.png"))
     assert result.exit_code == 0, result.output
-    image = sent_tensors(fakes)["IMAGE"]
+    image = sent_tensors(threaded_fakes)["IMAGE"]
     assert (image.datatype, list(image.shape), image.raw_contents) == ("UINT8", [8, 8], pixels.tobytes())
 
     rgb = np.zeros((3, 5, 3), dtype=np.uint8)
     rgb[..., 0] = 255
     Image.fromarray(rgb, mode="RGB").save(tmp_path / "red.png")
-    fakes.ingest.requests.clear()
-    result = aimesh(fakes, "submit", "resize", "--image", str(tmp_path / "red.png"), "--input-name", "PICTURE")
+    threaded_fakes.ingest.requests.clear()
+    result = aimesh(threaded_fakes, "submit", "resize", "--image", str(tmp_path / "red.png"), "--input-name", "PICTURE")
     assert result.exit_code == 0, result.output
-    grey = sent_tensors(fakes)["PICTURE"]
+    grey = sent_tensors(threaded_fakes)["PICTURE"]
     assert list(grey.shape) == [3, 5] and set(grey.raw_contents) == {76}  # Pillow's L of pure red
 
-    fakes.ingest.requests.clear()
-    result = aimesh(fakes, "submit", "resize", "--image", str(tmp_path / "red.png"), "--keep-color", "-p", "scale=2")
+    threaded_fakes.ingest.requests.clear()
+    result = aimesh(
+        threaded_fakes, "submit", "resize", "--image", str(tmp_path / "red.png"), "--keep-color", "-p", "scale=2"
+    )
     assert result.exit_code == 0, result.output
-    color = sent_tensors(fakes)["IMAGE"]
+    color = sent_tensors(threaded_fakes)["IMAGE"]
     assert list(color.shape) == [3, 5, 3] and color.raw_contents == rgb.tobytes()
 
 
-def test_tensors_from_npy_files(fakes: ThreadedFakes, tmp_path: Path) -> None:
+def test_tensors_from_npy_files(threaded_fakes: ThreadedFakes, tmp_path: Path) -> None:
     values = np.array([[1.5, -0.0], [np.inf, 3.25]], dtype=np.float32)
     words = np.array([b"ab", b"c"])
     np.save(tmp_path / "values.npy", values)
     np.save(tmp_path / "words.npy", words)
     result = aimesh(
-        fakes, "submit", "identity", "--tensor", f"VALUES={tmp_path / 'values.npy'}",
+        threaded_fakes, "submit", "identity", "--tensor", f"VALUES={tmp_path / 'values.npy'}",
         "--tensor", f"WORDS={tmp_path / 'words.npy'}",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    sent = sent_tensors(fakes)
+    sent = sent_tensors(threaded_fakes)
     assert (sent["VALUES"].datatype, list(sent["VALUES"].shape)) == ("FP32", [2, 2])
     assert sent["VALUES"].raw_contents == values.tobytes()
     assert sent["WORDS"].datatype == "BYTES" and sent["WORDS"].raw_contents == tensors.to_raw("BYTES", words)
 
 
-def test_usage_errors_with_tensors(fakes: ThreadedFakes, tmp_path: Path) -> None:
+def test_usage_errors_with_tensors(threaded_fakes: ThreadedFakes, tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "digit.png")
     (tmp_path / "not.png").write_bytes(b"not an image")
     np.save(tmp_path / "x.npy", np.zeros(2))
@@ -104,12 +91,12 @@ def test_usage_errors_with_tensors(fakes: ThreadedFakes, tmp_path: Path) -> None
         ["digits", "--tensor", f"X={npy}", "--keep-color"],
         ["digits", "--image", digit, "--output-dir", str(tmp_path / "out")],  # without --wait
     ):
-        result = aimesh(fakes, "submit", *args)
+        result = aimesh(threaded_fakes, "submit", *args)
         assert result.exit_code == EXIT_USAGE, (args, result.output)
-    assert not fakes.ingest.requests
+    assert not threaded_fakes.ingest.requests
 
 
-def digits_outputs(fakes: ThreadedFakes) -> tuple[npt.NDArray[Any], bytes, npt.NDArray[Any]]:
+def digits_outputs(threaded_fakes: ThreadedFakes) -> tuple[npt.NDArray[Any], bytes, npt.NDArray[Any]]:
     """The final update of TASK: a label, probabilities, a PNG, and a large array held by reference."""
     probabilities = np.linspace(0, 0.9, 10, dtype=np.float32)
     png = PNG_MAGIC + bytes(range(200))
@@ -125,18 +112,18 @@ def digits_outputs(fakes: ThreadedFakes) -> tuple[npt.NDArray[Any], bytes, npt.N
             ),
         ]
     )
-    fakes.ingest.task_ids = [TASK]
-    fakes.notifier.updates[TASK] = [*story(TASK, [])[:2], final]
-    fakes.notifier.downloads[(TASK, "LARGE")] = large.tobytes()
+    threaded_fakes.ingest.task_ids = [TASK]
+    threaded_fakes.notifier.updates[TASK] = [*story(TASK, [])[:2], final]
+    threaded_fakes.notifier.downloads[(TASK, "LARGE")] = large.tobytes()
     return probabilities, png, large
 
 
-def test_wait_with_output_dir_writes_raw_outputs_to_files(fakes: ThreadedFakes, tmp_path: Path) -> None:
-    probabilities, png, large = digits_outputs(fakes)
+def test_wait_with_output_dir_writes_raw_outputs_to_files(threaded_fakes: ThreadedFakes, tmp_path: Path) -> None:
+    probabilities, png, large = digits_outputs(threaded_fakes)
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "digit.png")
     out = tmp_path / "out"
     result = aimesh(
-        fakes, "submit", "digits", "--image", str(tmp_path / "digit.png"), "--wait", "--output-dir", str(out)
+        threaded_fakes, "submit", "digits", "--image", str(tmp_path / "digit.png"), "--wait", "--output-dir", str(out)
     )
     assert result.exit_code == 0, result.output
 
@@ -147,16 +134,16 @@ def test_wait_with_output_dir_writes_raw_outputs_to_files(fakes: ThreadedFakes, 
     assert np.array_equal(np.load(out / "LARGE.npy"), large)
     assert f"IMAGE_PNG: wrote {out / 'IMAGE_PNG.png'} ({len(png)} bytes)" in result.stdout.splitlines()
     assert len(result.stdout.splitlines()) == 4 and "SUCCEEDED" in result.stderr
-    [download] = fakes.notifier.download_requests
+    [download] = threaded_fakes.notifier.download_requests
     assert (download.task_id, download.output_name) == (TASK, "LARGE")
 
-    result = aimesh(fakes, "get", TASK, "--output-dir", str(tmp_path / "again"))  # get writes them too
+    result = aimesh(threaded_fakes, "get", TASK, "--output-dir", str(tmp_path / "again"))  # get writes them too
     assert result.exit_code == 0 and (tmp_path / "again" / "IMAGE_PNG.png").read_bytes() == png
 
 
-def test_without_output_dir_raw_outputs_are_printed_and_large_ones_named(fakes: ThreadedFakes) -> None:
-    _, png, large = digits_outputs(fakes)
-    result = aimesh(fakes, "watch", TASK)
+def test_without_output_dir_raw_outputs_are_printed_and_large_ones_named(threaded_fakes: ThreadedFakes) -> None:
+    _, png, large = digits_outputs(threaded_fakes)
+    result = aimesh(threaded_fakes, "watch", TASK)
     assert result.exit_code == 0, result.output
     sha = hashlib.sha256(large.tobytes()).hexdigest()
     assert result.stdout.splitlines() == [
@@ -166,12 +153,12 @@ def test_without_output_dir_raw_outputs_are_printed_and_large_ones_named(fakes: 
         f"LARGE: FP32 [400, 400] <{large.nbytes} bytes, sha256 {sha[:12]}...> (held by reference); "
         "--output-dir DIR writes it to DIR/LARGE.npy",
     ]
-    assert not fakes.notifier.download_requests
+    assert not threaded_fakes.notifier.download_requests
 
 
-def test_json_with_output_dir_prints_json_lines_and_writes_files(fakes: ThreadedFakes, tmp_path: Path) -> None:
-    _, png, _ = digits_outputs(fakes)
-    result = aimesh(fakes, "--json", "watch", TASK, "--output-dir", str(tmp_path))
+def test_json_with_output_dir_prints_json_lines_and_writes_files(threaded_fakes: ThreadedFakes, tmp_path: Path) -> None:
+    _, png, _ = digits_outputs(threaded_fakes)
+    result = aimesh(threaded_fakes, "--json", "watch", TASK, "--output-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert all(line.startswith("{") for line in result.stdout.splitlines())
     assert (tmp_path / "IMAGE_PNG.png").read_bytes() == png and "IMAGE_PNG: wrote" in result.stderr

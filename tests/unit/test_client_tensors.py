@@ -5,14 +5,13 @@ decoded to numpy arrays, and how the CLI renders raw outputs."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
-from client_fakes import UNAVAILABLE, Failure, Fakes, ThreadedFakes, object_ref
+from client_fakes import FAST, TASK, UNAVAILABLE, Failure, Fakes, ThreadedFakes, object_ref
 from google.rpc import code_pb2
 
 from aimesh import tensors
@@ -23,30 +22,13 @@ from aimesh.client import (
     Client,
     ClientError,
     DigestMismatch,
-    RetryPolicy,
     TaskSpec,
     input_tensor,
 )
 from aimesh.client.render import output_lines
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2
 
-TASK = "5b0f7c1e-2f43-4a55-9d53-2c1f3f0d8a11"
-FAST = RetryPolicy(max_attempts=4, initial_s=0.01, max_s=0.05, jitter_s=0.01)
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[Fakes]:
-    f = Fakes()
-    await f.start()
-    yield f
-    await f.stop()
-
-
-@pytest.fixture
-async def client(fakes: Fakes) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(fakes.ingest_address, fakes.notifier_address, retry=FAST, timeout_s=10) as c:
-        yield c
 
 
 def sample(datatype: str, shape: tuple[int, ...], seed: int = 7) -> npt.NDArray[Any]:
@@ -249,22 +231,16 @@ def test_raw_outputs_are_rendered_decoded_or_described() -> None:
     ]
 
 
-@pytest.fixture
-def threaded() -> Iterator[ThreadedFakes]:
-    with ThreadedFakes() as f:
-        yield f
-
-
-def test_the_blocking_client_mirrors_tensors_uploads_and_downloads(threaded: ThreadedFakes) -> None:
+def test_the_blocking_client_mirrors_tensors_uploads_and_downloads(threaded_fakes: ThreadedFakes) -> None:
     image = sample("UINT8", (600, 600))  # 360 000 bytes: over the default threshold
-    threaded.notifier.downloads[(TASK, "LARGE")] = image.tobytes()
-    with Client(threaded.ingest_address, threaded.notifier_address, retry=FAST) as client:
+    threaded_fakes.notifier.downloads[(TASK, "LARGE")] = image.tobytes()
+    with Client(threaded_fakes.ingest_address, threaded_fakes.notifier_address, retry=FAST) as client:
         client.submit("resize", tensors={"IMAGE": image}, parameters={"scale": "0.5"})
         ref = client.upload(b"abc")
         assert client.download(TASK, "LARGE") == image.tobytes()
         arrays = client.outputs(a_result(by_reference("LARGE", image)).result)
-    [upload, _] = threaded.ingest.uploads
+    [upload, _] = threaded_fakes.ingest.uploads
     assert upload[0].header.size == image.size and ref.size == 3
     assert np.array_equal(arrays["LARGE"], image)
-    [request] = [r for r in threaded.ingest.requests if isinstance(r, ingest_pb2.SubmitTaskRequest)]
+    [request] = [r for r in threaded_fakes.ingest.requests if isinstance(r, ingest_pb2.SubmitTaskRequest)]
     assert request.input.tensors.tensors[0].object.size == image.size
