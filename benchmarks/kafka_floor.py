@@ -29,7 +29,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from aimesh import events
 from aimesh.devstack.kafka import create_topics, replication_for
 from aimesh.devstack.stack import Stack
-from aimesh.kafka import AsyncProducer, Record, consumer_config, fetch, producer_config
+from aimesh.kafka import Record, consumer_config, fetch, producer_config
+from aimesh.kafka_producer import AsyncProducer
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2
 from aimesh.worker.transactions import transactional_config
 from benchmarks.common import AUTH, MeshClient

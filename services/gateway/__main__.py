@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from aimesh import runtime
-from aimesh.lifecycle import OnDeath, run_until
+from aimesh.lifecycle import OnDeath, TaskPart, run_until
 from aimesh.metrics import GatewayMetrics, MetricsServer, new_registry
 from aimesh.settings import GatewaySettings
 
@@ -31,35 +31,36 @@ class GatewayServer(uvicorn.Server):
     ones, so one SIGTERM is one graceful stop (with both, uvicorn raised the signal again once it had stopped,
     and the service took it for a second one).
 
-    A ``lifecycle.Part`` serving on ``listener``: ``start`` serves in a task, ``stop`` ends it gracefully; a serve
-    that ends before it was told to is reported to ``on_death``."""
+    A ``lifecycle.Part`` serving on ``listener`` (through a ``lifecycle.TaskPart``): ``start`` serves in a task,
+    ``stop`` ends it gracefully; a serve that ends before it was told to is reported to ``on_death``."""
 
     name = "http-server"
 
     def __init__(self, config: uvicorn.Config, listener: socket.socket | None = None) -> None:
         super().__init__(config)
         self._listener = listener
-        self._serving: asyncio.Task[None] | None = None
-        self._stopping = False
-        self.on_death: OnDeath | None = None
+        self._part = TaskPart(
+            self.name, self._serve_listener, ask_to_stop=self.stop_serving, returned="uvicorn stopped serving"
+        )
+
+    @property
+    def on_death(self) -> OnDeath | None:
+        return self._part.on_death
+
+    @on_death.setter
+    def on_death(self, on_death: OnDeath | None) -> None:
+        self._part.on_death = on_death
 
     async def start(self) -> None:
         assert self._listener is not None, "a GatewayServer started as a part needs its listener"
-        self._serving = asyncio.create_task(self.serve(sockets=[self._listener]), name=self.name)
-        self._serving.add_done_callback(self._ended)
+        await self._part.start()
 
     async def stop(self) -> None:
-        if self._serving is None or self._stopping:
-            return
-        self._stopping = True
-        self.stop_serving()
-        await self._serving
+        await self._part.stop()
 
-    def _ended(self, serving: asyncio.Task[None]) -> None:
-        if self._stopping or self.on_death is None:
-            return
-        error = None if serving.cancelled() else serving.exception()
-        self.on_death(self.name, error or RuntimeError("uvicorn stopped serving"))
+    async def _serve_listener(self) -> None:
+        assert self._listener is not None
+        await self.serve(sockets=[self._listener])
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

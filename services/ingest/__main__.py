@@ -10,7 +10,8 @@ import socket
 from aimesh import runtime
 from aimesh.auth import Authenticator
 from aimesh.grpc_edge import GrpcServer
-from aimesh.kafka import AsyncProducer, producer_config
+from aimesh.kafka import producer_config
+from aimesh.kafka_producer import AsyncProducer
 from aimesh.lifecycle import Parts
 from aimesh.metrics import IngestMetrics, MetricsServer, new_registry
 from aimesh.objects import ObjectStore
@@ -64,12 +65,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         await parts.start(MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry))
         admission = await _admission(settings, metrics, parts, f"{config['client.id']}-admission")
         in_flight = await _in_flight(settings, parts, f"{config['client.id']}-results")
-        signatures = Signatures()
-        if settings.model_metadata_url:
-            fetch = fetch_from_triton(settings.model_metadata_url)
-            await parts.start(
-                SignatureReader(signatures, settings.model_names, fetch, interval_s=settings.model_metadata_interval_s)
-            )
+        signatures = await _signatures(settings, parts)
         servicer = IngestServicer(
             producer,
             tasks_topic=settings.tasks_topic,
@@ -93,7 +89,17 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
                 max_object_bytes=settings.max_object_bytes,
             ),
         )
-        server = await parts.start(_grpc_server(settings, authenticator, servicer))
+        server = await parts.start(
+            GrpcServer.of_service(
+                settings,
+                settings.ingest_address,
+                ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
+                ingest_pb2_grpc.add_IngestServiceServicer_to_server,
+                servicer,
+                auth=authenticator,
+                grace_s=settings.shutdown_grace_s,
+            )
+        )
         try:
             await lifeline.wait_for(stop)
         except runtime.ComponentDied:
@@ -140,24 +146,23 @@ async def _admission(settings: IngestSettings, metrics: IngestMetrics, parts: Pa
     return admission
 
 
+async def _signatures(settings: IngestSettings, parts: Parts) -> Signatures:
+    """The models' signatures, and (when Triton's model metadata is read) the reader that keeps them, started."""
+    signatures = Signatures()
+    if settings.model_metadata_url:
+        fetch = fetch_from_triton(settings.model_metadata_url)
+        await parts.start(
+            SignatureReader(signatures, settings.model_names, fetch, interval_s=settings.model_metadata_interval_s)
+        )
+    return signatures
+
+
 async def _in_flight(settings: IngestSettings, parts: Parts, client_id: str) -> InFlightTasks:
     """The per-tenant count of unfinished tasks, and (when a limit is set) the results reader that keeps it."""
     in_flight = InFlightTasks(settings.tenant_max_concurrent, settings.max_concurrent_overrides)
     if in_flight.enabled:
         await parts.start(ResultsReader(_client_config(settings, client_id), settings.results_topic, in_flight))
     return in_flight
-
-
-def _grpc_server(settings: IngestSettings, authenticator: Authenticator, servicer: IngestServicer) -> GrpcServer:
-    server = GrpcServer.of_service(
-        settings,
-        settings.ingest_address,
-        ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
-        authenticator,
-        grace_s=settings.shutdown_grace_s,
-    )
-    server.add(ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
-    return server
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from aimesh.errors import (
     UnknownModel,
 )
 from aimesh.grpc_edge import abort_invalid, abort_with, error_info
-from aimesh.kafka import AsyncProducer
+from aimesh.kafka_producer import AsyncProducer
 from aimesh.metrics import (
     REJECT_BROKER_UNAVAILABLE,
     REJECT_DEADLINE_PASSED,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -12,8 +11,9 @@ import tempfile
 from aimesh import runtime
 from aimesh.auth import Authenticator
 from aimesh.grpc_edge import GrpcServer
-from aimesh.kafka import AsyncProducer, consumer_config, producer_config
-from aimesh.lifecycle import Parts
+from aimesh.kafka import consumer_config, producer_config
+from aimesh.kafka_producer import AsyncProducer
+from aimesh.lifecycle import Parts, TaskPart
 from aimesh.metrics import MetricsServer, NotifierMetrics, new_registry
 from aimesh.objects import ObjectStore, ObjectSweeper
 from aimesh.settings import NotifierSettings
@@ -32,44 +32,52 @@ log = logging.getLogger("aimesh.notifier")
 
 async def serve(settings: NotifierSettings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set; raise ``runtime.ComponentDied`` (health NOT_SERVING first) if the feed's
-    thread dies. Health is NOT_SERVING until the task history is read. Whatever was started is stopped
-    however this ends, a server that cannot bind its address included."""
+    thread or the retention sweeper dies. Health is NOT_SERVING until the task history is read. Whatever was started
+    is stopped however this ends, a server that cannot bind its address included."""
     authenticator = Authenticator.from_settings(settings)  # before anything starts: bad keys stop here
-    async with contextlib.AsyncExitStack() as opened:
-        state_dir = settings.notifier_state_dir or opened.enter_context(tempfile.TemporaryDirectory("-notifier"))
-        store = TaskStore(
-            settings.retention_s,
-            default_tenant=settings.default_tenant,
-            max_updates_per_task=settings.max_updates_per_task,
-            cache_tasks=settings.notifier_cache_tasks,
-            db=RocksStateDb(state_dir, cache_bytes=settings.notifier_state_cache_bytes),
-        )
-        opened.callback(store.close)
-        # Whatever the state holds past the retention window went while the notifier was stopped.
-        expired = await _expire_all(store)
-        log.info("task state in %s: %d tasks (%d past retention forgotten)", state_dir, len(store), expired)
-        await _serve(settings, authenticator, store, stop)
+    lifeline = runtime.Lifeline()
+    async with Parts(lifeline) as parts:
+        store = await _open_store(settings, parts)  # closed last, once everything that writes to it has stopped
+        await _serve(settings, authenticator, store, parts, lifeline, stop)
+        log.info("stopping: closing streams within %.1fs", settings.shutdown_grace_s)
+
+
+async def _open_store(settings: NotifierSettings, parts: Parts) -> TaskStore:
+    """The task store, in ``AIMESH_NOTIFIER_STATE_DIR`` or a temporary folder, its tasks past retention forgotten:
+    closed (the folder removed after it) when ``parts`` stop."""
+    state_dir = settings.notifier_state_dir
+    if not state_dir:
+        temporary = tempfile.TemporaryDirectory("-notifier")
+        parts.close_on_stop("state-dir", temporary.cleanup)
+        state_dir = temporary.name
+    store = TaskStore(
+        settings.retention_s,
+        default_tenant=settings.default_tenant,
+        max_updates_per_task=settings.max_updates_per_task,
+        cache_tasks=settings.notifier_cache_tasks,
+        db=RocksStateDb(state_dir, cache_bytes=settings.notifier_state_cache_bytes),
+    )
+    parts.close_on_stop("task-store", store.close)
+    # Whatever the state holds past the retention window went while the notifier was stopped.
+    expired = await _expire_all(store)
+    log.info("task state in %s: %d tasks (%d past retention forgotten)", state_dir, len(store), expired)
+    return store
 
 
 async def _serve(
-    settings: NotifierSettings, authenticator: Authenticator, store: TaskStore, stop: asyncio.Event
+    settings: NotifierSettings,
+    authenticator: Authenticator,
+    store: TaskStore,
+    parts: Parts,
+    lifeline: runtime.Lifeline,
+    stop: asyncio.Event,
 ) -> None:
-    lifeline = runtime.Lifeline()
     metrics = NotifierMetrics(new_registry())
     metrics.tasks_known.set_function(lambda: len(store))
     group = settings.notifier_group or f"aimesh-notifier-{socket.gethostname()}-{os.getpid()}"
     directory = PartitionDirectory(settings.advertised_address) if settings.notifier_partitioned else None
     feed = _feed(settings, group, store, directory, metrics)
-    # Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack.
-    producer = AsyncProducer(
-        producer_config(
-            settings.kafka_bootstrap,
-            client_id=f"{group}-cancel",
-            delivery_timeout_s=settings.publish_timeout_s,
-            extra=settings.kafka_client_config(),
-        ),
-        name="kafka-cancel-producer",
-    )
+    producer = _cancel_producer(settings, group)
     forwarder = Forwarder.from_settings(settings)
     object_store = ObjectStore.of(settings)
     servicer = NotifierServicer(
@@ -82,38 +90,43 @@ async def _serve(
         forwarder=forwarder,
         downloads=Downloads(object_store),
     )
-    server = _grpc_server(settings, authenticator, servicer)
-    async with Parts(lifeline) as parts:
-        # Each part is stopped, last started first, however serving ends; the ports are bound first, so a
-        # port in use stops the notifier before any thread starts.
-        await parts.start(server)  # NOT_SERVING until the history is read
-        await parts.start(MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry))
-        await parts.start(producer)
-        parts.close_on_stop("forwarder", forwarder.close)
-        await parts.start(feed)
-        if directory is not None:
-            await parts.start(_refresher(settings, group, directory))
-        sweeper = asyncio.create_task(_sweep(store, settings.retention_s))
-        parts.close_on_stop("retention-sweeper", sweeper.cancel)
-        if object_store is not None:  # objects expire with their tasks: every replica sweeps, deletes are idempotent
-            await parts.start(ObjectSweeper.of(object_store, settings))
-        # Once all is up, open streams are closed first (stop is idempotent), while the feed still feeds them.
-        parts.close_on_stop("streams", server.stop)
-        await _serve_until_stopped(server, lifeline, feed, stop, store)
-        log.info("stopping: closing streams within %.1fs", settings.shutdown_grace_s)
-
-
-def _grpc_server(settings: NotifierSettings, authenticator: Authenticator, servicer: NotifierServicer) -> GrpcServer:
-    server = GrpcServer.of_service(
-        settings,
-        settings.notifier_address,
-        notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"].full_name,
-        authenticator,
-        grace_s=settings.shutdown_grace_s,
-        serving=False,
+    # Each part is stopped, last started first, however serving ends; the ports are bound first, so a port in use
+    # stops the notifier before any thread starts.
+    server = await parts.start(  # NOT_SERVING until the history is read
+        GrpcServer.of_service(
+            settings,
+            settings.notifier_address,
+            notifier_pb2.DESCRIPTOR.services_by_name["NotifierService"],
+            notifier_pb2_grpc.add_NotifierServiceServicer_to_server,
+            servicer,
+            auth=authenticator,
+            grace_s=settings.shutdown_grace_s,
+            serving=False,
+        )
     )
-    server.add(notifier_pb2_grpc.add_NotifierServiceServicer_to_server, servicer)
-    return server
+    await parts.start(MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry))
+    await parts.start(producer)
+    parts.close_on_stop("forwarder", forwarder.close)
+    await parts.start(feed)
+    if directory is not None:
+        await parts.start(_refresher(settings, group, directory))
+    await parts.start(TaskPart("retention-sweeper", lambda: _sweep(store, settings.retention_s)))
+    if object_store is not None:  # objects expire with their tasks: every replica sweeps, deletes are idempotent
+        await parts.start(ObjectSweeper.of(object_store, settings))
+    # Once all is up, open streams are closed first (stop is idempotent), while the feed still feeds them.
+    parts.close_on_stop("streams", server.stop)
+    await _serve_until_stopped(server, lifeline, feed, stop, store)
+
+
+def _cancel_producer(settings: NotifierSettings, group: str) -> AsyncProducer:
+    """Cancellations are published durably, as ingest publishes tasks: the answer follows the broker's ack."""
+    config = producer_config(
+        settings.kafka_bootstrap,
+        client_id=f"{group}-cancel",
+        delivery_timeout_s=settings.publish_timeout_s,
+        extra=settings.kafka_client_config(),
+    )
+    return AsyncProducer(config, name="kafka-cancel-producer")
 
 
 def _refresher(settings: NotifierSettings, group: str, directory: PartitionDirectory) -> DirectoryRefresher:

@@ -14,6 +14,8 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 
+from aimesh.settings import NotifierSettings
+
 from .store import Update, WatchItem
 
 
@@ -41,10 +43,11 @@ class SubscriptionMemory:
 
 @dataclass(frozen=True)
 class BufferLimits:
-    """What one stream may hold unsent: serialized bytes of updates, and items."""
+    """What one stream may hold unsent: serialized bytes of updates, and items. The defaults are
+    ``NotifierSettings``'."""
 
-    max_bytes: int = 4 << 20
-    max_items: int = 10_000
+    max_bytes: int = NotifierSettings.model_fields["max_stream_buffer_bytes"].default
+    max_items: int = NotifierSettings.model_fields["max_stream_buffer_updates"].default
 
 
 class StreamBuffer:

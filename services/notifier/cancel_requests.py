@@ -34,7 +34,7 @@ CANCEL_WAIT_S = 2.0
 
 
 class Publisher(Protocol):
-    """What CancelTask needs of a producer (``aimesh.kafka.AsyncProducer``): publish one record and return once
+    """What CancelTask needs of a producer (``aimesh.kafka_producer.AsyncProducer``): publish one record and return once
     the broker acknowledged it, or raise BrokerUnavailable."""
 
     async def produce(self, topic: str, *, key: str, value: bytes, headers: Headers | None = None) -> object: ...

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from aimesh import kafka
 from aimesh.background import BackgroundThread
@@ -93,9 +93,10 @@ class PartitionDirectory:
         self._owners = owners
 
 
-def owners_of(committed: Iterable[TopicPartition]) -> dict[int, str]:
-    """Partition -> its owner's address, from the group's committed offsets (metadata: the address)."""
-    return {tp.partition: tp.metadata for tp in committed if tp.error is None and tp.offset >= 0 and tp.metadata}
+def owners_of(committed: Mapping[kafka.TopicPartitionKey, tuple[int, str]]) -> dict[int, str]:
+    """Partition -> its owner's address, from the group's committed offsets and their metadata (``kafka.committed``;
+    metadata: the address, none where something else committed)."""
+    return {partition: metadata for (_, partition), (_, metadata) in committed.items() if metadata}
 
 
 class DirectoryRefresher(BackgroundThread):
@@ -125,8 +126,8 @@ class DirectoryRefresher(BackgroundThread):
                 if self.stopping.is_set() or count <= 0:
                     continue
                 try:
-                    asked = [TopicPartition(self._topic, p) for p in range(count)]
-                    self._directory.learn(owners_of(reader.committed(asked, timeout=COMMITTED_TIMEOUT_S)))
+                    asked = [(self._topic, p) for p in range(count)]
+                    self._directory.learn(owners_of(kafka.committed(reader, asked, COMMITTED_TIMEOUT_S)))
                 except KafkaException as e:  # the broker unreachable a while: keep what is known, try again
                     log.debug("reading the group's committed offsets failed: %s", e)
         finally:

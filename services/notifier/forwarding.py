@@ -183,7 +183,7 @@ class Forwarder:
     def __init__(
         self,
         *,
-        max_message_bytes: int = 4 << 20,
+        max_message_bytes: int = ServerSettings.model_fields["max_message_bytes"].default,
         tls: ClientTls | None = None,
         backoff: OwnerBackoff | None = None,
     ) -> None:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aimesh import runtime
-from aimesh.kafka import AsyncProducer, consumer_config, producer_config
+from aimesh.kafka import consumer_config, producer_config
+from aimesh.kafka_producer import AsyncProducer
 from aimesh.lifecycle import Parts, run_until
 from aimesh.metrics import MetricsServer, WorkerMetrics, new_registry
 from aimesh.retry import RetryPolicy

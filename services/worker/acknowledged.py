@@ -34,7 +34,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from aimesh import kafka
 
 from .ledger import OutRecord, TopicPartitionKey
-from .transactions import CALL_TIMEOUT_S, TransactionAborted, TransactionFatal, refusal, retry_produce
+from .transactions import (
+    CALL_TIMEOUT_S,
+    ProducerFactory,
+    TransactionAborted,
+    TransactionFatal,
+    refusal,
+    retry_produce,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +58,19 @@ def acknowledged_config(base: dict[str, Any], *, max_record_bytes: int | None = 
 
 
 class AcknowledgedPublisher:
-    """Owns one idempotent producer and the offsets waiting to be committed. ``publish`` from one thread at a time;
-    ``commit`` from the consumer's thread."""
+    """Owns one idempotent producer, built by ``producer_factory``, and the offsets waiting to be committed.
+    ``publish`` from one thread at a time; ``commit`` from the consumer's thread."""
 
     def __init__(
-        self, config: dict[str, Any], *, commit_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self,
+        config: dict[str, Any],
+        *,
+        commit_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        producer_factory: ProducerFactory = kafka.producer,
     ) -> None:
         self._config = config
+        self._new_producer = producer_factory
         self._commit_interval_s = commit_interval_s
         self._clock = clock
         self._producer: Producer | None = None
@@ -70,7 +83,7 @@ class AcknowledgedPublisher:
         return "none (at_least_once)"
 
     def start(self) -> None:
-        self._producer = kafka.producer(self._config, logger=log)
+        self._producer = self._new_producer(self._config, logger=log)
 
     def fence(self, timeout_s: float) -> bool:
         """Nothing to resolve: a publish stuck in a call holds no transaction, and a result it still delivers is at

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aimesh.errors import AimeshError
+from aimesh.settings import WorkerSettings
 from aimesh.v1 import result_pb2
 
 from .inference import Inference, InferenceFailed, Triton
@@ -103,7 +104,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_concurrent: int,
-        max_request_bytes: int = 4_194_304,
+        max_request_bytes: int = WorkerSettings.model_fields["max_request_bytes"].default,
         timeout_s: float,
         on_request: Callable[[str, int], None] = lambda model, items: None,
     ) -> None:

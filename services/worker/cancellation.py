@@ -110,7 +110,7 @@ class CancellationReader(BackgroundThread):
                     if message.error():
                         log.warning("cancellations consumer error: %s", message.error())
                         continue
-                    self._read(message.value(), message.key())
+                    self.handle(message.key(), message.value())
         finally:
             consumer.close()
 
@@ -130,7 +130,10 @@ class CancellationReader(BackgroundThread):
         self.assigned.set()
         return True
 
-    def _read(self, value: bytes | None, key: bytes | None) -> None:
+    def handle(self, key: bytes | None, value: bytes | None) -> None:
+        """Take one record of the topic (the reader's loop calls this for each): a cancellation is remembered and
+        passed to ``on_cancel``; an undecodable record is logged, passed to ``on_undecodable`` by its reason and
+        skipped."""
         try:
             event = events.decode_cancel(value)
         except UndecodableRecord as e:

@@ -20,8 +20,20 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from aimesh.background import BackgroundThread
 from aimesh.errors import AimeshError
-from aimesh.metrics import WorkerMetrics
+from aimesh.lifecycle import OnDeath
+from aimesh.metrics import (
+    REFUSAL_BLOCKED,
+    REFUSAL_DROPPED,
+    REFUSAL_REPLACED,
+    REFUSED_DEAD_LETTER,
+    REFUSED_RESULT,
+    TRANSACTION_ABORTED,
+    TRANSACTION_COMMITTED,
+    TRANSACTION_FATAL,
+    WorkerMetrics,
+)
 
 from .aborts import AbortPolicy
 from .ledger import Ledger, Ready, Refusal, TopicPartitionKey
@@ -45,9 +57,10 @@ class ProducerWedged(AimeshError, RuntimeError):
     with the same transactional.id fences the wedged one and aborts its transaction)."""
 
 
-class Committer:
-    """Publishes ``ledger``'s ready outcomes through ``publisher``. ``run`` is the publisher thread; ``lock`` guards
-    the publisher and the ledger's publish-then-commit steps, which the revoke callback runs too (``publish_ready``).
+class Committer(BackgroundThread):
+    """Publishes ``ledger``'s ready outcomes through ``publisher``. ``run`` is the publisher thread
+    ``kafka-publisher``, from ``start`` until ``stop`` (if it dies, ``on_death`` is told); ``lock`` guards the
+    publisher and the ledger's publish-then-commit steps, which the revoke callback runs too (``publish_ready``).
     After a fatal producer error (under the lock) ``drop_unpublished`` forgets every owned partition's work, the
     producer is recreated, and ``refetch`` has the consumer fetch again from the committed offsets."""
 
@@ -60,7 +73,9 @@ class Committer:
         results_topic: str,
         drop_unpublished: Callable[[], None],
         refetch: Callable[[], None],
+        on_death: OnDeath | None = None,
     ) -> None:
+        super().__init__("kafka-publisher", on_death=on_death)
         self.publisher = publisher
         self._ledger = ledger
         self._metrics = metrics
@@ -71,7 +86,6 @@ class Committer:
         self.wedged = threading.Event()
         # Set while a topic refuses every record (see aborts): fetching pauses meanwhile.
         self.blocked = threading.Event()
-        self._stopping = threading.Event()
         self._aborts = AbortPolicy(self._on_blocked)
         self._publishing_since: float | None = None
         self._fences: list[float] = []
@@ -88,10 +102,10 @@ class Committer:
             with self.lock:
                 published = self.publish_ready()
                 wait_s = self._aborts.wait_s()
-            if published and self._stopping.is_set():
+            if published and self.stopping.is_set():
                 return
             if not published:
-                if self._stopping.is_set():
+                if self.stopping.is_set():
                     failures_after_stop += 1
                     if failures_after_stop >= MAX_ABORTS_AFTER_STOP:
                         log.error("giving up publishing at shutdown; unpublished tasks will run again")
@@ -99,8 +113,15 @@ class Committer:
                 time.sleep(wait_s)
                 self.work_ready.set()
 
-    def stop(self) -> None:
-        self._stopping.set()
+    async def stop(self) -> None:
+        """Publish everything finished (or give up, see ``run``) and end. A wedged publisher is told to stop but not
+        waited for: its thread may never return."""
+        if self.wedged.is_set():
+            self._tell_to_stop()
+        else:
+            await super().stop()
+
+    def _wake(self) -> None:
         self.work_ready.set()
 
     @property
@@ -145,7 +166,7 @@ class Committer:
         try:
             self.publisher.publish(records, offsets, self.group_metadata)
         except TransactionAborted as e:
-            self._metrics.transactions.labels("aborted").inc()
+            self._metrics.transactions.labels(TRANSACTION_ABORTED).inc()
             if self.wedged.is_set():
                 return True  # a given-up worker stops publishing
             self._after_abort(owners, e.refused)
@@ -153,14 +174,14 @@ class Committer:
         except TransactionFatal:
             if self.wedged.is_set():
                 return True  # given up while the call hung: a newer producer owns the id now, touch nothing
-            self._metrics.transactions.labels("fatal").inc()
+            self._metrics.transactions.labels(TRANSACTION_FATAL).inc()
             self._recover_from_fatal()
             return True
         finally:
             self._publishing_since = None
         if self.wedged.is_set():
             return True
-        self._metrics.transactions.labels("committed").inc()
+        self._metrics.transactions.labels(TRANSACTION_COMMITTED).inc()
         self._aborts.committed(everything=False)
         self._ledger.committed(ready)
         for r in ready:
@@ -190,14 +211,14 @@ class Committer:
         topic takes no record at all (blocked)."""
         outcome = ready.outcomes[i]
         record = outcome.records[refusal.index]
-        kind = "result" if record.topic == self._results_topic else "dead_letter"
+        kind = REFUSED_RESULT if record.topic == self._results_topic else REFUSED_DEAD_LETTER
         replacement = outcome.smaller(refusal) if outcome.smaller is not None else None
         where = f"{ready.partition.key[0]}[{ready.partition.key[1]}]@{ready.offsets[i]}"
         if replacement is None:
-            self._metrics.refused_records.labels(kind, "blocked").inc()
+            self._metrics.refused_records.labels(kind, REFUSAL_BLOCKED).inc()
             log.error("%s refuses every record (%s: %s): publishing waits", record.topic, refusal.code, refusal.reason)
             return False
-        action = "dropped" if len(replacement.records) < len(outcome.records) else "replaced"
+        action = REFUSAL_DROPPED if len(replacement.records) < len(outcome.records) else REFUSAL_REPLACED
         self._metrics.refused_records.labels(kind, action).inc()
         log.error(
             "the %s record of %s was refused for good (%s: %s): %s",
@@ -205,7 +226,7 @@ class Committer:
             where,
             refusal.code,
             refusal.reason,
-            "dropped" if action == "dropped" else "publishing a smaller outcome instead",
+            "dropped" if action == REFUSAL_DROPPED else "publishing a smaller outcome instead",
         )
         self._ledger.replace(ready.partition, ready.offsets[i], replacement)
         return True

@@ -9,13 +9,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from aimesh import finished_offsets, kafka
+from aimesh.background import BackgroundThread
 from aimesh.kafka import Record, fetch
+from aimesh.lifecycle import OnDeath
 from aimesh.metrics import WorkerMetrics
 
 from .committer import Committer
@@ -51,10 +52,11 @@ def should_pause(*, paused: bool, backlog: int, max_backlog: int, hold: bool) ->
     return hold or full
 
 
-class TaskConsumer:
+class TaskConsumer(BackgroundThread):
     """Fetches ``tasks_topic`` (and ``batch_tasks_topic``, if any) as a member of the worker group
-    (``consumer_config``) into ``scheduler``. ``run`` is the consumer thread, until `stop`; fetching pauses once
-    ``stop_fetching`` is set."""
+    (``consumer_config``) into ``scheduler``. ``run`` is the consumer thread ``kafka-consumer`` (it runs ``lag`` beside
+    it), from ``start`` until ``stop``, which returns once the consumer has left its group; fetching pauses once
+    ``stop_fetching`` is set. If it dies, ``on_death`` is told."""
 
     def __init__(
         self,
@@ -70,8 +72,9 @@ class TaskConsumer:
         metrics: WorkerMetrics,
         max_in_flight: int,
         stop_fetching: threading.Event,
-        guarded: Callable[[Callable[[], None]], None],
+        on_death: OnDeath | None = None,
     ) -> None:
+        super().__init__("kafka-consumer", on_death=on_death)
         self._config, self._batch_tasks_topic = consumer_config, batch_tasks_topic
         self.topics = [tasks_topic] + ([batch_tasks_topic] if batch_tasks_topic else [])
         self.group: str = consumer_config["group.id"]
@@ -79,8 +82,7 @@ class TaskConsumer:
         self._scheduler, self._lag, self._metrics = scheduler, lag, metrics
         self._max_in_flight = max_in_flight
         self._max_backlog = max(max_in_flight, MIN_BACKLOG)
-        self._stop_fetching, self._guarded = stop_fetching, guarded
-        self._stopped = threading.Event()
+        self._stop_fetching = stop_fetching
         self._rewind = threading.Event()
         self.triton_ok = True  # set by the worker's Triton health check
         self._paused: dict[PriorityClass, bool] = dict.fromkeys(CLASSES, False)  # consumer thread only
@@ -95,10 +97,6 @@ class TaskConsumer:
             self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
 
-    def stop(self) -> None:
-        """`run` closes the consumer and returns; the revoke this triggers publishes everything finished."""
-        self._stopped.set()
-
     def refetch(self) -> None:
         """Fetch again from the committed offsets (after a fatal producer error dropped all unpublished work)."""
         self._rewind.set()
@@ -109,10 +107,9 @@ class TaskConsumer:
     def run(self) -> None:
         consumer = self._consumer
         assert consumer is not None and self._loop is not None
-        lag = threading.Thread(target=self._guarded, args=(self._lag.run,), name="kafka-lag", daemon=True)
-        lag.start()
+        self._lag.start_sync()
         try:
-            while not self._stopped.is_set():
+            while not self.stopping.is_set():
                 self._committer.check_wedged()
                 if self._rewind.is_set():
                     self._rewind_to_committed()
@@ -130,8 +127,7 @@ class TaskConsumer:
                         continue
                     self.take(Record.of(message), message.timestamp()[1])
         finally:
-            self._lag.stop()
-            lag.join()
+            self._lag.stop_sync()
             # Leaves the group; the revoke callback this triggers publishes everything finished.
             consumer.close()
 
@@ -257,17 +253,16 @@ def committed_offsets(consumer: Consumer, partitions: list[TopicPartition]) -> d
     error here stops the worker (its restart asks again)."""
     if not partitions:
         return {}
-    asked = [TopicPartition(p.topic, p.partition) for p in partitions]
+    asked = [(p.topic, p.partition) for p in partitions]
     give_up = time.monotonic() + COMMITTED_TIMEOUT_S
     while True:
         try:
-            found = consumer.committed(asked, timeout=COMMITTED_QUERY_TIMEOUT_S)
+            committed = kafka.committed(consumer, asked, COMMITTED_QUERY_TIMEOUT_S)
             break
         except KafkaException as e:
             if not e.args[0].retriable() or time.monotonic() >= give_up:
                 raise
             log.warning("committed offsets not read, retrying: %s", e.args[0].str())
-    committed = {(tp.topic, tp.partition): (tp.offset, tp.metadata or "") for tp in found if tp.offset >= 0}
     skipped = {key: len(finished_offsets.decode(*value)) for key, value in committed.items()}
     if any(skipped.values()):
         log.info("offsets already published above the committed ones (skipped): %s", skipped)

@@ -117,7 +117,7 @@ class Duplicates:
         self._config = kafka.reader_config(consumer_config)
         self._config.update(
             {
-                "client.id": f"{consumer_config.get('client.id', 'aimesh-worker')}-duplicates",
+                "client.id": kafka.client_id_for(consumer_config, "duplicates", default="aimesh-worker"),
                 "enable.partition.eof": True,
             }
         )

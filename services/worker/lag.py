@@ -14,6 +14,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException
 
 from aimesh import kafka
+from aimesh.background import BackgroundThread
+from aimesh.lifecycle import OnDeath
 from aimesh.metrics import WorkerMetrics
 
 from .ledger import Ledger, TopicPartitionKey
@@ -25,34 +27,39 @@ LAG_REFRESH_INTERVAL_S = 5.0
 LAG_QUERY_TIMEOUT_S = 1.0
 
 
-class LagReporter:
-    """Sets ``metrics.consumer_lag_records`` for the partitions ``ledger`` owns. ``run`` until ``stop`` (a thread);
-    ``forget`` from any thread when partitions move."""
+class LagReporter(BackgroundThread):
+    """Sets ``metrics.consumer_lag_records`` for the partitions ``ledger`` owns, on the thread ``kafka-lag`` (the
+    consumer thread starts and stops it: ``start_sync``, ``stop_sync``); ``forget`` from any thread when partitions
+    move. If it dies, ``on_death`` is told."""
 
-    def __init__(self, consumer_config: dict[str, Any], ledger: Ledger, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        consumer_config: dict[str, Any],
+        ledger: Ledger,
+        metrics: WorkerMetrics,
+        *,
+        on_death: OnDeath | None = None,
+    ) -> None:
+        super().__init__("kafka-lag", on_death=on_death)
         # Same group id, for its committed offsets; it never subscribes, so it never joins the group.
         config = kafka.reader_config(consumer_config)
-        self._config = {**config, "client.id": f"{config.get('client.id', 'aimesh-worker')}-lag"}
+        self._config = {**config, "client.id": kafka.client_id_for(config, "lag", default="aimesh-worker")}
         self._ledger = ledger
         self._metrics = metrics
         # Partitions with a lag gauge: refreshes set them, rebalances drop them.
         self._series: set[TopicPartitionKey] = set()
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
 
     def run(self) -> None:
         probe = kafka.consumer(self._config, logger=log)
         try:
-            while not self._stopped.wait(LAG_REFRESH_INTERVAL_S):
+            while not self.stopping.wait(LAG_REFRESH_INTERVAL_S):
                 try:
                     self._refresh(probe)
                 except Exception:  # telemetry: never the reason a worker stops
                     log.exception("consumer lag not refreshed")
         finally:
             probe.close()
-
-    def stop(self) -> None:
-        self._stopped.set()
 
     def forget(self, keys: set[TopicPartitionKey]) -> None:
         """Drop the lag series of partitions this worker no longer owns (their new owner reports them)."""
@@ -68,12 +75,12 @@ class LagReporter:
         # Partitions this worker has committed nothing for yet: the group coordinator is asked.
         known = {key: offset for key, offset in committed.items() if offset is not None}
         try:
-            lags = kafka.group_lag(probe, committed, LAG_QUERY_TIMEOUT_S, known=known, stop=self._stopped)
+            lags = kafka.group_lag(probe, committed, LAG_QUERY_TIMEOUT_S, known=known, stop=self.stopping)
         except KafkaException as e:
             # Telemetry only: the gauges keep their last values until the broker answers again.
             log.debug("consumer lag not refreshed: %s", e)
             return
-        if self._stopped.is_set():
+        if self.stopping.is_set():
             return
         with self._lock:
             owned = self._ledger.committed_offsets().keys()  # not those released while the queries ran

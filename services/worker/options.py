@@ -28,7 +28,8 @@ class WorkerOptions:
     batch_tasks_topic: str = ""  # none: no batch priority class
     cancel_topic: str = ""  # none: no cancellations read
     object_store: ObjectStore | None = None  # none: tensors held by reference fail, large outputs stay inline
-    inline_limit_bytes: int = 262_144  # raw outputs larger than this go to the object store
+    # Raw outputs larger than this go to the object store.
+    inline_limit_bytes: int = WorkerSettings.model_fields["inline_limit_bytes"].default
 
     @classmethod
     def of(cls, settings: WorkerSettings, worker_id: str) -> WorkerOptions:

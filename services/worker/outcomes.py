@@ -10,7 +10,14 @@ from typing import Literal
 
 from aimesh import events, tracing
 from aimesh.kafka import Headers, Record
-from aimesh.metrics import WorkerMetrics, error_code_label, status_label
+from aimesh.metrics import (
+    REFUSAL_PREFLIGHT,
+    REFUSED_DEAD_LETTER,
+    REFUSED_RESULT,
+    WorkerMetrics,
+    error_code_label,
+    status_label,
+)
 from aimesh.v1 import result_pb2
 
 from .ledger import Outcome, OutRecord, Refusal
@@ -47,7 +54,7 @@ class Outcomes:
         if fitted is not result:
             log.error("task %s: %s", result.task_id, fitted.error.message if fitted else "its task id fits no record")
             tracing.fail("result too large")
-            self._metrics.refused_records.labels("result", "preflight").inc()
+            self._metrics.refused_records.labels(REFUSED_RESULT, REFUSAL_PREFLIGHT).inc()
         return fitted
 
     def outcome(
@@ -140,5 +147,5 @@ class Outcomes:
         # The original headers ride along (trace context included), after ours.
         fitted = self._limits.fit_dead_letter(record.key, record.value, headers, record.headers)
         if fitted.value is not record.value:
-            self._metrics.refused_records.labels("dead_letter", "preflight").inc()
+            self._metrics.refused_records.labels(REFUSED_DEAD_LETTER, REFUSAL_PREFLIGHT).inc()
         return fitted

@@ -22,7 +22,8 @@ from opentelemetry.trace import Span
 
 from aimesh import events, runtime, tracing
 from aimesh.errors import BrokerUnavailable, UndecodableRecord
-from aimesh.kafka import AsyncProducer, Record
+from aimesh.kafka import Record
+from aimesh.kafka_producer import AsyncProducer
 from aimesh.metrics import WorkerMetrics
 from aimesh.retry import RetryPolicy
 from aimesh.v1 import result_pb2, task_pb2

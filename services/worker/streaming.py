@@ -15,7 +15,7 @@ from typing import Any
 
 from aimesh import events, tracing
 from aimesh.errors import BrokerUnavailable
-from aimesh.kafka import AsyncProducer
+from aimesh.kafka_producer import AsyncProducer
 from aimesh.v1 import result_pb2, task_pb2
 
 from .inference import Inference, Triton

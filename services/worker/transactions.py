@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -101,6 +102,12 @@ def retry_produce(producer: Producer, record: OutRecord, index: int, errors: dic
             raise
 
 
+class ProducerFactory(Protocol):
+    """How a publisher builds its producer: ``kafka.producer``, or a test's fake at the librdkafka seam."""
+
+    def __call__(self, config: Mapping[str, Any], *, logger: logging.Logger) -> Producer: ...
+
+
 class Publisher(Protocol):
     """What the worker publishes through: ``TransactionalPublisher`` (exactly_once) or
     ``acknowledged.AcknowledgedPublisher`` (at_least_once). ``publish`` raises ``TransactionAborted`` (publish again)
@@ -166,10 +173,12 @@ def transactional_config(
 
 
 class TransactionalPublisher:
-    """Owns one transactional producer. Not thread-safe: call it from one thread at a time."""
+    """Owns one transactional producer, built by ``producer_factory``. Not thread-safe: call it from one thread at a
+    time."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], *, producer_factory: ProducerFactory = kafka.producer) -> None:
         self._config = config
+        self._new_producer = producer_factory
         self._producer: Producer | None = None
 
     @property
@@ -179,7 +188,7 @@ class TransactionalPublisher:
     def start(self) -> None:
         """Create the producer and register its transactional id, which fences any older instance with the
         same id and aborts whatever transaction it left open."""
-        producer = kafka.producer(self._config, logger=log)
+        producer = self._new_producer(self._config, logger=log)
         # Retried for as long as the broker is away: there is nothing else this worker could do meanwhile.
         self._retry(
             lambda: producer.init_transactions(CALL_TIMEOUT_S), "init_transactions", abortable=False, retry_for_s=None
@@ -191,7 +200,7 @@ class TransactionalPublisher:
         in a call (from another thread: the stuck producer is not touched). The broker answers only once the
         transaction the stuck producer left open is resolved, committed if its commit had reached the coordinator,
         else aborted, and fences the stuck producer. True if that happened within ``timeout_s``."""
-        producer = kafka.producer(self._config, logger=log)
+        producer = self._new_producer(self._config, logger=log)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

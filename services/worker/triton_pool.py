@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
 from aimesh import tracing
-from aimesh.metrics import WorkerMetrics
+from aimesh.metrics import ENDPOINT_ERROR, ENDPOINT_OK, ENDPOINT_OUTCOMES, ENDPOINT_UNREACHABLE, WorkerMetrics
 
 from .inference import Inference, InferenceFailed, ModelInfo, Token, Triton, TritonInference
 from .tensor_io import Row
@@ -162,7 +162,7 @@ class TritonPool:
         for endpoint in self.endpoints:
             self._report_state(endpoint)
             if metrics is not None:  # every series exposed from the start, at 0
-                for outcome in ("ok", "unreachable", "error"):
+                for outcome in ENDPOINT_OUTCOMES:
                     metrics.triton_endpoint_requests.labels(endpoint.url, outcome)
 
     @property
@@ -242,32 +242,50 @@ class TritonPool:
         self._turn = (self.endpoints.index(best) + 1) % count
         return best
 
-    async def _call(self, call: Callable[[Triton], Awaitable[T]], *, counted: bool = True) -> T:
-        """``call`` on one endpoint after another until one reaches its server (see the module's docstring)."""
+    async def _route(
+        self, call: Callable[[Triton], AsyncGenerator[T, None]], *, counted: bool = True
+    ) -> AsyncGenerator[T, None]:
+        """What ``call`` yields on one endpoint, or on the next if this one was unreachable before its first item
+        (see the module's docstring): the one retry loop of unary calls and streams. ``counted``: in the
+        ``triton_endpoint_requests`` metric."""
         tried: set[Endpoint] = set()
         error: InferenceFailed | None = None
         while (endpoint := self._pick(tried)) is not None:
             tried.add(endpoint)
             endpoint.outstanding += 1
             tracing.set_server_address(endpoint.url)
+            items = 0
             try:
-                result = await call(endpoint.triton)
+                async with aclosing(call(endpoint.triton)) as results:
+                    async for result in results:
+                        items += 1
+                        yield result
             except InferenceFailed as e:
                 if counted:
-                    self._count(endpoint, "unreachable" if e.unreachable else "error")
-                if not e.unreachable:
+                    self._count(endpoint, ENDPOINT_UNREACHABLE if e.unreachable else ENDPOINT_ERROR)
+                if e.unreachable:
+                    self._failed(endpoint, str(e))
+                if not e.unreachable or items:
                     raise
-                self._failed(endpoint, str(e))
                 error = e
                 continue
             finally:
                 endpoint.outstanding -= 1
             if counted:
-                self._count(endpoint, "ok")
+                self._count(endpoint, ENDPOINT_OK)
             self._succeeded(endpoint)
-            return result
+            return
         assert error is not None  # a first try always finds an endpoint
         raise error
+
+    async def _call(self, call: Callable[[Triton], Awaitable[T]], *, counted: bool = True) -> T:
+        """``call`` on one endpoint after another until one reaches its server (see the module's docstring)."""
+
+        async def once(triton: Triton) -> AsyncGenerator[T, None]:
+            yield await call(triton)
+
+        (result,) = [result async for result in self._route(once, counted=counted)]  # one item: the call's result
+        return result
 
     def _succeeded(self, endpoint: Endpoint) -> None:
         endpoint.failures = 0
@@ -310,7 +328,7 @@ class TritonPool:
             lambda triton: triton.model_info(model_name, model_version, timeout_s=timeout_s), counted=False
         )
 
-    async def stream(
+    def stream(
         self,
         model_name: str,
         text: str,
@@ -323,39 +341,14 @@ class TritonPool:
     ) -> AsyncGenerator[Token, None]:
         """``TritonInference.stream`` on one endpoint: on another only if it was unreachable before its first
         response. Raises InferenceFailed."""
-        tried: set[Endpoint] = set()
-        error: InferenceFailed | None = None
-        while (endpoint := self._pick(tried)) is not None:
-            tried.add(endpoint)
-            endpoint.outstanding += 1
-            tracing.set_server_address(endpoint.url)
-            responses = 0
-            try:
-                tokens = endpoint.triton.stream(
-                    model_name,
-                    text,
-                    model_version=model_version,
-                    parameters=parameters,
-                    timeout_s=timeout_s,
-                    stop=stop,
-                    metadata=metadata,
-                )
-                async with aclosing(tokens):
-                    async for token in tokens:
-                        responses += 1
-                        yield token
-            except InferenceFailed as e:
-                self._count(endpoint, "unreachable" if e.unreachable else "error")
-                if e.unreachable:
-                    self._failed(endpoint, str(e))
-                if not e.unreachable or responses:
-                    raise
-                error = e
-                continue
-            finally:
-                endpoint.outstanding -= 1
-            self._count(endpoint, "ok")
-            self._succeeded(endpoint)
-            return
-        assert error is not None  # a first try always finds an endpoint
-        raise error
+        return self._route(
+            lambda triton: triton.stream(
+                model_name,
+                text,
+                model_version=model_version,
+                parameters=parameters,
+                timeout_s=timeout_s,
+                stop=stop,
+                metadata=metadata,
+            )
+        )

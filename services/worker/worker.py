@@ -18,10 +18,11 @@ The parts, and where they run:
 - ``scheduler.Scheduler`` and ``runner.TaskRunner`` (the event loop) start tasks from per-class backlogs and run
   each through Triton to its ``outcomes.Outcomes``;
 - ``lag.LagReporter`` (a thread started by the consumer thread) sets the consumer lag gauges;
-- ``cancellation.CancellationReader`` (a thread) reads the cancellations topic; ``health.TritonHealth`` (a task)
-  checks Triton.
-Four threads beside the event loop's, and a task: any that dies stops fetching and is reported to ``on_death``
-(the service's ``Lifeline``, see ``aimesh.lifecycle``), and the service stops the worker.
+- ``cancellation.CancellationReader`` (a thread) reads the cancellations topic; ``health.TritonHealth`` (a task,
+  ``lifecycle.TaskPart``) checks Triton.
+Four threads beside the event loop's (each a ``background.BackgroundThread``), and a task: any that dies stops
+fetching and is reported to ``on_death`` (the service's ``Lifeline``, see ``aimesh.lifecycle``), and the service
+stops the worker.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
-from aimesh.kafka import AsyncProducer, Record
-from aimesh.lifecycle import OnDeath
+from aimesh.kafka import Record
+from aimesh.kafka_producer import AsyncProducer
+from aimesh.lifecycle import OnDeath, TaskPart
 from aimesh.metrics import WorkerMetrics
 from aimesh.retry import RetryPolicy
 
@@ -81,6 +82,7 @@ class Worker:
         self._stop_fetching = threading.Event()
         self.cancellations = Cancellations(options.cancel_window_s)
         self.health = TritonHealth(triton.is_ready, interval_s=options.health_interval_s, on_change=self._on_health)
+        self._health_check = TaskPart("triton-health", self.health.run, on_death=self._died)
         self.runner = TaskRunner.of(
             options,
             triton=triton,
@@ -99,6 +101,7 @@ class Worker:
             results_topic=options.results_topic,
             drop_unpublished=lambda: self.consumer.forget_all(),
             refetch=lambda: self.consumer.refetch(),
+            on_death=self._died,
         )
         self.consumer = TaskConsumer(
             consumer_config,
@@ -108,18 +111,16 @@ class Worker:
             duplicates=Duplicates(options.idempotency_window_s, consumer_config),
             committer=self.committer,
             scheduler=self.scheduler,
-            lag=LagReporter(consumer_config, self.ledger, self.metrics),
+            lag=LagReporter(consumer_config, self.ledger, self.metrics, on_death=self._died),
             metrics=self.metrics,
             max_in_flight=options.max_in_flight,
             stop_fetching=self._stop_fetching,
-            guarded=self._guarded,
+            on_death=self._died,
         )
         self.cancel_reader = self._cancel_reader(options, cancel_consumer_config)
         self.on_death: OnDeath | None = None  # told when a thread or the health check dies
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._threads: list[threading.Thread] = []
-        self._health_check: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._running = self._stopping = False
         self.processed = 0
 
     def _cancel_reader(
@@ -127,13 +128,16 @@ class Worker:
     ) -> CancellationReader | None:
         if not options.cancel_topic or consumer_config is None:
             return None
-        return CancellationReader(
+        reader = CancellationReader(
             consumer_config,
             options.cancel_topic,
             self.cancellations,
             window_s=options.cancel_window_s,
             on_cancel=self._cancel_arrived,
         )
+        # It retries broker trouble itself; anything else that ends it stops the worker like any other thread.
+        reader.on_death = self._died
+        return reader
 
     @property
     def name(self) -> str:
@@ -157,16 +161,12 @@ class Worker:
             self.consumer.group,
             self.committer.publisher.transactional_id,
         )
-        self._threads = [
-            self._thread(self.consumer.run, "kafka-consumer"),
-            self._thread(self.committer.run, "kafka-publisher"),
-        ]
+        await self.consumer.start()
+        await self.committer.start()
+        self._running = True
         if self.cancel_reader is not None:
-            # It retries broker trouble itself; anything else that ends it stops the worker like any other thread.
-            self.cancel_reader.on_death = self._died
             await self.cancel_reader.start()
-        self._health_check = asyncio.create_task(self.health.run(), name="triton-health")
-        self._health_check.add_done_callback(self._health_ended)
+        await self._health_check.start()
 
     async def stop(self) -> None:
         """Drain: stop fetching, give running tasks ``grace_s``, publish what finished, leave the group. Safe to call
@@ -175,28 +175,18 @@ class Worker:
             return
         self._stopping = True
         self._stop_fetching.set()
-        if self._threads:
+        if self._running:
             await self._drain()
-        if self._health_check is not None:
-            self._health_check.cancel()
+        await self._health_check.stop()
         await self.runner.close()
-        if self._threads and not self.wedged:  # a wedged producer is abandoned: its thread may never return
+        if self._running and not self.wedged:  # a wedged producer is abandoned: its thread may never return
             await asyncio.to_thread(self.committer.publisher.close)
 
-    def _thread(self, body: Callable[[], None], name: str) -> threading.Thread:
-        thread = threading.Thread(target=self._guarded, args=(body,), name=name, daemon=True)
-        thread.start()
-        return thread
-
     async def _drain(self) -> None:
-        consumer, publisher = self._threads
         await self.scheduler.drain(self._options.grace_s)
         # The consumer thread closes the consumer, whose final revoke publishes everything finished.
-        self.consumer.stop()
-        await asyncio.to_thread(consumer.join)
-        self.committer.stop()
-        if not self.wedged:
-            await asyncio.to_thread(publisher.join)
+        await self.consumer.stop()
+        await self.committer.stop()  # not waited for if wedged
         if self.cancel_reader is not None:
             await self.cancel_reader.stop()
 
@@ -206,25 +196,12 @@ class Worker:
             self.committer.work_ready.set()
             self.processed += 1
 
-    def _guarded(self, body: Callable[[], None]) -> None:
-        """Run a thread's loop; if it dies, stop the worker instead of running on half-blind."""
-        try:
-            body()
-        except BaseException as e:
-            log.critical("%s failed", threading.current_thread().name, exc_info=True)
-            self._died(threading.current_thread().name, e)
-
     def _died(self, component: str, error: BaseException) -> None:
         """A thread or task the worker needs ended: fetch nothing more, and tell ``on_death`` (the service stops the
         worker, then exits non-zero or, for a wedged producer, starts a new worker). Any thread."""
         self._stop_fetching.set()
         if self.on_death is not None:
             self.on_death(component, error)
-
-    def _health_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("the Triton health check failed", exc_info=task.exception())
-            self._died(task.get_name(), task.exception() or RuntimeError("ended"))
 
     def _on_health(self, healthy: bool) -> None:
         self.consumer.triton_ok = healthy

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +29,8 @@ from aimesh.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "aimesh.dev"
+# AIMESH_MAX_MESSAGE_BYTES's default, read from the settings rather than written twice.
+MAX_MESSAGE_BYTES: int = ServerSettings.model_fields["max_message_bytes"].default
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ class GrpcServer:
         address: str,
         service_names: Iterable[str],
         *,
-        max_message_bytes: int = 4 << 20,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         interceptors: Sequence[Any] = (),
         auth: Authenticator | None = None,
         tls: ServerTls | None = None,
@@ -216,16 +219,19 @@ class GrpcServer:
         cls,
         settings: ServerSettings,
         address: str,
-        service: str,
-        auth: Authenticator,
+        service: ServiceDescriptor,
+        add_servicer: Callable[[Any, Any], None],
+        servicer: object,
         *,
+        auth: Authenticator,
         grace_s: float,
         serving: bool = True,
     ) -> GrpcServer:
-        """The server of a service (``service``: its full name) as its settings say, traced like every call."""
-        return cls(
+        """The server of a service as its settings say, traced like every call: ``servicer`` serves ``service``,
+        registered with its generated ``add_*Servicer_to_server`` function (``add_servicer``)."""
+        server = cls(
             address,
-            [service],
+            [service.full_name],
             max_message_bytes=settings.max_message_bytes,
             interceptors=tracing.server_interceptors(),
             auth=auth,
@@ -234,6 +240,8 @@ class GrpcServer:
             grace_s=grace_s,
             serving=serving,
         )
+        server.add(add_servicer, servicer)
+        return server
 
     def add(self, register: Callable[[Any, Any], None], servicer: object) -> None:
         """Register a servicer with its generated ``add_*Servicer_to_server`` function."""

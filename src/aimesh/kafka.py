@@ -1,28 +1,26 @@
-"""Thin adapters over confluent-kafka: everything in aimesh talks to Kafka through here.
+"""Thin adapters over confluent-kafka: every client of the services and of the local stack is built here.
 
-Every client is built here (``consumer``, ``producer``, ``admin``), from the settings built here
-(``producer_config``, ``consumer_config``, ``reader_config``), and the jobs several parts share are done here:
-reading a topic from a time or its end (``assign_topic``, ``offsets_at``) and a consumer group's lag
-(``group_lag``).
+The clients (``consumer``, ``producer``, ``admin``; ``kafka_producer.AsyncProducer`` wraps one for asyncio) and
+their settings (``producer_config``, ``consumer_config``, ``reader_config``, ``client_id_for``) are built here, and
+the jobs several parts share are done here: reading a topic from a time or its end (``assign_topic``,
+``offsets_at``), a consumer group's committed offsets (``committed``) and its lag (``group_lag``).
 
-librdkafka's calls block and its delivery callbacks only run inside ``poll()``/``flush()``, so each
-adapter owns one thread that polls; the event loop only ever awaits futures the thread resolves.
+Outside the services and the local stack, the benchmarks build bare confluent-kafka clients on purpose, to measure
+Kafka without aimesh, and tests may, to ask the broker directly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata  # type: ignore[attr-defined]  # no __all__ there
 
-from aimesh.errors import BrokerUnavailable
 from aimesh.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -44,9 +42,17 @@ def producer(config: Mapping[str, Any], *, logger: logging.Logger = log) -> Prod
     return Producer(dict(config), logger=logger)
 
 
-def admin(config: Mapping[str, Any], *, logger: logging.Logger = log) -> AdminClient:
-    """An AdminClient with ``config``; librdkafka's log lines go to ``logger`` (the caller's module logger)."""
+def admin(config: Mapping[str, Any], *, logger: logging.Logger | None = None) -> AdminClient:
+    """An AdminClient with ``config``. librdkafka writes its log lines to stderr itself (``log_level`` in ``config``
+    quiets them), unless ``logger`` is given: then they wait in the client's queue until its ``poll()`` hands them
+    to ``logger``, and an AdminClient's own calls never poll it."""
     return AdminClient(dict(config), logger=logger)
+
+
+def client_id_for(config: Mapping[str, Any], part: str, *, default: str) -> str:
+    """The ``client.id`` of a client a part builds beside the main one whose settings are ``config``: that one's
+    (``default`` where it has none) with ``-part`` added, so that the broker's logs and quotas tell them apart."""
+    return f"{config.get('client.id', default)}-{part}"
 
 
 def producer_config(
@@ -89,110 +95,6 @@ def producer_config(
     }
     config.update(extra or {})
     return config
-
-
-class AsyncProducer:
-    """An idempotent producer whose ``produce`` coroutine returns once the broker acknowledged the record.
-
-    A ``lifecycle.Part`` (or ``async with AsyncProducer(config) as producer``). ``stop`` flushes what is queued
-    and is safe to call twice.
-    """
-
-    def __init__(self, config: dict[str, Any], *, name: str = "kafka-producer") -> None:
-        self.name = name
-        self._config = config
-        self._producer: Producer | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-
-    async def __aenter__(self) -> AsyncProducer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        if self._producer is not None:
-            return
-        self._producer = producer(self._config)
-        self._thread = threading.Thread(target=self._poll_loop, name="kafka-producer-poll", daemon=True)
-        self._thread.start()
-
-    def _poll_loop(self) -> None:
-        assert self._producer is not None
-        while not self._stopping.is_set():
-            self._producer.poll(0.05)
-
-    async def produce(self, topic: str, *, key: str, value: bytes, headers: Headers | None = None) -> Message:
-        """Publish one record and wait for its delivery report.
-
-        Raises ``BrokerUnavailable`` when the broker did not acknowledge it (the record is then not
-        durable, though it may still have been written).
-        """
-        return await self.produce_nowait(topic, key=key, value=value, headers=headers)
-
-    def produce_nowait(
-        self, topic: str, *, key: str, value: bytes, headers: Headers | None = None
-    ) -> asyncio.Future[Message]:
-        """Queue one record; the returned future resolves with its delivery report."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Message] = loop.create_future()
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            # Runs on the poll thread: hand the outcome to the loop that is waiting for it.
-            loop.call_soon_threadsafe(_settle, future, err, msg)
-
-        self._queue(topic, key, value, headers, on_delivery)
-        return future
-
-    def produce_detached(self, topic: str, *, key: str, value: bytes, headers: Headers | None = None) -> None:
-        """Queue one record that nobody waits for (a best-effort progress update): no future and no hop back to
-        the event loop, which cost more than the record itself on a busy worker. A failed delivery is logged."""
-        self._queue(topic, key, value, headers, _log_undelivered)
-
-    def _queue(
-        self,
-        topic: str,
-        key: str,
-        value: bytes,
-        headers: Headers | None,
-        on_delivery: Callable[[KafkaError | None, Message], None],
-    ) -> None:
-        if self._producer is None:
-            raise RuntimeError("producer is not started")
-        try:
-            self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
-        except BufferError as e:
-            raise BrokerUnavailable("the producer queue is full: the broker is not keeping up") from e
-        except KafkaException as e:
-            raise BrokerUnavailable(f"cannot queue the record: {e.args[0]}") from e
-
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        """Flush queued records (up to ``timeout_s``), then stop the poll thread. Idempotent."""
-        if self._producer is None or self._stopping.is_set():
-            return
-        producer = self._producer
-        remaining = await asyncio.to_thread(producer.flush, timeout_s)
-        if remaining:
-            log.warning("producer stopped with %d records not delivered", remaining)
-        self._stopping.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-
-
-def _log_undelivered(err: KafkaError | None, msg: Message) -> None:
-    if err is not None:
-        log.debug("record for %s[%s] not delivered: %s", msg.topic(), msg.key(), err.str())
-
-
-def _settle(future: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
-    if future.done():
-        return
-    if err is not None:
-        future.set_exception(BrokerUnavailable(f"delivery failed: {err.str()}", kafka_error=err))
-    else:
-        future.set_result(msg)
 
 
 @dataclass(frozen=True)
@@ -348,6 +250,19 @@ def assign_topic(consumer: Consumer, topic: str, *, since_ms: int | None, timeou
     return len(starts)
 
 
+def committed(
+    consumer: Consumer, partitions: Iterable[TopicPartitionKey], timeout_s: float
+) -> dict[TopicPartitionKey, tuple[int, str]]:
+    """The committed offset and that commit's metadata ("" for none) of the group ``consumer`` names (``group.id``;
+    it need not join, see ``reader_config``) in each of ``partitions`` where it committed one: one OffsetFetch to
+    the group's coordinator, none when no partition is asked for. Raises KafkaException."""
+    asked = [TopicPartition(topic, partition) for topic, partition in partitions]
+    found = consumer.committed(asked, timeout=timeout_s) if asked else []
+    return {
+        (tp.topic, tp.partition): (tp.offset, tp.metadata or "") for tp in found if tp.error is None and tp.offset >= 0
+    }
+
+
 @dataclass(frozen=True)
 class PartitionLag:
     """Where a consumer group stands in one partition: its committed offset (-1: none) and that commit's metadata,
@@ -384,16 +299,13 @@ def group_lag(
     fetched, so its cached watermarks go stale). Once ``stop`` is set it returns what it has. Raises
     KafkaException."""
     keys = list(partitions)
-    committed = {key: (offset, "") for key, offset in (known or {}).items()}
-    asked = [TopicPartition(topic, partition) for topic, partition in keys if (topic, partition) not in committed]
-    for tp in consumer.committed(asked, timeout=timeout_s) if asked else []:
-        if tp.error is None and tp.offset >= 0:
-            committed[(tp.topic, tp.partition)] = (tp.offset, tp.metadata or "")
+    found = {key: (offset, "") for key, offset in (known or {}).items()}
+    found.update(committed(consumer, [key for key in keys if key not in found], timeout_s))
     lags: dict[TopicPartitionKey, PartitionLag] = {}
     for topic, partition in keys:
         if stop is not None and stop.is_set():
             break
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s, cached=False)
-        offset, metadata = committed.get((topic, partition), (-1, ""))
+        offset, metadata = found.get((topic, partition), (-1, ""))
         lags[(topic, partition)] = PartitionLag(offset, metadata, low, high)
     return lags

@@ -3,18 +3,19 @@ the metrics endpoint, the worker.
 
 A ``Part`` is started once and stopped once: ``stop`` drains what it holds (in-flight calls, queued records,
 running tasks) and ends it, and is safe to call twice or before ``start``. A part that can die while the service
-runs (a reader thread, the worker's threads) takes an ``on_death`` callback and reports there; the service hands
-it its ``runtime.Lifeline``, whose ``wait_for`` then raises ``ComponentDied``, so the service turns its health
-NOT_SERVING and stops rather than running on half-blind. ``Parts`` starts a service's parts in order and stops
-them last-started first however the service ends, a part that failed to start included.
+runs (a reader thread, the worker's threads, an asyncio task run as a ``TaskPart``) takes an ``on_death`` callback
+and reports there; the service hands it its ``runtime.Lifeline``, whose ``wait_for`` then raises ``ComponentDied``,
+so the service turns its health NOT_SERVING and stops rather than running on half-blind. ``Parts`` starts a
+service's parts in order and stops them last-started first however the service ends, a part that failed to start
+included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Protocol, Self, TypeVar, runtime_checkable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from aimesh.runtime import Lifeline
 
@@ -68,6 +69,67 @@ class Closing:
             result = close()
             if isinstance(result, Awaitable):
                 await result
+
+
+class TaskPart:
+    """Runs ``run()`` as an asyncio task named ``name`` from ``start`` until ``stop``, which cancels it (or, with
+    ``ask_to_stop``, calls that instead, for a task that ends gracefully when asked) and waits for it to end. ``start``
+    and ``stop`` are idempotent; ``stop`` is safe before ``start``.
+
+    A ``Mortal`` part: a task that ends before ``stop`` asked it to, by raising or by returning (then the error is
+    ``RuntimeError(returned)``), is logged and reported to ``on_death``; a cancellation is never a death.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[], Coroutine[Any, Any, object]],
+        *,
+        ask_to_stop: Callable[[], object] | None = None,
+        returned: str = "ended before it was stopped",
+        on_death: OnDeath | None = None,
+    ) -> None:
+        self._name = name
+        self._run, self._ask_to_stop, self._returned = run, ask_to_stop, returned
+        self.on_death = on_death
+        self._task: asyncio.Task[object] | None = None
+        self._stopping = self._asked = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        if self._task is not None or self._stopping:
+            return
+        self._task = asyncio.create_task(self._run(), name=self._name)
+        self._task.add_done_callback(self._ended)
+
+    async def stop(self) -> None:
+        """Cancel the task (or ask it to stop) and wait for it; an error it ends with once asked is raised here."""
+        if self._stopping:
+            return
+        self._stopping = True
+        task = self._task
+        if task is None:
+            return
+        if not task.done():  # one that ended already was reported to on_death
+            self._asked = True
+            if self._ask_to_stop is not None:
+                self._ask_to_stop()
+            else:
+                task.cancel()
+        await asyncio.wait([task])
+        if self._asked and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+    def _ended(self, task: asyncio.Task[object]) -> None:
+        if self._asked or task.cancelled():
+            return
+        error = task.exception() or RuntimeError(self._returned)
+        log.error("task %s died", self._name, exc_info=error)
+        if self.on_death is not None:
+            self.on_death(self._name, error)
 
 
 class Parts:

@@ -73,6 +73,13 @@ CANCEL_OUTCOMES = (CANCEL_REQUESTED, CANCEL_ALREADY_ENDED, CANCEL_NOT_FOUND, CAN
 # What the gateway's open streams are: an events stream, a WebSocket connection, a task a WebSocket watches.
 STREAM_KINDS = ("sse", "websocket", "watch")
 
+# A worker's transactions by outcome, its refused records by record and action, its Triton endpoints' requests.
+TRANSACTION_OUTCOMES = TRANSACTION_COMMITTED, TRANSACTION_ABORTED, TRANSACTION_FATAL = ("committed", "aborted", "fatal")
+REFUSED_RECORDS = REFUSED_RESULT, REFUSED_DEAD_LETTER = ("result", "dead_letter")
+REFUSAL_PREFLIGHT, REFUSAL_REPLACED, REFUSAL_DROPPED, REFUSAL_BLOCKED = "preflight", "replaced", "dropped", "blocked"
+REFUSAL_ACTIONS = (REFUSAL_PREFLIGHT, REFUSAL_REPLACED, REFUSAL_DROPPED, REFUSAL_BLOCKED)
+ENDPOINT_OUTCOMES = ENDPOINT_OK, ENDPOINT_UNREACHABLE, ENDPOINT_ERROR = ("ok", "unreachable", "error")
+
 
 def new_registry() -> CollectorRegistry:
     """A registry of one service's own: its metrics plus the standard process, platform and GC collectors."""

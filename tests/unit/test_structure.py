@@ -5,14 +5,20 @@ and defaults written once, not repeated where they can drift apart."""
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from aimesh.devstack.kafka import KafkaBrokerError
 from aimesh.devstack.triton import TritonServerError
 from aimesh.errors import AimeshError
+from aimesh.notifier.buffers import BufferLimits
+from aimesh.notifier.forwarding import Forwarder
 from aimesh.notifier.service import StreamLimits, TooManySubscriptions
-from aimesh.settings import NotifierSettings
+from aimesh.settings import NotifierSettings, ServerSettings, WorkerSettings
+from aimesh.worker.batching import Batcher
+from aimesh.worker.options import WorkerOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_MODULE_LINES = 400
@@ -59,6 +65,27 @@ def test_no_function_is_over_60_lines() -> None:
 def test_the_stream_limits_default_to_the_notifier_settings() -> None:
     settings = NotifierSettings.model_construct()  # the defaults, whatever the environment says
     assert StreamLimits() == StreamLimits.of(settings)
+
+
+def default(function: Callable[..., Any], parameter: str) -> Any:
+    return inspect.signature(function).parameters[parameter].default
+
+
+def test_the_stream_buffer_limits_default_to_the_notifier_settings() -> None:
+    settings = NotifierSettings.model_construct()
+    assert BufferLimits() == BufferLimits(settings.max_stream_buffer_bytes, settings.max_stream_buffer_updates)
+
+
+def test_the_worker_options_inline_limit_defaults_to_the_worker_settings() -> None:
+    assert default(WorkerOptions, "inline_limit_bytes") == WorkerSettings.model_construct().inline_limit_bytes
+
+
+def test_the_batcher_request_size_defaults_to_the_worker_settings() -> None:
+    assert default(Batcher, "max_request_bytes") == WorkerSettings.model_construct().max_request_bytes
+
+
+def test_the_forwarded_message_size_defaults_to_the_server_settings() -> None:
+    assert default(Forwarder, "max_message_bytes") == ServerSettings.model_construct().max_message_bytes
 
 
 def test_the_notifier_and_dev_stack_errors_have_the_one_root() -> None:

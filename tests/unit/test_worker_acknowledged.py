@@ -54,8 +54,13 @@ class FakeConsumer:
 def publisher(
     producer: FakeProducer, commit_interval_s: float = 0.0, clock: Any = time.monotonic
 ) -> AcknowledgedPublisher:
-    p = AcknowledgedPublisher({}, commit_interval_s=commit_interval_s, clock=clock)
-    p._producer = producer  # type: ignore[assignment]
+    p = AcknowledgedPublisher(
+        {},
+        commit_interval_s=commit_interval_s,
+        clock=clock,
+        producer_factory=lambda config, logger: producer,  # type: ignore[arg-type]
+    )
+    p.start()
     return p
 
 

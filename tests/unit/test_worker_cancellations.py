@@ -51,10 +51,10 @@ def test_the_reader_records_cancel_events_and_skips_undecodable_records() -> Non
         on_undecodable=skipped.append,
     )
     good = task_pb2.AICancelEvent(schema_version=events.SCHEMA_VERSION, task_id="t1", tenant="acme")
-    reader._read(good.SerializeToString(), b"t1")
-    reader._read(b"\xff\xfe not protobuf", b"t2")
-    reader._read(task_pb2.AICancelEvent(schema_version=99, task_id="t3").SerializeToString(), b"t3")
-    reader._read(None, b"t4")
+    reader.handle(b"t1", good.SerializeToString())
+    reader.handle(b"t2", b"\xff\xfe not protobuf")
+    reader.handle(b"t3", task_pb2.AICancelEvent(schema_version=99, task_id="t3").SerializeToString())
+    reader.handle(b"t4", None)
     assert seen == [("t1", "acme")]
     assert skipped == ["not_protobuf", "unknown_schema_version", "empty_value"]
     assert cancellations.is_cancelled("t1", "acme") and len(cancellations) == 1

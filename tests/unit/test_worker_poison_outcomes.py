@@ -296,6 +296,20 @@ class IdleConsumer:
         self.closed.set()
 
 
+def idle_consumers(monkeypatch: pytest.MonkeyPatch) -> list[IdleConsumer]:
+    """Every Kafka consumer the worker makes from now on fetches nothing (the list holds them); the lag thread
+    never refreshes."""
+    made: list[IdleConsumer] = []
+
+    def idle_consumer(config: dict[str, Any], logger: Any = None) -> IdleConsumer:
+        made.append(IdleConsumer(config))
+        return made[-1]
+
+    monkeypatch.setattr(kafka, "consumer", idle_consumer)
+    monkeypatch.setattr(lag, "LAG_REFRESH_INTERVAL_S", 3600.0)
+    return made
+
+
 class StartablePublisher(FakePublisher):
     def start(self) -> None:
         pass
@@ -307,14 +321,7 @@ class StartablePublisher(FakePublisher):
 async def test_a_worker_thread_that_dies_stops_the_worker_and_the_service_sees_component_died(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    consumers: list[IdleConsumer] = []
-
-    def idle_consumer(config: dict[str, Any], logger: Any = None) -> IdleConsumer:
-        consumers.append(IdleConsumer(config))
-        return consumers[-1]
-
-    monkeypatch.setattr(kafka, "consumer", idle_consumer)
-    monkeypatch.setattr(lag, "LAG_REFRESH_INTERVAL_S", 3600.0)
+    consumers = idle_consumers(monkeypatch)
     worker = make_worker(StartablePublisher(), cancel_topic="aimesh.tasks.cancel", cancel_consumer_config={})
     assert worker.cancel_reader is not None
 

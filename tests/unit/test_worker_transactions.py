@@ -32,6 +32,9 @@ class FakeProducer:
         self._queued: list[tuple[str, DeliveryReport]] = []
         self.committed: list[bytes | None] = []
 
+    def init_transactions(self, timeout: float) -> None:
+        pass  # the transactional id is registered: nothing to fence
+
     def begin_transaction(self) -> None:
         self.calls.append("begin")
 
@@ -68,8 +71,11 @@ class FakeProducer:
 
 
 def publisher(producer: FakeProducer) -> TransactionalPublisher:
-    p = TransactionalPublisher({"transactional.id": "test"})
-    p._producer = producer  # type: ignore[assignment]
+    p = TransactionalPublisher(
+        {"transactional.id": "test"},
+        producer_factory=lambda config, logger: producer,  # type: ignore[arg-type]
+    )
+    p.start()
     return p
 
 

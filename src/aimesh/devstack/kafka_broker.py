@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 
+from aimesh import kafka as kafka_adapter
 from aimesh.errors import AimeshError
 
 from .process import Launched
@@ -133,7 +133,7 @@ class KafkaBroker(Launched):
         """
         if self._process is None:
             raise KafkaBrokerError("wait_ready() called before start()")
-        admin = AdminClient(
+        admin = kafka_adapter.admin(
             {
                 "bootstrap.servers": self.bootstrap,
                 "reconnect.backoff.ms": 50,

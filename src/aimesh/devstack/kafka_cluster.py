@@ -11,6 +11,8 @@ from confluent_kafka import ElectionType, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._metadata import ClusterMetadata
 
+from aimesh import kafka as kafka_adapter
+
 from .kafka_broker import DEFAULT_LOG4J_CONFIG, SEGMENTS, KafkaBroker, KafkaBrokerError, random_cluster_id
 from .process import Launched
 
@@ -179,7 +181,7 @@ class KafkaCluster(Launched):
 
     def _admin(self) -> AdminClient:
         # Nodes a fault test stopped refuse connections; the client tries the others.
-        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        return kafka_adapter.admin({"bootstrap.servers": self.bootstrap, "log_level": 0})
 
     def _metadata(self, topic: str) -> ClusterMetadata:
         try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
+
+from aimesh import kafka as kafka_adapter
 
 from .kafka_broker import KafkaBrokerError
 
@@ -28,7 +29,7 @@ def create_topics(
         KafkaBrokerError: creation failed, a topic exists with another partition count, or ``timeout_s`` passed.
     """
     deadline = time.monotonic() + timeout_s
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = kafka_adapter.admin({"bootstrap.servers": bootstrap})
     config = {} if min_insync_replicas is None else {"min.insync.replicas": str(min_insync_replicas)}
     futures = admin.create_topics(
         [

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-from confluent_kafka.admin import AdminClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aimesh import kafka as kafka_adapter
 
 from .kafka import KafkaCluster, create_topics, ensure_kafka_jars, replication_for
 from .process import ManagedProcess, stop_pid
@@ -209,7 +210,7 @@ class Stack(ObjectStoreParts, StackLayout):
     def wait_workers(self, count: int, group: str = "aimesh-workers", *, timeout_s: float | None = None) -> None:
         """Wait until ``count`` members of the worker group hold assignments and the group is stable (at most
         ``timeout_s``, default the stack's ready timeout)."""
-        admin = AdminClient({"bootstrap.servers": self.kafka_bootstrap})
+        admin = kafka_adapter.admin({"bootstrap.servers": self.kafka_bootstrap})
         deadline = time.monotonic() + (self.settings.ready_timeout_s if timeout_s is None else timeout_s)
         while True:
             for name, process in self.services.items():
