@@ -89,7 +89,7 @@ class KafkaChain:
         await asyncio.to_thread(self._create_topics)
         self._loop = asyncio.get_running_loop()
         self._ingest = AsyncProducer(self._producer_config("ingest"))
-        self._ingest.start()
+        await self._ingest.start()
         ready = [threading.Event(), threading.Event()]
         for target, event in zip((self._worker, self._notifier), ready, strict=True):
             thread = threading.Thread(target=target, args=(event,), name=f"{self._name}-{target.__name__}", daemon=True)
