@@ -97,9 +97,13 @@ class AcknowledgedPublisher:
         self.start()
 
     def close(self) -> None:
+        """Flush and drop the producer; one in a fatal state, which refuses to flush, is dropped all the same."""
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            producer.flush(CALL_TIMEOUT_S)
+            try:
+                producer.flush(CALL_TIMEOUT_S)
+            except KafkaException as e:
+                log.warning("producer %s dropped unflushed: %s", self.transactional_id, e.args[0].str())
 
     def publish(self, records: list[OutRecord], offsets: list[TopicPartition], group_metadata: Any) -> None:
         """Publish ``records`` and wait for every acknowledgement, then hand ``offsets`` to ``commit``.

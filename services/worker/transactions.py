@@ -218,9 +218,14 @@ class TransactionalPublisher:
         self.start()
 
     def close(self) -> None:
+        """Flush briefly and drop the producer. One in a fatal state refuses to flush (it raises the fatal error):
+        it is dropped all the same, so that ``recreate`` can start its successor."""
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            producer.flush(1.0)
+            try:
+                producer.flush(1.0)
+            except KafkaException as e:
+                log.warning("producer %s dropped unflushed: %s", self.transactional_id, e.args[0].str())
 
     def commit(self, consumer: Consumer, keys: set[TopicPartitionKey] | None = None, *, wait: bool = False) -> None:
         """Nothing to commit: each transaction committed its offsets."""

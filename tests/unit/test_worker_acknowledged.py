@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from aimesh.worker.acknowledged import AcknowledgedPublisher, acknowledged_config
 from aimesh.worker.ledger import OutRecord
@@ -129,3 +129,20 @@ def test_a_fatal_idempotence_error_is_fatal() -> None:
 def test_config_fits_records_to_the_limit_and_does_not_linger() -> None:
     config = acknowledged_config({"linger.ms": 5, "enable.idempotence": True}, max_record_bytes=1000)
     assert config == {"linger.ms": 0, "enable.idempotence": True, "message.max.bytes": 1000}
+
+
+def test_a_producer_in_a_fatal_state_is_recreated_though_it_refuses_to_flush() -> None:
+    class FatalProducer(FakeProducer):
+        def flush(self, timeout: float) -> int:
+            raise KafkaException(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence gap", fatal=True))
+
+    made: list[FakeProducer] = [FatalProducer(), FakeProducer()]
+    p = AcknowledgedPublisher(
+        {},
+        commit_interval_s=0.0,
+        producer_factory=lambda config, logger: made.pop(0),  # type: ignore[arg-type,return-value]
+    )
+    p.start()
+    p.recreate()
+    assert not made  # the second producer was built
+    p.publish([RESULT], OFFSETS, None)

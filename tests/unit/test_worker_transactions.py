@@ -132,3 +132,21 @@ def test_a_clean_transaction_commits_every_record() -> None:
 )
 def test_refusals_are_classified_by_error_code(code: int, scope: str | None) -> None:
     assert refusal_scope(KafkaError(code, "whatever the message says")) == scope
+
+
+def test_a_producer_in_a_fatal_state_is_recreated_though_it_refuses_to_flush() -> None:
+    class FatalProducer(FakeProducer):
+        def flush(self, timeout: float) -> int:
+            raise KafkaException(
+                KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
+            )
+
+    made: list[FakeProducer] = [FatalProducer(), FakeProducer()]
+    p = TransactionalPublisher(
+        {"transactional.id": "test"},
+        producer_factory=lambda config, logger: made.pop(0),  # type: ignore[arg-type,return-value]
+    )
+    p.start()
+    p.recreate()  # CI lost a fault test to this: flush raised, the publisher thread died, the worker exited
+    assert not made  # the second producer was built
+    p.publish([RESULT], OFFSETS, None)
