@@ -34,6 +34,7 @@ from aimesh.kafka_producer import AsyncProducer
 from aimesh.v1 import ingest_pb2, notifier_pb2, result_pb2, task_pb2
 from aimesh.worker.transactions import transactional_config
 from benchmarks.common import AUTH, MeshClient
+from benchmarks.grpc_floor import Sizes
 
 Guarantee = Literal["exactly_once", "at_least_once"]
 GUARANTEES: tuple[Guarantee, ...] = ("exactly_once", "at_least_once")
@@ -43,20 +44,23 @@ FETCH_WAIT = {"fetch.wait.max.ms": 100}
 
 
 class Records(NamedTuple):
-    """The values a chain sends: a task record and a result record as the mesh writes them for one task."""
+    """The values a chain sends: a task record and a result record as the mesh writes them for one task; and the
+    sizes of the task's gRPC messages (``grpc_floor``): SubmitTask's request and reply, the terminal update."""
 
     task: bytes
     result: bytes
+    sizes: Sizes
 
 
 async def sample_records(mesh: MeshClient, request: ingest_pb2.SubmitTaskRequest) -> Records:
     """Run one task through the mesh; its task record as ingest encodes it and its terminal result as published."""
     reply = await mesh.ingest.SubmitTask(request, timeout=TIMEOUT_S, metadata=AUTH)
     result = result_pb2.AIResultEvent()
+    update_bytes = 0
     watch = notifier_pb2.WatchTaskRequest(task_id=reply.task_id)
     async for update in mesh.notifier.WatchTask(watch, timeout=TIMEOUT_S, metadata=AUTH):
         if events.is_terminal(update.state.status):
-            result = update.state.result
+            result, update_bytes = update.state.result, update.ByteSize()
     task = task_pb2.AITaskEvent(
         schema_version=events.SCHEMA_VERSION,
         task_id=reply.task_id,
@@ -67,7 +71,8 @@ async def sample_records(mesh: MeshClient, request: ingest_pb2.SubmitTaskRequest
         tenant=result.tenant,
         priority=task_pb2.PRIORITY_INTERACTIVE,
     )
-    return Records(task.SerializeToString(), result.SerializeToString())
+    sizes = Sizes(request.ByteSize(), reply.ByteSize(), update_bytes)
+    return Records(task.SerializeToString(), result.SerializeToString(), sizes)
 
 
 class KafkaChain:

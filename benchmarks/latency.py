@@ -36,6 +36,7 @@ from benchmarks.common import (
     sequential,
     submit_request,
 )
+from benchmarks.grpc_floor import GrpcPath, floor_server
 from benchmarks.kafka_floor import GUARANTEES, Guarantee, floor_chains, sample_records
 
 TITLE = sections.LATENCY
@@ -54,14 +55,19 @@ METHOD = (
     "acknowledgement before committing the offset synchronously (`at_least_once`); a read_committed consumer on "
     "another thread receives it. A chain's time runs from the task record's produce to the result's arrival. "
     "Overhead is the mesh's percentile minus the direct call's, per round; every ratio is taken per round, then the"
-    " median across rounds. The plot is the cumulative distribution of every sample, all rounds pooled."
+    " median across rounds. The plot is the cumulative distribution of every sample, all rounds pooled. In the "
+    "same rotation runs the bare gRPC path (`benchmarks/grpc_floor.py`): a grpc.aio server in a process of its own "
+    "with a unary call and a server stream, no work behind them; the client opens the stream, then makes the call, "
+    "whose handler answers and puts one message on the stream; timed from the call until the message arrives, "
+    "with the byte sizes of the mesh's SubmitTask request and reply and its terminal WatchTask update. These are "
+    "the two gRPC hops on a task's path (client to ingest, notifier to client) that the chains lack."
 )
 TRACING_ENV = {
     "OTEL_TRACES_EXPORTER": "otlp",
     "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
     "OTEL_EXPORTER_OTLP_INSECURE": "true",
 }
-SERIES = ("mesh_ms", "direct_ms", "exactly_once_ms", "at_least_once_ms")
+SERIES = ("mesh_ms", "direct_ms", "exactly_once_ms", "at_least_once_ms", "grpc_ms")
 
 
 class Configuration(NamedTuple):
@@ -78,13 +84,20 @@ CONFIGURATIONS = (
 )
 
 
-async def drive(stack: Any, model: str, tasks: int, warmup: int) -> dict[str, Any]:
-    async with MeshClient(stack) as mesh, DirectTriton(stack.triton_url) as direct:
+async def drive(stack: Any, model: str, tasks: int, warmup: int, *, grpc_address: str | None = None) -> dict[str, Any]:
+    """The mesh, the direct call and the chains in turn (and the bare gRPC path, given its server's address)."""
+    async with (
+        MeshClient(stack) as mesh,
+        DirectTriton(stack.triton_url) as direct,
+        contextlib.AsyncExitStack() as grpc_path,
+    ):
         records = await sample_records(mesh, submit_request(model))
         async with floor_chains(stack, records) as chains:
             calls = [lambda: mesh.run(model), lambda: direct.run(model), *(c.run for c in chains.values())]
+            if grpc_address is not None:
+                calls.append((await grpc_path.enter_async_context(GrpcPath(grpc_address, records.sizes))).run)
             samples = await sequential(calls, tasks, warmup)
-    return {**dict(zip(SERIES, samples, strict=True)), "stages": [list(s) for s in mesh.stages[-tasks:]]}
+    return {**dict(zip(SERIES, samples, strict=False)), "stages": [list(s) for s in mesh.stages[-tasks:]]}
 
 
 def measure(configuration: Configuration, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,8 +105,9 @@ def measure(configuration: Configuration, args: argparse.Namespace) -> dict[str,
     with contextlib.ExitStack() as receiver:
         if configuration.tracing:
             env |= {**TRACING_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.enter_context(receiver_process())}
-        with bench_stack(extra_env=env) as stack:
-            return asyncio.run(drive(stack, args.latency_model, args.latency_tasks, args.warmup))
+        with bench_stack(extra_env=env) as stack, floor_server() as grpc_address:
+            timings = drive(stack, args.latency_model, args.latency_tasks, args.warmup, grpc_address=grpc_address)
+            return asyncio.run(timings)
 
 
 def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -183,6 +197,8 @@ FLOORS: dict[str, Column] = {
     "overhead p50 / exactly-once chain p50": ratio_of("overhead_ms", 0.5, "exactly_once_ms"),
     "overhead p99 / exactly-once chain p99": ratio_of("overhead_ms", 0.99, "exactly_once_ms"),
     "overhead p50 / at-least-once chain p50": ratio_of("overhead_ms", 0.5, "at_least_once_ms"),
+    "gRPC path p50": median_of("grpc_ms", 0.5),
+    "gRPC path p99": median_of("grpc_ms", 0.99),
 }
 
 
@@ -205,6 +221,30 @@ TARGETS: tuple[Target, ...] = (
         1.1,
     ),
 )
+
+
+def headroom(rounds: Sequence[dict[str, Any]], wanted: Sequence[Target] = TARGETS) -> list[str]:
+    """For each p50 target on the overhead over a chain: what the target leaves for the mesh's own work beyond that
+    chain ((at most - 1) x the chain's p50), what that work takes now (overhead p50 minus the chain's p50), and the
+    bare gRPC path's p50 against the room left (above 1: the two gRPC hops alone need more than the target leaves).
+    Each per round, then the median across rounds."""
+    lines = [
+        "| target | chain p50 | room the target leaves | the mesh's own share now | bare gRPC path p50 "
+        "| gRPC path / room |",
+        "|---|---|---|---|---|---|",
+    ]
+    for what, (key, series, q), (_, chain, _), most in wanted:
+        if series != "overhead_ms" or q != 0.5:
+            continue
+        chains, overheads = across(rounds, key, chain, 0.5), across(rounds, key, "overhead_ms", 0.5)
+        rooms = [(most - 1) * c for c in chains]
+        own = [o - c for o, c in zip(overheads, chains, strict=True)]
+        grpc_path = across(rounds, key, "grpc_ms", 0.5)
+        lines.append(
+            f"| {what} at most {most:g} | {median(chains):.1f} | {median(rooms):.1f} | {median(own):.1f} "
+            f"| {median(grpc_path):.1f} | {median_ratio(grpc_path, rooms):.2f} |"
+        )
+    return lines
 
 
 def table(
@@ -249,6 +289,11 @@ def report(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, plots: Pa
         "",
         *targets(rounds),
         "",
+        "What each p50 target leaves for the mesh's own work beyond the chain, against the two gRPC hops alone "
+        "(milliseconds; each per round, then the median across rounds):",
+        "",
+        *headroom(rounds),
+        "",
         *breakdown(rounds),
     ]
     plot(rounds, args, plots / "latency.png")
@@ -261,6 +306,7 @@ def plot(rounds: Sequence[dict[str, Any]], args: argparse.Namespace, path: Path)
     lines = [(c.key, "mesh_ms", f"mesh, {c.name.replace('`', '')}") for c in CONFIGURATIONS]
     lines += [("exactly_once", "direct_ms", "direct Triton")]
     lines += [(g, f"{g}_ms", f"bare Kafka chain, {g}") for g in GUARANTEES]
+    lines += [("exactly_once", "grpc_ms", "bare gRPC path (SubmitTask and one WatchTask update)")]
     figure, axes = new_figure(height=5.5)
     for key, series, label in lines:
         values = np.sort(np.concatenate([r[key][series] for r in rounds]))

@@ -1,5 +1,6 @@
 """The benchmark suite's arithmetic and report merging (benchmarks/common.py): the figures it quotes."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,36 @@ def test_latency_breakdown_splits_each_task_into_its_stages() -> None:
     rows = {line.split(" | ")[0].lstrip("| "): float(line.rstrip(" |").split(" | ")[-1]) for line in table[4:]}
     assert list(rows.values()) == [9.0, 4.0, 2.0, 34.0]  # per stage the p50 of its own values
     assert len(rows) == len(STAGES)
+
+
+def test_headroom_sets_the_grpc_path_against_the_room_each_p50_target_leaves() -> None:
+    from benchmarks.latency import headroom
+
+    # exactly_once: chain 8 ms, target 1.2 -> 1.6 ms of room; overhead 15 ms -> 7 ms of the mesh's own; gRPC 0.8 ms.
+    exactly_once = {"overhead": [15.0], "exactly_once_ms": [8.0], "grpc_ms": [0.8]}
+    # at_least_once: chain 2 ms, target 1.3 -> 0.6 ms of room; overhead 9 ms -> 7 ms; gRPC 1.2 ms: twice the room.
+    at_least_once = {"overhead": [9.0], "at_least_once_ms": [2.0], "grpc_ms": [1.2]}
+
+    def measured(m: dict[str, list[float]]) -> dict[str, list[float]]:
+        chain_and_grpc = {k: v for k, v in m.items() if k != "overhead"}
+        return {"mesh_ms": [3.0 + m["overhead"][0]], "direct_ms": [3.0], **chain_and_grpc}
+
+    rounds = [{"exactly_once": measured(exactly_once), "at_least_once": measured(at_least_once)}]
+    rows = [line.strip("| ").split(" | ") for line in headroom(rounds)[2:]]
+    assert [row[1:] for row in rows] == [
+        ["8.0", "1.6", "7.0", "0.8", "0.50"],
+        ["2.0", "0.6", "7.0", "1.2", "2.00"],
+    ]
+    assert "exactly_once" in rows[0][0] and "at_least_once" in rows[1][0]
+
+
+def test_the_bare_grpc_path_times_a_call_and_the_stream_message_it_releases() -> None:
+    from benchmarks.grpc_floor import GrpcPath, Sizes, floor_server
+
+    async def three(address: str) -> list[float]:
+        async with GrpcPath(address, Sizes(request=300, reply=40, update=500)) as path:
+            return [await path.run() for _ in range(3)]
+
+    with floor_server() as address:
+        times = asyncio.run(three(address))
+    assert len(times) == 3 and all(0 < t < 5000 for t in times)
