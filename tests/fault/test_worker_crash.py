@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -71,10 +72,15 @@ async def test_a_killed_worker_leaves_every_output_by_reference_whole(stack: Sta
     payloads = [np.frombuffer(np.random.default_rng(i).bytes(OUTPUT_BYTES), dtype=np.uint8) for i in range(8)]
     async with AsyncClient(stack.ingest_address, stack.notifier_address, timeout_s=120) as library:
         with TopicReader(stack.kafka_bootstrap, stack.topics.results_topic) as results:
-            task_ids = [
-                await library.submit("identity", tensors={"UINT8_1": payloads[i % len(payloads)]})
-                for i in range(OUTPUT_TASKS)
-            ]
+            # Submitted 8 at a time: one after another, the uploads took longer than the workers took to run the
+            # tasks, and a CI run had all 240 done before the kill.
+            submitting = asyncio.Semaphore(8)
+
+            async def submit(i: int) -> str:
+                async with submitting:
+                    return await library.submit("identity", tensors={"UINT8_1": payloads[i % len(payloads)]})
+
+            task_ids = list(await asyncio.gather(*(submit(i) for i in range(OUTPUT_TASKS))))
             done = wait_for_results(results, task_ids, at_least=OUTPUT_TASKS // 4, timeout_s=120)
             stack.kill_worker(0)
             done_at_kill = len(done)
