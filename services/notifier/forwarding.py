@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from aimesh import events
 from aimesh.client.tls import ClientTls
 from aimesh.errors import AimeshError
-from aimesh.grpc_edge import ERROR_DOMAIN, error_info
+from aimesh.grpc_edge import ERROR_DOMAIN, MAX_MESSAGE_BYTES, error_info
 from aimesh.settings import ServerSettings
 from aimesh.v1 import notifier_pb2, notifier_pb2_grpc
 
@@ -183,7 +183,7 @@ class Forwarder:
     def __init__(
         self,
         *,
-        max_message_bytes: int = ServerSettings.model_fields["max_message_bytes"].default,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         tls: ClientTls | None = None,
         backoff: OwnerBackoff | None = None,
     ) -> None:
